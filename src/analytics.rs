@@ -1,0 +1,176 @@
+//! ClickHouse usage log: one row per accepted usage event (charged or not).
+//!
+//! Rows are inserted with `RowBinary` (`with_validation(false)`: ClickHouse 18.16 lacks
+//! `RowBinaryWithNamesAndTypes`), so field order and widths here must equal the columns
+//! of `schemas/clickhouse/0001_usage_log.sql` exactly; a test checks it against the
+//! server. Dedup: see that file and `pipeline`.
+
+use crate::pipeline::ValidItem;
+use clickhouse::Client;
+use serde::Serialize;
+
+/// ClickHouse DDL, applied in order by [`migrate`]; each file is one statement.
+const MIGRATIONS: [(&str, &str); 1] =
+    [("0001_usage_log", include_str!("../schemas/clickhouse/0001_usage_log.sql"))];
+
+pub fn client(url: &str, database: &str) -> Client {
+    Client::default().with_url(url).with_database(database).with_validation(false)
+}
+
+/// Create the database (if missing) and the tables.
+pub async fn migrate(url: &str, database: &str) -> anyhow::Result<()> {
+    assert!(database.chars().all(|c| c.is_ascii_alphanumeric() || c == '_'), "plain database name");
+    Client::default()
+        .with_url(url)
+        .query(&format!("CREATE DATABASE IF NOT EXISTS {database}"))
+        .execute()
+        .await?;
+    let c = client(url, database);
+    for (name, sql) in MIGRATIONS {
+        c.query(sql).execute().await.map_err(|e| anyhow::anyhow!("clickhouse migration {name}: {e}"))?;
+    }
+    Ok(())
+}
+
+#[derive(Debug, Clone, clickhouse::Row, Serialize)]
+pub struct UsageRow {
+    pub event_id: String,
+    pub occurred_at: u32,
+    pub ingested_at: u32,
+    pub account_id: String,
+    pub api_key_id: String,
+    pub project_id: String,
+    pub user_id: String,
+    pub provider: String,
+    pub model: String,
+    pub priced_model: String,
+    pub model_fallback: u8,
+    pub modality: String,
+    pub feature: String,
+    pub status: String,
+    pub http_status: u16,
+    pub input_tokens: u64,
+    pub cached_input_tokens: u64,
+    pub cache_write_tokens: u64,
+    pub output_tokens: u64,
+    pub reasoning_tokens: u64,
+    pub images: u64,
+    pub video_seconds: u64,
+    pub video_clips: u64,
+    pub resolution: String,
+    pub characters: u64,
+    pub messages: u64,
+    pub message_category: String,
+    pub billing_mode: String,
+    pub reservation_id: String,
+    pub upstream_cost_units: i64,
+    pub catalog_cost_units: i64,
+    pub cost_units: i64,
+    pub charged: u8,
+    pub reason: String,
+    pub latency_ms: u32,
+    pub request_ip: String,
+    pub user_agent: String,
+    pub source_partition: i32,
+    pub source_offset: i64,
+}
+
+/// DateTime('UTC') holds seconds in u32: clamp (events outside are dead-lettered earlier).
+fn epoch_secs(t: chrono::DateTime<chrono::Utc>) -> u32 {
+    u32::try_from(t.timestamp().max(0)).unwrap_or(u32::MAX)
+}
+
+impl UsageRow {
+    pub fn from_item(v: &ValidItem, ingested_at: chrono::DateTime<chrono::Utc>) -> UsageRow {
+        let e = &v.event;
+        let c = &e.counts;
+        let s = |o: &Option<String>| o.clone().unwrap_or_default();
+        UsageRow {
+            event_id: e.event_id.clone(),
+            occurred_at: epoch_secs(e.occurred_at),
+            ingested_at: epoch_secs(ingested_at),
+            account_id: e.account_id.clone(),
+            api_key_id: s(&e.api_key_id),
+            project_id: s(&e.project_id),
+            user_id: s(&e.user_id),
+            provider: e.provider.clone(),
+            model: e.model.clone(),
+            priced_model: v.charge.priced_model.clone(),
+            model_fallback: u8::from(v.charge.model_fallback),
+            modality: e.modality.as_str().to_string(),
+            feature: s(&e.feature),
+            status: e.status.as_str().to_string(),
+            http_status: e.http_status.unwrap_or(0),
+            input_tokens: c.input_tokens,
+            cached_input_tokens: c.cached_input_tokens,
+            cache_write_tokens: c.cache_write_tokens,
+            output_tokens: c.output_tokens,
+            reasoning_tokens: c.reasoning_tokens,
+            images: c.images,
+            video_seconds: c.video_seconds,
+            video_clips: c.video_clips,
+            resolution: s(&e.resolution),
+            characters: c.characters,
+            messages: c.messages,
+            message_category: s(&e.message_category),
+            billing_mode: e.billing_mode.as_str().to_string(),
+            reservation_id: s(&e.reservation_id),
+            upstream_cost_units: v.charge.upstream_cost_units,
+            catalog_cost_units: v.charge.catalog_cost_units,
+            cost_units: v.charge.cost_units,
+            charged: u8::from(v.charge.charged),
+            reason: v.charge.reason.as_str().to_string(),
+            latency_ms: e.latency_ms.unwrap_or(0),
+            request_ip: s(&e.request_ip),
+            user_agent: s(&e.user_agent),
+            source_partition: v.pos.partition,
+            source_offset: v.pos.offset,
+        }
+    }
+}
+
+#[derive(Debug, clickhouse::Row, serde::Deserialize)]
+struct EventIdRow {
+    event_id: String,
+}
+
+/// Which of these events already have a row. Only used on the rare replay path (see
+/// `ledger::usage::mark_clickhouse_sent`), so a scan bounded by event time is acceptable.
+pub async fn existing_event_ids(
+    client: &Client,
+    items: &[&ValidItem],
+) -> Result<std::collections::HashSet<String>, clickhouse::error::Error> {
+    if items.is_empty() {
+        return Ok(Default::default());
+    }
+    let ids: Vec<&str> = items.iter().map(|v| v.event.event_id.as_str()).collect();
+    let accounts: Vec<&str> = items.iter().map(|v| v.event.account_id.as_str()).collect();
+    let from = items.iter().map(|v| epoch_secs(v.event.occurred_at)).min().unwrap_or(0);
+    let to = items.iter().map(|v| epoch_secs(v.event.occurred_at)).max().unwrap_or(0);
+    let rows: Vec<EventIdRow> = client
+        .query(
+            "SELECT DISTINCT event_id FROM usage_log
+             WHERE occurred_at >= toDateTime(?, 'UTC') AND occurred_at <= toDateTime(?, 'UTC')
+               AND has(?, account_id) AND has(?, event_id)",
+        )
+        .bind(from)
+        .bind(to)
+        .bind(accounts)
+        .bind(ids)
+        .fetch_all()
+        .await?;
+    Ok(rows.into_iter().map(|r| r.event_id).collect())
+}
+
+/// Insert rows in one request. All or nothing from our side: on error the caller retries
+/// the whole batch (duplicates from a partial insert collapse by event id).
+pub async fn insert(client: &Client, rows: &[UsageRow]) -> Result<(), clickhouse::error::Error> {
+    if rows.is_empty() {
+        return Ok(());
+    }
+    let mut insert = client.insert::<UsageRow>("usage_log").await?;
+    for row in rows {
+        insert.write(row).await?;
+    }
+    insert.end().await
+}

@@ -1,0 +1,126 @@
+//! Command-line interface (clap). Each verb is a thin wrapper over a library function.
+
+use crate::config::{Connections, RunSettings, Topics};
+use clap::{Args, Parser, Subcommand};
+use std::path::PathBuf;
+
+#[derive(Debug, Parser)]
+#[command(name = "tally", version, about = "Usage aggregator for credit-based billing")]
+pub struct Cli {
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Consume usage events: price, write the usage log and the ledger, serve the API.
+    Run(Box<RunSettings>),
+    /// Apply Postgres and ClickHouse migrations, and create the topics.
+    Migrate(MigrateArgs),
+    /// Produce realistic usage traffic (with duplicates and malformed messages).
+    Simulate(SimulateArgs),
+    /// Price JSON-lines events from stdin with a catalog; one JSON line out per event.
+    Price(PriceArgs),
+    /// Catalog tools.
+    #[command(subcommand)]
+    Catalog(CatalogCommand),
+    /// Ledger tools.
+    #[command(subcommand)]
+    Ledger(LedgerCommand),
+    /// Print one account's balance (JSON).
+    Balance(BalanceArgs),
+    /// Print balances and usage: the demo's closing summary.
+    Report(ReportArgs),
+}
+
+#[derive(Debug, Args)]
+pub struct MigrateArgs {
+    #[command(flatten)]
+    pub connections: Connections,
+    #[command(flatten)]
+    pub topics: Topics,
+    /// Partitions of the usage topic when it is created here.
+    #[arg(long, default_value_t = 6)]
+    pub partitions: i32,
+}
+
+#[derive(Debug, Args)]
+pub struct SimulateArgs {
+    #[arg(long, env = "TALLY_KAFKA_BROKERS", default_value = "127.0.0.1:19092")]
+    pub brokers: String,
+    #[arg(long, env = "TALLY_TOPIC", default_value = "tally.usage-events")]
+    pub topic: String,
+    /// Messages to produce.
+    #[arg(long, default_value_t = 10_000)]
+    pub count: u64,
+    /// Messages per second (0 = as fast as the broker takes them).
+    #[arg(long, default_value_t = 0)]
+    pub rate: u64,
+    #[arg(long, default_value_t = 42)]
+    pub seed: u64,
+    #[arg(long, default_value_t = 200)]
+    pub accounts: u32,
+    #[arg(long, default_value_t = 0.02)]
+    pub duplicate_share: f64,
+    #[arg(long, default_value_t = 0.01)]
+    pub malformed_share: f64,
+    #[arg(long, default_value_t = 0.05)]
+    pub error_share: f64,
+    #[arg(long, default_value_t = 0.05)]
+    pub byok_share: f64,
+    /// Partitions of the topic (for duplicates sent to other partitions).
+    #[arg(long, default_value_t = 6)]
+    pub partitions: i32,
+    /// Price what was produced with this catalog and print the expected ledger total.
+    #[arg(long = "config")]
+    pub catalog_path: Option<PathBuf>,
+    /// Hide the progress bar.
+    #[arg(long)]
+    pub quiet: bool,
+}
+
+#[derive(Debug, Args)]
+pub struct PriceArgs {
+    /// Catalog TOML.
+    #[arg(long = "config")]
+    pub catalog_path: PathBuf,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum CatalogCommand {
+    /// Convert LiteLLM's model_prices_and_context_window.json to a Tally catalog (stdout).
+    Import {
+        #[arg(long)]
+        litellm: PathBuf,
+    },
+    /// Load and validate a catalog.
+    Check {
+        #[arg(long = "config")]
+        catalog_path: PathBuf,
+    },
+}
+
+#[derive(Debug, Subcommand)]
+pub enum LedgerCommand {
+    /// Recompute every balance from the entries; exit non-zero at the first inconsistency.
+    Verify {
+        #[arg(long, env = "TALLY_DATABASE_URL", default_value = "postgres://postgres@127.0.0.1:55432/tally")]
+        database_url: String,
+    },
+}
+
+#[derive(Debug, Args)]
+pub struct BalanceArgs {
+    pub account: String,
+    #[arg(long, env = "TALLY_DATABASE_URL", default_value = "postgres://postgres@127.0.0.1:55432/tally")]
+    pub database_url: String,
+}
+
+#[derive(Debug, Args)]
+pub struct ReportArgs {
+    #[command(flatten)]
+    pub connections: Connections,
+    /// Accounts to list.
+    #[arg(long, default_value_t = 10)]
+    pub top: u32,
+}

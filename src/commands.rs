@@ -1,0 +1,243 @@
+//! What each CLI verb does.
+
+use crate::cli::{CatalogCommand, Command, LedgerCommand, MigrateArgs, ReportArgs, SimulateArgs};
+use crate::pricing::Catalog;
+use crate::simulate::{Generator, Kind, SimulateOptions};
+use crate::{analytics, kafka, ledger, money, pipeline};
+use anyhow::Context;
+use indicatif::{ProgressBar, ProgressStyle};
+use rdkafka::producer::FutureRecord;
+use std::collections::HashSet;
+use std::io::Write;
+use std::process::ExitCode;
+use std::time::{Duration, Instant};
+
+pub async fn dispatch(command: Command) -> anyhow::Result<ExitCode> {
+    match command {
+        Command::Run(settings) => {
+            let handle = crate::metrics::install()?;
+            pipeline::run::run(*settings, handle).await?;
+        }
+        Command::Migrate(args) => migrate(args).await?,
+        Command::Simulate(args) => simulate(args).await?,
+        Command::Price(args) => {
+            let catalog = load_catalog(&args.catalog_path)?;
+            let stdin = std::io::stdin().lock();
+            let stdout = std::io::stdout().lock();
+            let summary = crate::pricing::cli::price_lines(&catalog, stdin, stdout)?;
+            if summary.errors > 0 {
+                eprintln!("{} priced, {} bad lines", summary.priced, summary.errors);
+                return Ok(ExitCode::from(2));
+            }
+        }
+        Command::Catalog(CatalogCommand::Import { litellm }) => {
+            let text = std::fs::read_to_string(&litellm)
+                .with_context(|| format!("reading {}", litellm.display()))?;
+            let toml = crate::pricing::litellm::import_litellm(&text).map_err(|e| anyhow::anyhow!("{e}"))?;
+            std::io::stdout().write_all(toml.as_bytes())?;
+        }
+        Command::Catalog(CatalogCommand::Check { catalog_path }) => {
+            load_catalog(&catalog_path)?;
+            println!("{}: ok", catalog_path.display());
+        }
+        Command::Ledger(LedgerCommand::Verify { database_url }) => {
+            let pool = ledger::connect(&database_url, 2).await?;
+            match ledger::verify(&pool).await {
+                Ok(report) => println!("{}", serde_json::to_string(&report)?),
+                Err(e) => {
+                    eprintln!("ledger verify FAILED: {e}");
+                    return Ok(ExitCode::from(3));
+                }
+            }
+        }
+        Command::Balance(args) => {
+            let pool = ledger::connect(&args.database_url, 2).await?;
+            match ledger::balance(&pool, &args.account).await? {
+                Some(view) => println!("{}", serde_json::to_string_pretty(&view)?),
+                None => {
+                    eprintln!("no account {}", args.account);
+                    return Ok(ExitCode::from(4));
+                }
+            }
+        }
+        Command::Report(args) => report(args).await?,
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+fn load_catalog(path: &std::path::Path) -> anyhow::Result<Catalog> {
+    Catalog::load(path).map_err(|e| anyhow::anyhow!("{e}"))
+}
+
+async fn migrate(args: MigrateArgs) -> anyhow::Result<()> {
+    let c = &args.connections;
+    let pool = ledger::connect(&c.database_url, 2).await.context("connecting to Postgres")?;
+    ledger::migrate(&pool).await.context("Postgres migrations")?;
+    analytics::migrate(&c.clickhouse_url, &c.clickhouse_database).await.context("ClickHouse migrations")?;
+    let topics = [(args.topics.topic.as_str(), args.partitions), (args.topics.dlq_topic.as_str(), 3)];
+    kafka::ensure_topics(&c.brokers, &topics).await.context("creating topics")?;
+    println!("migrations applied; topics {} and {} ready", args.topics.topic, args.topics.dlq_topic);
+    Ok(())
+}
+
+async fn simulate(args: SimulateArgs) -> anyhow::Result<()> {
+    let catalog = args.catalog_path.as_deref().map(load_catalog).transpose()?;
+    let producer = kafka::producer(&args.brokers)?;
+    let mut generator = Generator::new(SimulateOptions {
+        seed: args.seed,
+        accounts: args.accounts,
+        duplicate_share: args.duplicate_share,
+        malformed_share: args.malformed_share,
+        error_share: args.error_share,
+        byok_share: args.byok_share,
+        partitions: args.partitions,
+        ..SimulateOptions::default()
+    });
+    let bar = if args.quiet { ProgressBar::hidden() } else { ProgressBar::new(args.count) };
+    bar.set_style(ProgressStyle::with_template("{bar:40} {pos}/{len} msgs {per_sec} eta {eta}")?);
+    let started = Instant::now();
+    let mut tally = SimTally::default();
+    // At most this many sends in flight: bounds memory while keeping the producer busy.
+    const IN_FLIGHT_MAX: usize = 10_000;
+    let mut in_flight = futures::stream::FuturesUnordered::new();
+    use futures::StreamExt;
+    for i in 0..args.count {
+        if args.rate > 0 {
+            let due = Duration::from_secs_f64(i as f64 / args.rate as f64);
+            if let Some(wait) = due.checked_sub(started.elapsed()) {
+                tokio::time::sleep(wait).await;
+            }
+        }
+        let msg = generator.next_message();
+        tally.count(&msg, catalog.as_ref());
+        let producer = producer.clone();
+        let topic = args.topic.clone();
+        in_flight.push(async move {
+            let mut record = FutureRecord::to(&topic).key(&msg.key).payload(&msg.payload);
+            if let Some(p) = msg.partition {
+                record = record.partition(p);
+            }
+            producer.send(record, Duration::from_secs(60)).await.map_err(|(e, _)| e)
+        });
+        while in_flight.len() >= IN_FLIGHT_MAX {
+            if let Some(r) = in_flight.next().await {
+                r.context("producing")?;
+            }
+        }
+        bar.inc(1);
+    }
+    while let Some(r) = in_flight.next().await {
+        r.context("producing")?;
+    }
+    bar.finish_and_clear();
+    tally.print(args.count, started.elapsed(), catalog.is_some());
+    Ok(())
+}
+
+/// The simulator's own count of what it produced: the expected outcome.
+#[derive(Default)]
+struct SimTally {
+    distinct: HashSet<String>,
+    duplicates: u64,
+    malformed: u64,
+    expected_debit_units: i64,
+}
+
+impl SimTally {
+    fn count(&mut self, msg: &crate::simulate::Message, catalog: Option<&Catalog>) {
+        match &msg.kind {
+            Kind::Valid(e) => {
+                if self.distinct.insert(e.event_id.clone()) {
+                    if let Some(c) = catalog {
+                        self.expected_debit_units += c.price(e).cost_units;
+                    }
+                }
+            }
+            Kind::Duplicate(_) => self.duplicates += 1,
+            Kind::Malformed(_) => self.malformed += 1,
+        }
+    }
+
+    fn print(&self, count: u64, took: Duration, priced: bool) {
+        let rate = count as f64 / took.as_secs_f64().max(1e-9);
+        println!(
+            "produced {count} messages in {:.1}s ({rate:.0}/s): {} distinct events, {} duplicates, {} malformed",
+            took.as_secs_f64(),
+            self.distinct.len(),
+            self.duplicates,
+            self.malformed
+        );
+        if priced {
+            println!(
+                "expected ledger debits: {} USD ({} units)",
+                money::units_to_usd_string(self.expected_debit_units),
+                self.expected_debit_units
+            );
+        }
+    }
+}
+
+async fn report(args: ReportArgs) -> anyhow::Result<()> {
+    let c = &args.connections;
+    let pool = ledger::connect(&c.database_url, 2).await?;
+    let (accounts, entries, debits): (i64, i64, Option<i64>) = sqlx::query_as(
+        "SELECT (SELECT count(*) FROM accounts), count(*), -sum(amount_units)::bigint
+         FROM ledger_entries WHERE kind = 'consume'",
+    )
+    .fetch_one(&pool)
+    .await?;
+    let (events, dead): (i64, i64) =
+        sqlx::query_as("SELECT (SELECT count(*) FROM processed_events), (SELECT count(*) FROM dead_letters)")
+            .fetch_one(&pool)
+            .await?;
+    println!("== ledger (Postgres)");
+    println!(
+        "accounts {accounts}, events applied {events}, debit entries {entries}, dead letters {dead}, total debits {} USD",
+        money::units_to_usd_string(debits.unwrap_or(0))
+    );
+    let top: Vec<(String, i64)> = sqlx::query_as(
+        "SELECT account_id, balance_units FROM account_balances ORDER BY balance_units ASC, account_id LIMIT $1",
+    )
+    .bind(i64::from(args.top))
+    .fetch_all(&pool)
+    .await?;
+    println!("{:<14} {:>18}", "account", "balance USD");
+    for (account, units) in top {
+        println!("{account:<14} {:>18}", money::units_to_usd_string(units));
+    }
+    usage_report(c).await
+}
+
+#[derive(Debug, clickhouse::Row, serde::Deserialize)]
+struct UsageLine {
+    modality: String,
+    events: u64,
+    charged: u64,
+    tokens: u64,
+    cost_units: i64,
+}
+
+async fn usage_report(c: &crate::config::Connections) -> anyhow::Result<()> {
+    let client = analytics::client(&c.clickhouse_url, &c.clickhouse_database);
+    let lines: Vec<UsageLine> = client
+        .query(
+            "SELECT modality, count() AS events, toUInt64(sum(charged)) AS charged,
+                    toUInt64(sum(input_tokens + output_tokens)) AS tokens, toInt64(sum(cost_units)) AS cost_units
+             FROM usage_log FINAL GROUP BY modality ORDER BY cost_units DESC",
+        )
+        .fetch_all()
+        .await?;
+    println!("== usage (ClickHouse, FINAL)");
+    println!("{:<10} {:>9} {:>9} {:>14} {:>16}", "modality", "events", "charged", "tokens", "cost USD");
+    for l in lines {
+        println!(
+            "{:<10} {:>9} {:>9} {:>14} {:>16}",
+            l.modality,
+            l.events,
+            l.charged,
+            l.tokens,
+            money::units_to_usd_string(l.cost_units)
+        );
+    }
+    Ok(())
+}

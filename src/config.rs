@@ -1,0 +1,102 @@
+//! Connection and pipeline settings shared by the commands.
+//!
+//! Every setting is a flag with an environment fallback (`TALLY_*`), so the stack script's
+//! `scripts/stack env` output configures every command. Units are in the names.
+
+use clap::Args;
+use std::time::Duration;
+
+/// Where the servers are.
+#[derive(Debug, Clone, Args)]
+pub struct Connections {
+    /// Kafka bootstrap servers. Use 127.0.0.1, never localhost (tansu listens on IPv4 only).
+    #[arg(long, env = "TALLY_KAFKA_BROKERS", default_value = "127.0.0.1:19092")]
+    pub brokers: String,
+    /// Postgres URL of the ledger database.
+    #[arg(long, env = "TALLY_DATABASE_URL", default_value = "postgres://postgres@127.0.0.1:55432/tally")]
+    pub database_url: String,
+    /// ClickHouse HTTP URL.
+    #[arg(long, env = "TALLY_CLICKHOUSE_URL", default_value = "http://127.0.0.1:18123")]
+    pub clickhouse_url: String,
+    /// ClickHouse database holding `usage_log`.
+    #[arg(long, env = "TALLY_CLICKHOUSE_DATABASE", default_value = "tally")]
+    pub clickhouse_database: String,
+}
+
+/// Topics.
+#[derive(Debug, Clone, Args)]
+pub struct Topics {
+    /// Topic of usage events (Confluent-framed Avro).
+    #[arg(long, env = "TALLY_TOPIC", default_value = "tally.usage-events")]
+    pub topic: String,
+    /// Dead-letter topic: undecodable or invalid events, with the reason in headers.
+    #[arg(long, env = "TALLY_DLQ_TOPIC", default_value = "tally.usage-events.dlq")]
+    pub dlq_topic: String,
+}
+
+/// Settings of `tally run`.
+#[derive(Debug, Clone, Args)]
+pub struct RunSettings {
+    #[command(flatten)]
+    pub connections: Connections,
+    #[command(flatten)]
+    pub topics: Topics,
+    /// Consumer group. Progress is stored per group in Postgres.
+    #[arg(long, env = "TALLY_GROUP", default_value = "tally")]
+    pub group: String,
+    /// Pricing catalog (TOML). See examples/.
+    #[arg(long = "config", env = "TALLY_CONFIG", default_value = "examples/demo.toml")]
+    pub catalog_path: std::path::PathBuf,
+    /// HTTP API listen address (health, metrics, balances).
+    #[arg(long, env = "TALLY_HTTP_ADDR", default_value = "127.0.0.1:18080")]
+    pub http_addr: String,
+    /// Most events in one batch (one Postgres transaction, one ClickHouse insert).
+    #[arg(long, env = "TALLY_BATCH_EVENTS_MAX", default_value_t = 5_000)]
+    pub batch_events_max: usize,
+    /// Longest a batch waits to fill before it is written anyway.
+    #[arg(long, env = "TALLY_BATCH_WAIT_MS", default_value_t = 250)]
+    pub batch_wait_ms: u64,
+    /// Batches decoded and waiting for the writer. Bounds memory: at most
+    /// (batches_in_flight_max + 2) x batch_events_max events are held at once.
+    #[arg(long, env = "TALLY_BATCHES_IN_FLIGHT_MAX", default_value_t = 2)]
+    pub batches_in_flight_max: usize,
+    /// Kafka session timeout. tansu needs about half of it to seat a new member.
+    #[arg(long, env = "TALLY_SESSION_TIMEOUT_MS", default_value_t = 6_000)]
+    pub session_timeout_ms: u32,
+    /// Events stamped further than this in the future are dead-lettered (`out_of_range`).
+    #[arg(long, env = "TALLY_FUTURE_SKEW_SECS_MAX", default_value_t = 300)]
+    pub future_skew_secs_max: u32,
+    /// Events older than this are dead-lettered (`out_of_range`).
+    #[arg(long, env = "TALLY_EVENT_AGE_DAYS_MAX", default_value_t = 400)]
+    pub event_age_days_max: u32,
+    /// Postgres pool size.
+    #[arg(long, env = "TALLY_PG_CONNECTIONS_MAX", default_value_t = 8)]
+    pub pg_connections_max: u32,
+    /// Stop once this many messages were handled (0 = run until SIGTERM/SIGINT). For tests.
+    #[arg(long, default_value_t = 0)]
+    pub exit_after_messages: u64,
+}
+
+impl RunSettings {
+    /// Cross-field rules (checked before anything connects).
+    pub fn validate(&self) -> Result<(), String> {
+        if self.batch_events_max == 0 || self.batch_events_max > 50_000 {
+            return Err("batch_events_max must be within 1..=50000".into());
+        }
+        if self.batches_in_flight_max == 0 || self.batches_in_flight_max > 64 {
+            return Err("batches_in_flight_max must be within 1..=64".into());
+        }
+        if self.batch_wait_ms == 0 || self.batch_wait_ms > 60_000 {
+            return Err("batch_wait_ms must be within 1..=60000".into());
+        }
+        // A batch that waits longer than the session timeout would get us evicted.
+        if u64::from(self.session_timeout_ms) <= self.batch_wait_ms {
+            return Err("session_timeout_ms must exceed batch_wait_ms".into());
+        }
+        Ok(())
+    }
+
+    pub fn batch_wait(&self) -> Duration {
+        Duration::from_millis(self.batch_wait_ms)
+    }
+}

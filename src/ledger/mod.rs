@@ -1,0 +1,221 @@
+//! The Postgres ledger: the authority on money.
+//!
+//! - `ledger_entries` is an append-only journal (a trigger refuses UPDATE, DELETE and
+//!   TRUNCATE). Every entry carries an idempotency key, a payload hash and the account's
+//!   running `balance_after_units`.
+//! - `account_balances` is a projection of the journal, updated in the same transaction
+//!   as the entries; [`verify`] recomputes it from the journal alone.
+//! - Balance rows are locked in account-id order (`lock_balances`), so concurrent writers
+//!   cannot deadlock and `balance_after_units` is a true running balance per account.
+//!
+//! Amounts are `i64` internal units (see [`crate::money`]).
+
+pub mod usage;
+pub mod verify;
+
+use chrono::{DateTime, Utc};
+use sqlx::postgres::{PgConnectOptions, PgPoolOptions};
+use sqlx::{PgPool, Postgres, Transaction};
+use std::collections::HashMap;
+use std::str::FromStr;
+use std::time::Duration;
+
+pub use verify::verify;
+
+/// Migrations under `schemas/postgres/`, compiled in.
+pub static MIGRATOR: sqlx::migrate::Migrator = sqlx::migrate!("./schemas/postgres");
+
+/// Connect a pool with every option that matters set explicitly.
+pub async fn connect(url: &str, connections_max: u32) -> anyhow::Result<PgPool> {
+    let opts = PgConnectOptions::from_str(url)?.application_name("tally");
+    let pool = PgPoolOptions::new()
+        .max_connections(connections_max)
+        .min_connections(1)
+        .acquire_timeout(Duration::from_secs(10))
+        .idle_timeout(Duration::from_secs(300))
+        .connect_with(opts)
+        .await?;
+    Ok(pool)
+}
+
+pub async fn migrate(pool: &PgPool) -> anyhow::Result<()> {
+    MIGRATOR.run(pool).await?;
+    Ok(())
+}
+
+/// Make sure the accounts exist (auto-created on first sight: usage is never dropped for
+/// an unknown account), then lock their balance rows in id order and read them.
+pub(crate) async fn lock_balances<'a>(
+    tx: &mut Transaction<'_, Postgres>,
+    sorted_accounts: &[&'a str],
+) -> Result<HashMap<&'a str, i64>, sqlx::Error> {
+    assert!(sorted_accounts.windows(2).all(|w| w[0] < w[1]), "accounts sorted and unique");
+    sqlx::query(
+        "INSERT INTO accounts (account_id, auto_created) SELECT a, true FROM UNNEST($1::text[]) AS a
+         ON CONFLICT DO NOTHING",
+    )
+    .bind(sorted_accounts)
+    .execute(&mut **tx)
+    .await?;
+    sqlx::query(
+        "INSERT INTO account_balances (account_id) SELECT a FROM UNNEST($1::text[]) AS a
+         ON CONFLICT DO NOTHING",
+    )
+    .bind(sorted_accounts)
+    .execute(&mut **tx)
+    .await?;
+    let rows: Vec<(String, i64)> = sqlx::query_as(
+        "SELECT account_id, balance_units FROM account_balances
+         WHERE account_id = ANY($1) ORDER BY account_id FOR UPDATE",
+    )
+    .bind(sorted_accounts)
+    .fetch_all(&mut **tx)
+    .await?;
+    assert_eq!(rows.len(), sorted_accounts.len(), "every balance row exists after the upsert");
+    let by_id: HashMap<String, i64> = rows.into_iter().collect();
+    Ok(sorted_accounts.iter().map(|a| (*a, by_id[*a])).collect())
+}
+
+/// One journal row to insert.
+pub(crate) struct NewEntry<'a> {
+    pub account_id: &'a str,
+    pub kind: &'static str,
+    pub amount_units: i64,
+    pub balance_after_units: i64,
+    pub idempotency_key: String,
+    pub payload_hash: &'a [u8; 32],
+    pub event_id: Option<&'a str>,
+    pub occurred_at: DateTime<Utc>,
+    pub description: String,
+}
+
+/// Journal rows inserted together with one statement.
+#[derive(Default)]
+pub(crate) struct EntryRows<'a> {
+    rows: Vec<NewEntry<'a>>,
+}
+
+impl<'a> EntryRows<'a> {
+    pub fn push(&mut self, e: NewEntry<'a>) {
+        self.rows.push(e);
+    }
+
+    /// Insert all rows; returns the highest entry id per account.
+    pub async fn insert(
+        self,
+        tx: &mut Transaction<'_, Postgres>,
+    ) -> Result<HashMap<String, i64>, sqlx::Error> {
+        let r = &self.rows;
+        let accounts: Vec<&str> = r.iter().map(|e| e.account_id).collect();
+        let kinds: Vec<&str> = r.iter().map(|e| e.kind).collect();
+        let amounts: Vec<i64> = r.iter().map(|e| e.amount_units).collect();
+        let afters: Vec<i64> = r.iter().map(|e| e.balance_after_units).collect();
+        let keys: Vec<&str> = r.iter().map(|e| e.idempotency_key.as_str()).collect();
+        let hashes: Vec<&[u8]> = r.iter().map(|e| &e.payload_hash[..]).collect();
+        let events: Vec<Option<&str>> = r.iter().map(|e| e.event_id).collect();
+        let times: Vec<DateTime<Utc>> = r.iter().map(|e| e.occurred_at).collect();
+        let descs: Vec<&str> = r.iter().map(|e| e.description.as_str()).collect();
+        // WITH ORDINALITY + ORDER BY keeps entry ids in the order balances were computed,
+        // so balance_after_units is continuous in entry_id order.
+        let rows: Vec<(String, i64)> = sqlx::query_as(
+            "INSERT INTO ledger_entries
+               (account_id, kind, amount_units, balance_after_units, idempotency_key,
+                payload_hash, event_id, occurred_at, description)
+             SELECT a, k, am, ba, ik, h, e, t, d
+             FROM UNNEST($1::text[], $2::text[], $3::bigint[], $4::bigint[], $5::text[],
+                         $6::bytea[], $7::text[], $8::timestamptz[], $9::text[])
+                  WITH ORDINALITY AS u(a, k, am, ba, ik, h, e, t, d, n)
+             ORDER BY n
+             RETURNING account_id, entry_id",
+        )
+        .bind(&accounts)
+        .bind(&kinds)
+        .bind(&amounts)
+        .bind(&afters)
+        .bind(&keys)
+        .bind(&hashes)
+        .bind(&events)
+        .bind(&times)
+        .bind(&descs)
+        .fetch_all(&mut **tx)
+        .await?;
+        assert_eq!(rows.len(), self.rows.len(), "every entry row was inserted");
+        let mut last: HashMap<String, i64> = HashMap::new();
+        for (account, id) in rows {
+            let slot = last.entry(account).or_insert(id);
+            *slot = (*slot).max(id);
+        }
+        Ok(last)
+    }
+}
+
+/// Write the projection for the given accounts.
+pub(crate) async fn store_balances(
+    tx: &mut Transaction<'_, Postgres>,
+    balances: &HashMap<&str, i64>,
+    last_ids: &HashMap<String, i64>,
+    purchase_at: Option<DateTime<Utc>>,
+    deduction_at: Option<DateTime<Utc>>,
+) -> Result<(), sqlx::Error> {
+    let accounts: Vec<&str> = balances.keys().copied().collect();
+    let values: Vec<i64> = accounts.iter().map(|a| balances[a]).collect();
+    let lasts: Vec<Option<i64>> = accounts.iter().map(|a| last_ids.get(*a).copied()).collect();
+    sqlx::query(
+        "UPDATE account_balances b
+         SET balance_units = u.v,
+             last_entry_id = COALESCE(u.l, b.last_entry_id),
+             last_purchase_at = COALESCE($4, b.last_purchase_at),
+             last_deduction_at = COALESCE($5, b.last_deduction_at),
+             updated_at = now()
+         FROM UNNEST($1::text[], $2::bigint[], $3::bigint[]) AS u(a, v, l)
+         WHERE b.account_id = u.a",
+    )
+    .bind(&accounts)
+    .bind(&values)
+    .bind(&lasts)
+    .bind(purchase_at)
+    .bind(deduction_at)
+    .execute(&mut **tx)
+    .await?;
+    Ok(())
+}
+
+/// An account's balance as the API shows it.
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct BalanceView {
+    pub account_id: String,
+    pub currency: String,
+    pub balance_units: i64,
+    /// Exact USD decimal string of `balance_units`.
+    pub balance: String,
+    pub display_unit: String,
+    pub display_balance: i64,
+    pub last_purchase_at: Option<DateTime<Utc>>,
+    pub last_deduction_at: Option<DateTime<Utc>>,
+    pub entries: i64,
+}
+
+pub async fn balance(pool: &PgPool, account_id: &str) -> Result<Option<BalanceView>, sqlx::Error> {
+    type Row = (String, String, i64, String, i64, Option<DateTime<Utc>>, Option<DateTime<Utc>>, i64);
+    let row: Option<Row> = sqlx::query_as(
+        "SELECT a.account_id, a.currency, COALESCE(b.balance_units, 0), a.display_unit,
+                a.display_units_per, b.last_purchase_at, b.last_deduction_at,
+                (SELECT count(*) FROM ledger_entries e WHERE e.account_id = a.account_id)
+         FROM accounts a LEFT JOIN account_balances b USING (account_id)
+         WHERE a.account_id = $1",
+    )
+    .bind(account_id)
+    .fetch_optional(pool)
+    .await?;
+    Ok(row.map(|(account_id, currency, units, display_unit, per, lp, ld, entries)| BalanceView {
+        account_id,
+        currency,
+        balance_units: units,
+        balance: crate::money::units_to_usd_string(units),
+        display_unit,
+        display_balance: crate::money::units_to_coarse(units, per),
+        last_purchase_at: lp,
+        last_deduction_at: ld,
+        entries,
+    }))
+}

@@ -1,0 +1,79 @@
+//! `tally ledger verify`: prove balances are derivable from the journal alone.
+//!
+//! Checks, per account, walking entries in `entry_id` order:
+//! 1. `balance_after_units` of each entry = previous balance_after + amount
+//!    (the first entry starts from 0);
+//! 2. the projection `account_balances.balance_units` = sum of amounts = last balance_after;
+//! 3. no projection exists without entries unless it is 0.
+//!
+//! Streams the journal (never loads it whole) and stops at the first inconsistency.
+
+use futures::TryStreamExt;
+use sqlx::PgPool;
+use std::collections::HashMap;
+
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
+pub struct VerifyReport {
+    pub accounts: u64,
+    pub entries: u64,
+    pub total_units: i64,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum VerifyError {
+    #[error("entry {entry_id} of account {account_id}: balance_after_units {found}, expected {expected}")]
+    BrokenChain { account_id: String, entry_id: i64, expected: i64, found: i64 },
+    #[error("account {account_id}: projection balance {projection}, journal says {journal}")]
+    ProjectionMismatch { account_id: String, projection: i64, journal: i64 },
+    #[error("database: {0}")]
+    Db(#[from] sqlx::Error),
+}
+
+pub async fn verify(pool: &PgPool) -> Result<VerifyReport, VerifyError> {
+    let mut running: HashMap<String, i64> = HashMap::new();
+    let mut entries: u64 = 0;
+    let mut rows = sqlx::query_as::<_, (i64, String, i64, i64)>(
+        "SELECT entry_id, account_id, amount_units, balance_after_units
+         FROM ledger_entries ORDER BY entry_id",
+    )
+    .fetch(pool);
+    while let Some((entry_id, account_id, amount, after)) = rows.try_next().await? {
+        let prev = running.get(&account_id).copied().unwrap_or(0);
+        let expected = prev.checked_add(amount).unwrap_or(i64::MIN);
+        if after != expected {
+            return Err(VerifyError::BrokenChain { account_id, entry_id, expected, found: after });
+        }
+        running.insert(account_id, after);
+        entries += 1;
+    }
+    drop(rows);
+    let projections: Vec<(String, i64)> =
+        sqlx::query_as("SELECT account_id, balance_units FROM account_balances ORDER BY account_id")
+            .fetch_all(pool)
+            .await?;
+    let mut accounts = 0u64;
+    for (account_id, projection) in projections {
+        let journal = running.get(&account_id).copied().unwrap_or(0);
+        if journal != projection {
+            return Err(VerifyError::ProjectionMismatch { account_id, projection, journal });
+        }
+        accounts += 1;
+    }
+    // An account with entries but no projection row is also a mismatch.
+    for (account_id, journal) in &running {
+        let exists: Option<(i64,)> =
+            sqlx::query_as("SELECT balance_units FROM account_balances WHERE account_id = $1")
+                .bind(account_id)
+                .fetch_optional(pool)
+                .await?;
+        if exists.is_none() {
+            return Err(VerifyError::ProjectionMismatch {
+                account_id: account_id.clone(),
+                projection: 0,
+                journal: *journal,
+            });
+        }
+    }
+    let total_units = running.values().sum();
+    Ok(VerifyReport { accounts, entries, total_units })
+}

@@ -1,0 +1,83 @@
+//! Metric names and the Prometheus recorder.
+//!
+//! Names follow `tally_<what>_<unit>[_total]`. Labels are low-cardinality only (`code`,
+//! `stage`, `route`, `status`): never account ids, keys or models.
+
+use crate::ledger::usage::Applied;
+use crate::pipeline::Item;
+use metrics_exporter_prometheus::{Matcher, PrometheusBuilder, PrometheusHandle};
+use std::time::Duration;
+
+pub const EVENTS_CONSUMED: &str = "tally_events_consumed_total";
+pub const EVENTS_PRICED: &str = "tally_events_priced_total";
+pub const EVENTS_APPLIED: &str = "tally_events_applied_total";
+pub const EVENTS_DUPLICATE: &str = "tally_events_duplicate_total";
+pub const EVENTS_DEAD_LETTERED: &str = "tally_events_dead_lettered_total";
+pub const LEDGER_DEBITED_UNITS: &str = "tally_ledger_debited_units_total";
+pub const BATCH_SECONDS: &str = "tally_batch_duration_seconds";
+pub const BATCH_EVENTS: &str = "tally_batch_events";
+pub const BATCH_RETRIES: &str = "tally_batch_retries_total";
+pub const LEDGER_COMMIT_SECONDS: &str = "tally_ledger_commit_duration_seconds";
+pub const CLICKHOUSE_INSERT_SECONDS: &str = "tally_clickhouse_insert_duration_seconds";
+pub const CLICKHOUSE_INSERT_ERRORS: &str = "tally_clickhouse_insert_errors_total";
+pub const CLICKHOUSE_REPLAYED_ROWS_SKIPPED: &str = "tally_clickhouse_replayed_rows_skipped_total";
+pub const KAFKA_ERRORS: &str = "tally_kafka_errors_total";
+pub const HTTP_REQUESTS: &str = "tally_http_requests_total";
+pub const HTTP_REQUEST_SECONDS: &str = "tally_http_request_duration_seconds";
+
+/// Install the global recorder (once per process) and return the handle `/metrics` renders.
+pub fn install() -> anyhow::Result<PrometheusHandle> {
+    let buckets = [0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0];
+    let handle = PrometheusBuilder::new()
+        .set_buckets_for_metric(Matcher::Suffix("_seconds".into()), &buckets)?
+        .set_buckets_for_metric(
+            Matcher::Full(BATCH_EVENTS.into()),
+            &[1.0, 10.0, 100.0, 1000.0, 5000.0, 20000.0],
+        )?
+        .install_recorder()?;
+    describe();
+    Ok(handle)
+}
+
+fn describe() {
+    use metrics::{describe_counter, describe_histogram};
+    describe_counter!(EVENTS_CONSUMED, "Messages read from the usage topic");
+    describe_counter!(EVENTS_PRICED, "Valid events priced");
+    describe_counter!(EVENTS_APPLIED, "Events committed for the first time (ledger + usage log)");
+    describe_counter!(EVENTS_DUPLICATE, "Events skipped as exact duplicates of an applied event id");
+    describe_counter!(EVENTS_DEAD_LETTERED, "Messages committed to the dead-letter topic, by code");
+    describe_counter!(LEDGER_DEBITED_UNITS, "Debits committed, internal units (1e-8 USD)");
+    describe_histogram!(BATCH_SECONDS, "Batch write time: Postgres + ClickHouse + dead letters");
+    describe_histogram!(BATCH_EVENTS, "Messages per batch");
+    describe_counter!(BATCH_RETRIES, "Batch write attempts that failed and were retried, by stage");
+    describe_histogram!(LEDGER_COMMIT_SECONDS, "Postgres transaction time per batch");
+    describe_histogram!(CLICKHOUSE_INSERT_SECONDS, "ClickHouse insert time per batch");
+    describe_counter!(CLICKHOUSE_INSERT_ERRORS, "Failed ClickHouse inserts");
+    describe_counter!(
+        CLICKHOUSE_REPLAYED_ROWS_SKIPPED,
+        "Usage rows not re-inserted because a crashed attempt had already inserted them"
+    );
+    describe_counter!(KAFKA_ERRORS, "Kafka client errors, by stage");
+    describe_counter!(HTTP_REQUESTS, "HTTP requests, by route and status");
+    describe_histogram!(HTTP_REQUEST_SECONDS, "HTTP request latency, by route");
+}
+
+/// Per message, at the reader.
+pub fn record_item(item: &Item) {
+    metrics::counter!(EVENTS_CONSUMED).increment(1);
+    if matches!(item, Item::Valid(_)) {
+        metrics::counter!(EVENTS_PRICED).increment(1);
+    }
+}
+
+/// Per committed batch, at the writer.
+pub fn record_batch(applied: &Applied, messages: usize, took: Duration) {
+    metrics::counter!(EVENTS_APPLIED).increment(applied.new_events.len() as u64);
+    metrics::counter!(EVENTS_DUPLICATE).increment(applied.duplicates);
+    for d in &applied.dead {
+        metrics::counter!(EVENTS_DEAD_LETTERED, "code" => d.code).increment(1);
+    }
+    metrics::counter!(LEDGER_DEBITED_UNITS).increment(applied.debited_units.max(0) as u64);
+    metrics::histogram!(BATCH_SECONDS).record(took.as_secs_f64());
+    metrics::histogram!(BATCH_EVENTS).record(messages as f64);
+}

@@ -1,0 +1,117 @@
+//! `tally run`: wiring and graceful shutdown.
+//!
+//! Shutdown (SIGTERM / SIGINT): the reader stops polling and hands its partial batch to
+//! the writer; the writer commits everything it was given, hints offsets to Kafka and
+//! returns; then the consumer leaves the group and the HTTP server stops. If draining takes
+//! longer than `DRAIN_TIMEOUT`, the writer abandons its uncommitted batch (nothing is lost:
+//! Postgres never saw it, so it is re-read on restart).
+
+use super::reader::{Reader, Transformer};
+use super::writer::Writer;
+use crate::config::RunSettings;
+use crate::pricing::Catalog;
+use crate::{analytics, api, kafka, ledger};
+use anyhow::Context;
+use rdkafka::consumer::Consumer;
+use std::sync::Arc;
+use std::time::Duration;
+use tokio::sync::mpsc;
+use tokio_util::sync::CancellationToken;
+
+const DRAIN_TIMEOUT: Duration = Duration::from_secs(30);
+
+pub async fn run(
+    settings: RunSettings,
+    metrics: metrics_exporter_prometheus::PrometheusHandle,
+) -> anyhow::Result<()> {
+    settings.validate().map_err(|e| anyhow::anyhow!("invalid settings: {e}"))?;
+    let catalog = Catalog::load(&settings.catalog_path).map_err(|e| anyhow::anyhow!("{e}"))?;
+    let c = &settings.connections;
+    let pool = ledger::connect(&c.database_url, settings.pg_connections_max)
+        .await
+        .context("connecting to Postgres")?;
+    ledger::migrate(&pool).await.context("Postgres migrations")?;
+    analytics::migrate(&c.clickhouse_url, &c.clickhouse_database).await.context("ClickHouse migrations")?;
+    let consumer = Arc::new(kafka::consumer(&c.brokers, &settings.group, settings.session_timeout_ms)?);
+    consumer.subscribe(&[settings.topics.topic.as_str()])?;
+
+    let shutdown = CancellationToken::new();
+    let abort = CancellationToken::new();
+    spawn_signal_handler(shutdown.clone(), abort.clone());
+
+    let listener = tokio::net::TcpListener::bind(&settings.http_addr)
+        .await
+        .with_context(|| format!("binding {}", settings.http_addr))?;
+    tracing::info!(addr = %settings.http_addr, "http listening");
+    let http_state = api::AppState { pool: pool.clone(), metrics };
+    let http_stop = CancellationToken::new();
+    let http = tokio::spawn(api::serve(listener, http_state, http_stop.clone()));
+
+    let (tx, rx) = mpsc::channel(settings.batches_in_flight_max);
+    let reader = Reader {
+        consumer: consumer.clone(),
+        transformer: Transformer {
+            catalog: Arc::new(catalog),
+            future_skew: chrono::Duration::seconds(i64::from(settings.future_skew_secs_max)),
+            age_max: chrono::Duration::days(i64::from(settings.event_age_days_max)),
+        },
+        batch_events_max: settings.batch_events_max,
+        batch_wait: settings.batch_wait(),
+        out: tx,
+        shutdown: shutdown.clone(),
+        exit_after_messages: settings.exit_after_messages,
+    };
+    let writer = Writer {
+        pool: pool.clone(),
+        clickhouse: analytics::client(&c.clickhouse_url, &c.clickhouse_database),
+        producer: kafka::producer(&c.brokers)?,
+        consumer: consumer.clone(),
+        group: settings.group.clone(),
+        topic: settings.topics.topic.clone(),
+        dlq_topic: settings.topics.dlq_topic.clone(),
+        input: rx,
+        abort: abort.clone(),
+        fault_abort_after_clickhouse_insert: std::env::var("TALLY_FAULT_ABORT_AFTER_CLICKHOUSE_INSERT")
+            .is_ok_and(|v| v == "1"),
+    };
+    tracing::info!(group = %settings.group, topic = %settings.topics.topic, "tally run started");
+    let reader = tokio::spawn(reader.run());
+    let writer = tokio::spawn(writer.run());
+    let reader_result = reader.await.context("reader task")?;
+    // Whatever stopped the reader, the writer still drains what it was given.
+    let writer_result = writer.await.context("writer task")?;
+    consumer.unsubscribe();
+    http_stop.cancel();
+    let _ = http.await;
+    pool.close().await;
+    reader_result.context("reader")?;
+    writer_result.context("writer")?;
+    tracing::info!("tally run stopped cleanly");
+    Ok(())
+}
+
+/// First signal: graceful stop. After `DRAIN_TIMEOUT` (or a second signal): abort retries.
+fn spawn_signal_handler(shutdown: CancellationToken, abort: CancellationToken) {
+    tokio::spawn(async move {
+        let mut term = match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+            Ok(s) => s,
+            Err(e) => {
+                tracing::error!(error = %e, "cannot listen for SIGTERM");
+                return;
+            }
+        };
+        tokio::select! {
+            _ = term.recv() => {},
+            _ = tokio::signal::ctrl_c() => {},
+            _ = shutdown.cancelled() => {},
+        }
+        tracing::info!("shutdown requested: draining");
+        shutdown.cancel();
+        tokio::select! {
+            _ = term.recv() => {},
+            _ = tokio::signal::ctrl_c() => {},
+            _ = tokio::time::sleep(DRAIN_TIMEOUT) => {},
+        }
+        abort.cancel();
+    });
+}

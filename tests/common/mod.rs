@@ -1,0 +1,208 @@
+//! Test harness: the real stack (started by `scripts/stack up`, idempotent), and per-test
+//! isolation: a fresh Postgres database, ClickHouse database, topics and consumer group.
+#![allow(dead_code)]
+
+use rdkafka::Message;
+use rdkafka::consumer::{BaseConsumer, Consumer};
+use rdkafka::producer::FutureRecord;
+use rdkafka::{ClientConfig, Offset, TopicPartitionList};
+use sqlx::PgPool;
+use std::collections::HashMap;
+use std::path::PathBuf;
+use std::process::{Child, Command, Stdio};
+use std::sync::OnceLock;
+use std::time::{Duration, Instant};
+use tally::simulate::Message as SimMessage;
+
+pub const BROKERS: &str = "127.0.0.1:19092";
+pub const PG_ADMIN_URL: &str = "postgres://postgres@127.0.0.1:55432/postgres";
+pub const CH_URL: &str = "http://127.0.0.1:18123";
+
+pub fn repo() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+}
+
+/// Bring the stack up once per test binary (`scripts/stack up` is idempotent and locked).
+pub fn stack() {
+    static UP: OnceLock<()> = OnceLock::new();
+    UP.get_or_init(|| {
+        let status = Command::new(repo().join("scripts/stack"))
+            .arg("up")
+            .stdout(Stdio::null())
+            .status()
+            .expect("scripts/stack runs");
+        assert!(status.success(), "scripts/stack up failed");
+    });
+}
+
+/// Everything one test owns.
+pub struct TestEnv {
+    pub id: String,
+    pub database_url: String,
+    pub ch_database: String,
+    pub topic: String,
+    pub dlq_topic: String,
+    pub group: String,
+    pub pool: PgPool,
+}
+
+impl TestEnv {
+    pub async fn new(partitions: i32) -> TestEnv {
+        stack();
+        let id = uuid::Uuid::new_v4().simple().to_string()[..12].to_string();
+        let db = format!("t_{id}");
+        let admin = PgPool::connect(PG_ADMIN_URL).await.expect("postgres admin connection");
+        sqlx::query(&format!("CREATE DATABASE {db}")).execute(&admin).await.expect("create database");
+        admin.close().await;
+        let database_url = format!("postgres://postgres@127.0.0.1:55432/{db}");
+        let pool = tally::ledger::connect(&database_url, 4).await.expect("test database");
+        tally::ledger::migrate(&pool).await.expect("migrations");
+        tally::analytics::migrate(CH_URL, &db).await.expect("clickhouse migrations");
+        let topic = format!("test.{id}.events");
+        let dlq_topic = format!("test.{id}.dlq");
+        tally::kafka::ensure_topics(BROKERS, &[(&topic, partitions), (&dlq_topic, 3)]).await.expect("topics");
+        TestEnv { group: format!("g-{id}"), ch_database: db, database_url, topic, dlq_topic, id, pool }
+    }
+
+    /// `tally run` as a real child process.
+    pub fn spawn_run(&self, catalog: &str, http_port: u16, extra: &[&str]) -> Child {
+        self.spawn_run_env(catalog, http_port, extra, &[])
+    }
+
+    pub fn spawn_run_env(
+        &self,
+        catalog: &str,
+        http_port: u16,
+        extra: &[&str],
+        envs: &[(&str, &str)],
+    ) -> Child {
+        Command::new(env!("CARGO_BIN_EXE_tally"))
+            .arg("run")
+            .args(["--brokers", BROKERS, "--database-url", &self.database_url])
+            .args(["--clickhouse-url", CH_URL, "--clickhouse-database", &self.ch_database])
+            .args(["--topic", &self.topic, "--dlq-topic", &self.dlq_topic, "--group", &self.group])
+            .args(["--config", repo().join(catalog).to_str().expect("utf-8 path")])
+            .args(["--http-addr", &format!("127.0.0.1:{http_port}")])
+            .args(extra)
+            .env("RUST_LOG", "warn")
+            .envs(envs.iter().copied())
+            .stdout(Stdio::null())
+            .spawn()
+            .expect("spawn tally run")
+    }
+
+    pub fn clickhouse(&self) -> clickhouse::Client {
+        tally::analytics::client(CH_URL, &self.ch_database)
+    }
+
+    pub async fn count(&self, sql: &str) -> i64 {
+        let (n,): (i64,) = sqlx::query_as(sql).fetch_one(&self.pool).await.expect(sql);
+        n
+    }
+
+    /// Poll until `done` returns true, or panic after `limit` (a liveness bound, not a
+    /// performance assertion).
+    pub async fn wait_for<F, Fut>(&self, what: &str, limit: Duration, mut done: F)
+    where
+        F: FnMut() -> Fut,
+        Fut: std::future::Future<Output = bool>,
+    {
+        let started = Instant::now();
+        while !done().await {
+            assert!(started.elapsed() < limit, "timed out after {limit:?} waiting for {what}");
+            tokio::time::sleep(Duration::from_millis(250)).await;
+        }
+    }
+
+    /// Read every dead letter currently on the DLQ topic, expecting at least `expected`
+    /// distinct source positions. Returns (source partition, offset) -> (code, reason).
+    pub fn read_dead_letters(&self, expected: usize) -> HashMap<(i32, i64), (String, String)> {
+        let consumer: BaseConsumer = ClientConfig::new()
+            .set("bootstrap.servers", BROKERS)
+            .set("group.id", format!("dlq-reader-{}", self.id))
+            .set("enable.auto.commit", "false")
+            .create()
+            .expect("dlq consumer");
+        let mut tpl = TopicPartitionList::new();
+        for p in 0..3 {
+            tpl.add_partition_offset(&self.dlq_topic, p, Offset::Beginning).expect("tpl");
+        }
+        consumer.assign(&tpl).expect("assign");
+        let mut seen = HashMap::new();
+        let started = Instant::now();
+        let mut quiet_since = Instant::now();
+        while started.elapsed() < Duration::from_secs(60) {
+            match consumer.poll(Duration::from_millis(200)) {
+                Some(Ok(m)) => {
+                    quiet_since = Instant::now();
+                    let h = headers(&m);
+                    let pos = (
+                        h["tally.source.partition"].parse().unwrap(),
+                        h["tally.source.offset"].parse().unwrap(),
+                    );
+                    seen.insert(pos, (h["tally.code"].clone(), h["tally.reason"].clone()));
+                }
+                Some(Err(e)) => panic!("dlq consume: {e}"),
+                None if seen.len() >= expected && quiet_since.elapsed() > Duration::from_secs(2) => break,
+                None => {}
+            }
+        }
+        seen
+    }
+}
+
+fn headers<M: Message>(m: &M) -> HashMap<String, String> {
+    use rdkafka::message::Headers;
+    let mut out = HashMap::new();
+    if let Some(hs) = m.headers() {
+        for h in hs.iter() {
+            out.insert(h.key.to_string(), String::from_utf8_lossy(h.value.unwrap_or_default()).into_owned());
+        }
+    }
+    out
+}
+
+/// Produce simulator messages and wait for every acknowledgement.
+pub async fn produce(topic: &str, messages: &[SimMessage]) {
+    let producer = tally::kafka::producer(BROKERS).expect("producer");
+    for chunk in messages.chunks(20_000) {
+        let sends = chunk.iter().map(|m| {
+            let mut r = FutureRecord::to(topic).key(&m.key).payload(&m.payload);
+            if let Some(p) = m.partition {
+                r = r.partition(p);
+            }
+            producer.send(r, Duration::from_secs(60))
+        });
+        for result in futures::future::join_all(sends).await {
+            result.map_err(|(e, _)| e).expect("produce");
+        }
+    }
+}
+
+/// Stop a child gracefully (SIGTERM) and require a clean exit.
+pub fn terminate(child: &mut Child) {
+    signal(child, "TERM");
+    let status = wait_exit(child, Duration::from_secs(60));
+    assert!(status.success(), "tally run exited with {status:?} after SIGTERM");
+}
+
+pub fn kill9(child: &mut Child) {
+    signal(child, "KILL");
+    let _ = wait_exit(child, Duration::from_secs(10));
+}
+
+fn signal(child: &Child, sig: &str) {
+    let ok = Command::new("kill").args([&format!("-{sig}"), &child.id().to_string()]).status().expect("kill");
+    assert!(ok.success());
+}
+
+pub fn wait_exit(child: &mut Child, limit: Duration) -> std::process::ExitStatus {
+    let started = Instant::now();
+    loop {
+        if let Some(s) = child.try_wait().expect("try_wait") {
+            return s;
+        }
+        assert!(started.elapsed() < limit, "child did not exit within {limit:?}");
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}

@@ -23,7 +23,7 @@ fn env_usize(name: &str, default: usize) -> usize {
 
 async fn bare_consume(env: &TestEnv, messages: usize) -> Duration {
     let consumer: StreamConsumer = ClientConfig::new()
-        .set("bootstrap.servers", BROKERS)
+        .set("bootstrap.servers", *BROKERS)
         .set("group.id", format!("bare-{}", env.id))
         .set("enable.auto.commit", "false")
         .set("auto.offset.reset", "earliest")

@@ -10,8 +10,16 @@ use clickhouse::Client;
 use serde::Serialize;
 
 /// ClickHouse DDL, applied in order by [`migrate`]; each file is one statement.
-const MIGRATIONS: [(&str, &str); 1] =
-    [("0001_usage_log", include_str!("../schemas/clickhouse/0001_usage_log.sql"))];
+/// Order matters: a rollup's backfill runs before its view exists (see 0003).
+const MIGRATIONS: [(&str, &str); 7] = [
+    ("0001_usage_log", include_str!("../schemas/clickhouse/0001_usage_log.sql")),
+    ("0002_usage_hourly", include_str!("../schemas/clickhouse/0002_usage_hourly.sql")),
+    ("0003_usage_hourly_backfill", include_str!("../schemas/clickhouse/0003_usage_hourly_backfill.sql")),
+    ("0004_usage_hourly_mv", include_str!("../schemas/clickhouse/0004_usage_hourly_mv.sql")),
+    ("0005_usage_daily", include_str!("../schemas/clickhouse/0005_usage_daily.sql")),
+    ("0006_usage_daily_backfill", include_str!("../schemas/clickhouse/0006_usage_daily_backfill.sql")),
+    ("0007_usage_daily_mv", include_str!("../schemas/clickhouse/0007_usage_daily_mv.sql")),
+];
 
 pub fn client(url: &str, database: &str) -> Client {
     Client::default().with_url(url).with_database(database).with_validation(false)

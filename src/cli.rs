@@ -29,6 +29,15 @@ pub enum Command {
     Ledger(LedgerCommand),
     /// Print one account's balance (JSON).
     Balance(BalanceArgs),
+    /// Print an account's ledger entries, newest first (JSON lines).
+    History(HistoryArgs),
+    /// Credit a purchase (operator top-up), once per order id.
+    Topup(TopupArgs),
+    /// Manual balance change: addition, refund, adjustment (+/- or set-to), plan allocation
+    /// or reset, correction of an entry. Records who did it.
+    Adjust(AdjustArgs),
+    /// Configure an account's auto-reload threshold and amount.
+    AutoReload(AutoReloadArgs),
     /// Print balances and usage: the demo's closing summary.
     Report(ReportArgs),
 }
@@ -112,6 +121,88 @@ pub enum LedgerCommand {
 #[derive(Debug, Args)]
 pub struct BalanceArgs {
     pub account: String,
+    #[arg(long, env = "TALLY_DATABASE_URL", default_value = "postgres://postgres@127.0.0.1:55432/tally")]
+    pub database_url: String,
+}
+
+#[derive(Debug, Args)]
+pub struct HistoryArgs {
+    pub account: String,
+    /// Entries to print.
+    #[arg(long, default_value_t = 50)]
+    pub limit: i64,
+    /// Only entries older than this entry id (pagination).
+    #[arg(long)]
+    pub before: Option<i64>,
+    #[arg(long, env = "TALLY_DATABASE_URL", default_value = "postgres://postgres@127.0.0.1:55432/tally")]
+    pub database_url: String,
+}
+
+#[derive(Debug, Args)]
+pub struct TopupArgs {
+    pub account: String,
+    /// Amount paid, USD (exact decimal, e.g. 25 or 25.50).
+    pub amount_usd: rust_decimal::Decimal,
+    /// Payment / order reference: the idempotency key (a new one is generated if absent).
+    #[arg(long)]
+    pub order_id: Option<String>,
+    /// Catalog file whose [topup] table sets limits and bonus tiers.
+    #[arg(long = "config", env = "TALLY_CONFIG")]
+    pub catalog_path: Option<PathBuf>,
+    #[arg(long, env = "TALLY_DATABASE_URL", default_value = "postgres://postgres@127.0.0.1:55432/tally")]
+    pub database_url: String,
+}
+
+#[derive(Debug, Args)]
+#[command(group(clap::ArgGroup::new("change").required(true).multiple(false)))]
+pub struct AdjustArgs {
+    pub account: String,
+    /// Signed USD amount to add (negative to deduct): an `adjustment` entry.
+    #[arg(long, group = "change", allow_hyphen_values = true)]
+    pub by_usd: Option<rust_decimal::Decimal>,
+    /// Set the balance to exactly this USD amount: the difference is computed and recorded.
+    #[arg(long, group = "change", allow_hyphen_values = true)]
+    pub set_to_usd: Option<rust_decimal::Decimal>,
+    /// Credit this USD amount as an `addition`.
+    #[arg(long, group = "change")]
+    pub add_usd: Option<rust_decimal::Decimal>,
+    /// Credit this USD amount as a `refund`.
+    #[arg(long, group = "change")]
+    pub refund_usd: Option<rust_decimal::Decimal>,
+    /// Credit a plan's period allocation (USD) as `plan_allocation`.
+    #[arg(long, group = "change")]
+    pub plan_allocation_usd: Option<rust_decimal::Decimal>,
+    /// Reset the balance to a plan allocation, no rollover (`plan_reset`).
+    #[arg(long, group = "change")]
+    pub plan_reset_usd: Option<rust_decimal::Decimal>,
+    /// Correct the given entry id by `--by-usd`.
+    #[arg(long, requires = "by_usd")]
+    pub corrects: Option<i64>,
+    /// Who is doing it (recorded on the entry).
+    #[arg(long = "by-user")]
+    pub by_user: String,
+    /// Why (recorded on the entry).
+    #[arg(long)]
+    pub reason: String,
+    /// Idempotency key (a new one is generated if absent: retry with the printed key).
+    #[arg(long)]
+    pub idempotency_key: Option<String>,
+    #[arg(long, env = "TALLY_DATABASE_URL", default_value = "postgres://postgres@127.0.0.1:55432/tally")]
+    pub database_url: String,
+}
+
+#[derive(Debug, Args)]
+pub struct AutoReloadArgs {
+    pub account: String,
+    /// Request a reload when the balance drops below this USD amount.
+    #[arg(long, requires = "amount_usd")]
+    pub threshold_usd: Option<rust_decimal::Decimal>,
+    /// How much to reload, USD.
+    #[arg(long, requires = "threshold_usd")]
+    pub amount_usd: Option<rust_decimal::Decimal>,
+    /// Turn auto-reload off.
+    #[arg(long, conflicts_with_all = ["threshold_usd", "amount_usd"])]
+    pub off: bool,
     #[arg(long, env = "TALLY_DATABASE_URL", default_value = "postgres://postgres@127.0.0.1:55432/tally")]
     pub database_url: String,
 }

@@ -61,8 +61,78 @@ pub async fn dispatch(command: Command) -> anyhow::Result<ExitCode> {
             }
         }
         Command::Report(args) => report(args).await?,
+        Command::History(args) => {
+            let pool = ledger::connect(&args.database_url, 2).await?;
+            for e in ledger::ops::history(&pool, &args.account, args.before, args.limit).await? {
+                println!("{}", serde_json::to_string(&e)?);
+            }
+        }
+        Command::Topup(args) => topup(args).await?,
+        Command::Adjust(args) => adjust(args).await?,
+        Command::AutoReload(args) => {
+            let pool = ledger::connect(&args.database_url, 2).await?;
+            let setting = match (args.off, args.threshold_usd, args.amount_usd) {
+                (true, _, _) => None,
+                (false, Some(t), Some(a)) => Some((usd_units(t)?, usd_units(a)?)),
+                _ => anyhow::bail!("give --threshold-usd and --amount-usd, or --off"),
+            };
+            ledger::auto_reload::configure(&pool, &args.account, setting).await?;
+            println!("auto-reload for {}: {setting:?}", args.account);
+        }
     }
     Ok(ExitCode::SUCCESS)
+}
+
+fn usd_units(usd: rust_decimal::Decimal) -> anyhow::Result<i64> {
+    ledger::config::exact_units(usd).map_err(|e| anyhow::anyhow!(e))
+}
+
+async fn topup(args: crate::cli::TopupArgs) -> anyhow::Result<()> {
+    let cfg = match &args.catalog_path {
+        Some(p) => ledger::config::LedgerConfig::load(p).map_err(|e| anyhow::anyhow!(e))?,
+        None => ledger::config::LedgerConfig::default(),
+    };
+    let pool = ledger::connect(&args.database_url, 2).await?;
+    let order_id = args.order_id.unwrap_or_else(|| format!("op-{}", uuid::Uuid::new_v4()));
+    let req = ledger::topup::TopupRequest {
+        order_id,
+        account_id: args.account,
+        paid_usd: args.amount_usd,
+        source: "operator",
+    };
+    let result = ledger::topup::complete(&pool, &cfg.topup, &req).await?;
+    println!("{}", serde_json::to_string_pretty(&result)?);
+    Ok(())
+}
+
+async fn adjust(args: crate::cli::AdjustArgs) -> anyhow::Result<()> {
+    use ledger::ops::ManualKind as K;
+    let kind = match (args.by_usd, args.set_to_usd, args.add_usd, args.refund_usd) {
+        (Some(by), ..) => match args.corrects {
+            Some(entry_id) => K::Correction { entry_id, units: usd_units(by)? },
+            None => K::AdjustBy(usd_units(by)?),
+        },
+        (_, Some(to), ..) => K::SetBalanceTo(usd_units(to)?),
+        (_, _, Some(add), _) => K::Addition(usd_units(add)?),
+        (_, _, _, Some(refund)) => K::Refund(usd_units(refund)?),
+        _ => match (args.plan_allocation_usd, args.plan_reset_usd) {
+            (Some(a), _) => K::PlanAllocation(usd_units(a)?),
+            (_, Some(r)) => K::PlanReset(usd_units(r)?),
+            _ => anyhow::bail!("nothing to do"),
+        },
+    };
+    let key = args.idempotency_key.unwrap_or_else(|| format!("manual-{}", uuid::Uuid::new_v4()));
+    let pool = ledger::connect(&args.database_url, 2).await?;
+    let req = ledger::ops::ManualRequest {
+        account_id: args.account,
+        idempotency_key: key.clone(),
+        kind,
+        created_by: args.by_user,
+        reason: args.reason,
+    };
+    let posted = ledger::ops::manual(&pool, &req).await?;
+    println!("{}", serde_json::json!({"idempotency_key": key, "entry": posted}));
+    Ok(())
 }
 
 fn load_catalog(path: &std::path::Path) -> anyhow::Result<Catalog> {
@@ -147,11 +217,10 @@ impl SimTally {
     fn count(&mut self, msg: &crate::simulate::Message, catalog: Option<&Catalog>) {
         match &msg.kind {
             Kind::Valid(e) => {
-                if self.distinct.insert(e.event_id.clone()) {
-                    if let Some(c) = catalog {
+                if self.distinct.insert(e.event_id.clone())
+                    && let Some(c) = catalog {
                         self.expected_debit_units += c.price(e).cost_units;
                     }
-                }
             }
             Kind::Duplicate(_) => self.duplicates += 1,
             Kind::Malformed(_) => self.malformed += 1,

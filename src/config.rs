@@ -72,6 +72,12 @@ pub struct RunSettings {
     /// Postgres pool size.
     #[arg(long, env = "TALLY_PG_CONNECTIONS_MAX", default_value_t = 8)]
     pub pg_connections_max: u32,
+    /// Topic of `auto_reload_requested` events.
+    #[arg(long, env = "TALLY_AUTO_RELOAD_TOPIC", default_value = "tally.auto-reload")]
+    pub auto_reload_topic: String,
+    /// Stripe webhook signing secret (enables `POST /v1/webhooks/stripe`). Never logged.
+    #[arg(long, env = "TALLY_STRIPE_WEBHOOK_SECRET", hide_env_values = true)]
+    pub stripe_webhook_secret: Option<String>,
     /// Stop once this many messages were handled (0 = run until SIGTERM/SIGINT). For tests.
     #[arg(long, default_value_t = 0)]
     pub exit_after_messages: u64,

@@ -24,6 +24,11 @@ pub const CLICKHOUSE_REPLAYED_ROWS_SKIPPED: &str = "tally_clickhouse_replayed_ro
 pub const KAFKA_ERRORS: &str = "tally_kafka_errors_total";
 pub const HTTP_REQUESTS: &str = "tally_http_requests_total";
 pub const HTTP_REQUEST_SECONDS: &str = "tally_http_request_duration_seconds";
+/// Gauge `{group, topic, partition}`: messages on the partition past the group's durable
+/// progress (Postgres `consumer_offsets`), see `pipeline::lag`.
+pub const CONSUMER_LAG: &str = "tally_consumer_lag_messages";
+/// Gauge: when the lag gauges were last refreshed (Unix seconds); stale means no lag data.
+pub const CONSUMER_LAG_UPDATED: &str = "tally_consumer_lag_updated_timestamp_seconds";
 
 /// Install the global recorder (once per process) and return the handle `/metrics` renders.
 pub fn install() -> anyhow::Result<PrometheusHandle> {
@@ -60,6 +65,11 @@ fn describe() {
     describe_counter!(KAFKA_ERRORS, "Kafka client errors, by stage");
     describe_counter!(HTTP_REQUESTS, "HTTP requests, by route and status");
     describe_histogram!(HTTP_REQUEST_SECONDS, "HTTP request latency, by route");
+    metrics::describe_gauge!(CONSUMER_LAG, "Messages not yet durably applied, by group, topic and partition");
+    metrics::describe_gauge!(CONSUMER_LAG_UPDATED, "Unix time of the last consumer lag refresh");
+    // An error counter that is absent until the first error cannot be told from a missing
+    // exporter: publish it at 0 so dashboards and alerts see a series from the start.
+    metrics::counter!(CLICKHOUSE_INSERT_ERRORS).absolute(0);
 }
 
 /// Per message, at the reader.

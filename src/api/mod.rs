@@ -1,9 +1,10 @@
-//! HTTP API (axum): health, Prometheus metrics, balances.
+//! HTTP API (axum): health, Prometheus metrics, balances, Stripe webhooks.
 //!
 //! Every error is JSON `{"error": {"code": "...", "message": "..."}}` with a stable code.
 //! The OpenAPI description lives in `schemas/openapi.yaml`.
 
 mod error;
+pub mod stripe;
 
 pub use error::ApiError;
 
@@ -22,6 +23,9 @@ use tokio_util::sync::CancellationToken;
 pub struct AppState {
     pub pool: PgPool,
     pub metrics: PrometheusHandle,
+    pub ledger_config: std::sync::Arc<crate::ledger::config::LedgerConfig>,
+    /// Stripe webhook signing secret; webhooks answer 503 without it.
+    pub stripe_webhook_secret: Option<String>,
 }
 
 pub fn router(state: AppState) -> Router {
@@ -29,6 +33,7 @@ pub fn router(state: AppState) -> Router {
         .route("/healthz", get(healthz))
         .route("/metrics", get(metrics_text))
         .route("/v1/accounts/{id}/balance", get(balance))
+        .route("/v1/webhooks/stripe", axum::routing::post(stripe::webhook))
         .fallback(not_found)
         .layer(middleware::from_fn(track))
         .with_state(state)

@@ -10,6 +10,11 @@
 //!
 //! Amounts are `i64` internal units (see [`crate::money`]).
 
+pub mod auto_reload;
+pub mod config;
+pub mod ops;
+pub mod reservations;
+pub mod topup;
 pub mod usage;
 pub mod verify;
 
@@ -87,6 +92,9 @@ pub(crate) struct NewEntry<'a> {
     pub event_id: Option<&'a str>,
     pub occurred_at: DateTime<Utc>,
     pub description: String,
+    pub created_by: Option<&'a str>,
+    pub corrects_entry_id: Option<i64>,
+    pub metadata: serde_json::Value,
 }
 
 /// Journal rows inserted together with one statement.
@@ -96,6 +104,10 @@ pub(crate) struct EntryRows<'a> {
 }
 
 impl<'a> EntryRows<'a> {
+    pub fn is_empty(&self) -> bool {
+        self.rows.is_empty()
+    }
+
     pub fn push(&mut self, e: NewEntry<'a>) {
         self.rows.push(e);
     }
@@ -115,16 +127,21 @@ impl<'a> EntryRows<'a> {
         let events: Vec<Option<&str>> = r.iter().map(|e| e.event_id).collect();
         let times: Vec<DateTime<Utc>> = r.iter().map(|e| e.occurred_at).collect();
         let descs: Vec<&str> = r.iter().map(|e| e.description.as_str()).collect();
+        let bys: Vec<Option<&str>> = r.iter().map(|e| e.created_by).collect();
+        let corrects: Vec<Option<i64>> = r.iter().map(|e| e.corrects_entry_id).collect();
+        let metas: Vec<&serde_json::Value> = r.iter().map(|e| &e.metadata).collect();
         // WITH ORDINALITY + ORDER BY keeps entry ids in the order balances were computed,
         // so balance_after_units is continuous in entry_id order.
         let rows: Vec<(String, i64)> = sqlx::query_as(
             "INSERT INTO ledger_entries
                (account_id, kind, amount_units, balance_after_units, idempotency_key,
-                payload_hash, event_id, occurred_at, description)
-             SELECT a, k, am, ba, ik, h, e, t, d
+                payload_hash, event_id, occurred_at, description, created_by, corrects_entry_id,
+                metadata)
+             SELECT a, k, am, ba, ik, h, e, t, d, cb, ce, md
              FROM UNNEST($1::text[], $2::text[], $3::bigint[], $4::bigint[], $5::text[],
-                         $6::bytea[], $7::text[], $8::timestamptz[], $9::text[])
-                  WITH ORDINALITY AS u(a, k, am, ba, ik, h, e, t, d, n)
+                         $6::bytea[], $7::text[], $8::timestamptz[], $9::text[], $10::text[],
+                         $11::bigint[], $12::jsonb[])
+                  WITH ORDINALITY AS u(a, k, am, ba, ik, h, e, t, d, cb, ce, md, n)
              ORDER BY n
              RETURNING account_id, entry_id",
         )
@@ -137,6 +154,9 @@ impl<'a> EntryRows<'a> {
         .bind(&events)
         .bind(&times)
         .bind(&descs)
+        .bind(&bys)
+        .bind(&corrects)
+        .bind(&metas)
         .fetch_all(&mut **tx)
         .await?;
         assert_eq!(rows.len(), self.rows.len(), "every entry row was inserted");
@@ -164,8 +184,10 @@ pub(crate) async fn store_balances(
         "UPDATE account_balances b
          SET balance_units = u.v,
              last_entry_id = COALESCE(u.l, b.last_entry_id),
-             last_purchase_at = COALESCE($4, b.last_purchase_at),
-             last_deduction_at = COALESCE($5, b.last_deduction_at),
+             last_purchase_at = CASE WHEN u.l IS NULL THEN b.last_purchase_at
+                                     ELSE COALESCE($4, b.last_purchase_at) END,
+             last_deduction_at = CASE WHEN u.l IS NULL THEN b.last_deduction_at
+                                      ELSE COALESCE($5, b.last_deduction_at) END,
              updated_at = now()
          FROM UNNEST($1::text[], $2::bigint[], $3::bigint[]) AS u(a, v, l)
          WHERE b.account_id = u.a",
@@ -190,16 +212,24 @@ pub struct BalanceView {
     pub balance: String,
     pub display_unit: String,
     pub display_balance: i64,
+    /// Held by active reservations.
+    pub reserved_units: i64,
+    /// Settled reservations waiting for their usage event.
+    pub pending_units: i64,
+    /// balance - reserved - pending: what a new reservation can use.
+    pub effective_units: i64,
     pub last_purchase_at: Option<DateTime<Utc>>,
     pub last_deduction_at: Option<DateTime<Utc>>,
     pub entries: i64,
 }
 
 pub async fn balance(pool: &PgPool, account_id: &str) -> Result<Option<BalanceView>, sqlx::Error> {
-    type Row = (String, String, i64, String, i64, Option<DateTime<Utc>>, Option<DateTime<Utc>>, i64);
+    type Row =
+        (String, String, i64, String, i64, Option<DateTime<Utc>>, Option<DateTime<Utc>>, i64, i64, i64);
     let row: Option<Row> = sqlx::query_as(
         "SELECT a.account_id, a.currency, COALESCE(b.balance_units, 0), a.display_unit,
                 a.display_units_per, b.last_purchase_at, b.last_deduction_at,
+                COALESCE(b.reserved_units, 0), COALESCE(b.pending_units, 0),
                 (SELECT count(*) FROM ledger_entries e WHERE e.account_id = a.account_id)
          FROM accounts a LEFT JOIN account_balances b USING (account_id)
          WHERE a.account_id = $1",
@@ -207,15 +237,20 @@ pub async fn balance(pool: &PgPool, account_id: &str) -> Result<Option<BalanceVi
     .bind(account_id)
     .fetch_optional(pool)
     .await?;
-    Ok(row.map(|(account_id, currency, units, display_unit, per, lp, ld, entries)| BalanceView {
-        account_id,
-        currency,
-        balance_units: units,
-        balance: crate::money::units_to_usd_string(units),
-        display_unit,
-        display_balance: crate::money::units_to_coarse(units, per),
-        last_purchase_at: lp,
-        last_deduction_at: ld,
-        entries,
+    Ok(row.map(|(account_id, currency, units, display_unit, per, lp, ld, reserved, pending, entries)| {
+        BalanceView {
+            account_id,
+            currency,
+            balance_units: units,
+            balance: crate::money::units_to_usd_string(units),
+            display_unit,
+            display_balance: crate::money::units_to_coarse(units, per),
+            reserved_units: reserved,
+            pending_units: pending,
+            effective_units: units - reserved - pending,
+            last_purchase_at: lp,
+            last_deduction_at: ld,
+            entries,
+        }
     }))
 }

@@ -22,6 +22,8 @@ pub struct Applied {
     pub skipped_applied: u64,
     /// Sum of new debits, internal units.
     pub debited_units: i64,
+    /// Reservations closed by this batch's events.
+    pub reservations_settled: u64,
     /// Offsets to hint to Kafka after COMMIT: partition -> next offset.
     pub next_offsets: BTreeMap<i32, i64>,
 }
@@ -195,22 +197,24 @@ async fn classify_known(
     Ok(())
 }
 
-/// One `consume` entry per charged new event, with running `balance_after_units`.
+/// One `consume` entry per charged new event, with running `balance_after_units`; close
+/// the reservations the events name; queue auto-reload requests for accounts that crossed.
 async fn post_debits(
     tx: &mut Transaction<'_, Postgres>,
     new_events: &[ValidItem],
     applied: &mut Applied,
 ) -> Result<(), sqlx::Error> {
-    let charged: Vec<&ValidItem> = new_events.iter().filter(|v| v.charge.cost_units > 0).collect();
-    if charged.is_empty() {
+    let touched: Vec<&ValidItem> =
+        new_events.iter().filter(|v| v.charge.cost_units > 0 || v.event.reservation_id.is_some()).collect();
+    if touched.is_empty() {
         return Ok(());
     }
-    let mut accounts: Vec<&str> = charged.iter().map(|v| v.event.account_id.as_str()).collect();
+    let mut accounts: Vec<&str> = touched.iter().map(|v| v.event.account_id.as_str()).collect();
     accounts.sort_unstable();
     accounts.dedup();
     let mut balances = super::lock_balances(tx, &accounts).await?;
     let mut rows = super::EntryRows::default();
-    for v in &charged {
+    for v in touched.iter().filter(|v| v.charge.cost_units > 0) {
         let bal = balances.get_mut(v.event.account_id.as_str()).expect("locked above");
         let amount = -v.charge.cost_units;
         *bal = bal.checked_add(amount).expect("a balance within i64 range");
@@ -225,10 +229,25 @@ async fn post_debits(
             event_id: Some(&v.event.event_id),
             occurred_at: v.event.occurred_at,
             description: format!("{} {}", v.event.provider, v.charge.priced_model),
+            created_by: None,
+            corrects_entry_id: None,
+            metadata: serde_json::json!({}),
         });
     }
-    let last_ids = rows.insert(tx).await?;
-    super::store_balances(tx, &balances, &last_ids, None, Some(Utc::now())).await
+    let last_ids = if rows.is_empty() { HashMap::new() } else { rows.insert(tx).await? };
+    let settlements: Vec<(&str, &str, i64, &str)> = touched
+        .iter()
+        .filter_map(|v| {
+            let e = &v.event;
+            e.reservation_id
+                .as_deref()
+                .map(|r| (r, e.account_id.as_str(), v.charge.cost_units, e.event_id.as_str()))
+        })
+        .collect();
+    applied.reservations_settled += super::reservations::settle_from_events(tx, &settlements).await?;
+    let deducted = (!last_ids.is_empty()).then(Utc::now);
+    super::store_balances(tx, &balances, &last_ids, None, deducted).await?;
+    super::auto_reload::check(tx, &balances).await
 }
 
 async fn record_dead_letters(

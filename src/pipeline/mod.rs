@@ -30,6 +30,7 @@
 //! with capped backoff; the bounded channel then fills and the reader stops polling. No
 //! queue grows without bound.
 
+pub mod lag;
 pub mod reader;
 pub mod run;
 pub mod writer;

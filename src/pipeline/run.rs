@@ -26,6 +26,8 @@ pub async fn run(
 ) -> anyhow::Result<()> {
     settings.validate().map_err(|e| anyhow::anyhow!("invalid settings: {e}"))?;
     let catalog = Catalog::load(&settings.catalog_path).map_err(|e| anyhow::anyhow!("{e}"))?;
+    let ledger_config =
+        ledger::config::LedgerConfig::load(&settings.catalog_path).map_err(|e| anyhow::anyhow!(e))?;
     let c = &settings.connections;
     let pool = ledger::connect(&c.database_url, settings.pg_connections_max)
         .await
@@ -43,7 +45,19 @@ pub async fn run(
         .await
         .with_context(|| format!("binding {}", settings.http_addr))?;
     tracing::info!(addr = %settings.http_addr, "http listening");
-    let http_state = api::AppState { pool: pool.clone(), metrics };
+    let http_state = api::AppState {
+        pool: pool.clone(),
+        metrics,
+        ledger_config: Arc::new(ledger_config),
+        stripe_webhook_secret: settings.stripe_webhook_secret.clone(),
+    };
+    let producer = kafka::producer(&c.brokers)?;
+    let housekeeping = tokio::spawn(housekeeping(
+        pool.clone(),
+        producer.clone(),
+        settings.auto_reload_topic.clone(),
+        shutdown.clone(),
+    ));
     let http_stop = CancellationToken::new();
     let http = tokio::spawn(api::serve(listener, http_state, http_stop.clone()));
 
@@ -64,7 +78,7 @@ pub async fn run(
     let writer = Writer {
         pool: pool.clone(),
         clickhouse: analytics::client(&c.clickhouse_url, &c.clickhouse_database),
-        producer: kafka::producer(&c.brokers)?,
+        producer,
         consumer: consumer.clone(),
         group: settings.group.clone(),
         topic: settings.topics.topic.clone(),
@@ -77,17 +91,50 @@ pub async fn run(
     tracing::info!(group = %settings.group, topic = %settings.topics.topic, "tally run started");
     let reader = tokio::spawn(reader.run());
     let writer = tokio::spawn(writer.run());
+    let lag = super::lag::LagMonitor {
+        consumer: consumer.clone(),
+        pool: pool.clone(),
+        group: settings.group.clone(),
+        topic: settings.topics.topic.clone(),
+    };
+    let lag = tokio::spawn(lag.run(shutdown.clone()));
     let reader_result = reader.await.context("reader task")?;
     // Whatever stopped the reader, the writer still drains what it was given.
     let writer_result = writer.await.context("writer task")?;
+    lag.abort();
     consumer.unsubscribe();
     http_stop.cancel();
     let _ = http.await;
+    let _ = housekeeping.await;
     pool.close().await;
     reader_result.context("reader")?;
     writer_result.context("writer")?;
     tracing::info!("tally run stopped cleanly");
     Ok(())
+}
+
+/// Periodic work beside the pipeline: expire overdue reservations (so holds never leak)
+/// and publish queued auto-reload requests. Errors are logged and retried next tick.
+async fn housekeeping(
+    pool: sqlx::PgPool,
+    producer: rdkafka::producer::FutureProducer,
+    auto_reload_topic: String,
+    stop: CancellationToken,
+) {
+    let mut tick = tokio::time::interval(Duration::from_secs(1));
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tokio::select! {
+            _ = stop.cancelled() => return,
+            _ = tick.tick() => {}
+        }
+        if let Err(e) = ledger::reservations::expire_due(&pool).await {
+            tracing::warn!(error = %e, "expiring reservations");
+        }
+        if let Err(e) = ledger::auto_reload::publish_pending(&pool, &producer, &auto_reload_topic).await {
+            tracing::warn!(error = %e, "publishing auto-reload requests");
+        }
+    }
 }
 
 /// First signal: graceful stop. After `DRAIN_TIMEOUT` (or a second signal): abort retries.

@@ -51,11 +51,10 @@ impl Writer {
             self.hint_offsets(&applied);
         }
         // Final synchronous offset hint so a restart re-reads as little as possible.
-        if let Ok(tpl) = self.consumer.assignment() {
-            if tpl.count() > 0 {
+        if let Ok(tpl) = self.consumer.assignment()
+            && tpl.count() > 0 {
                 let _ = self.consumer.commit_consumer_state(CommitMode::Sync);
             }
-        }
         Ok(())
     }
 
@@ -161,12 +160,11 @@ impl Writer {
                 return;
             }
         }
-        if tpl.count() > 0 {
-            if let Err(e) = self.consumer.commit(&tpl, CommitMode::Async) {
+        if tpl.count() > 0
+            && let Err(e) = self.consumer.commit(&tpl, CommitMode::Async) {
                 metrics::counter!(m::KAFKA_ERRORS, "stage" => "commit_hint").increment(1);
                 tracing::debug!(error = %e, "offset hint not committed");
             }
-        }
     }
 }
 

@@ -14,9 +14,22 @@ use std::sync::OnceLock;
 use std::time::{Duration, Instant};
 use tally::simulate::Message as SimMessage;
 
-pub const BROKERS: &str = "127.0.0.1:19092";
-pub const PG_ADMIN_URL: &str = "postgres://postgres@127.0.0.1:55432/postgres";
-pub const CH_URL: &str = "http://127.0.0.1:18123";
+/// Connection settings: the stack's defaults, overridable with the variables
+/// `scripts/stack env` prints (so a second, private stack on other ports works too).
+fn setting(var: &str, default: &str) -> &'static str {
+    Box::leak(std::env::var(var).unwrap_or_else(|_| default.to_string()).into_boxed_str())
+}
+
+pub static BROKERS: std::sync::LazyLock<&'static str> =
+    std::sync::LazyLock::new(|| setting("TALLY_KAFKA_BROKERS", "127.0.0.1:19092"));
+pub static CH_URL: std::sync::LazyLock<&'static str> =
+    std::sync::LazyLock::new(|| setting("TALLY_CLICKHOUSE_URL", "http://127.0.0.1:18123"));
+/// Postgres server URL without a database name (e.g. `postgres://postgres@127.0.0.1:55432`).
+pub static PG_SERVER_URL: std::sync::LazyLock<&'static str> = std::sync::LazyLock::new(|| {
+    let url = setting("TALLY_DATABASE_URL", "postgres://postgres@127.0.0.1:55432/tally");
+    let (server, _db) = url.rsplit_once('/').expect("a database URL ends with /NAME");
+    server
+});
 
 pub fn repo() -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR"))
@@ -51,16 +64,20 @@ impl TestEnv {
         stack();
         let id = uuid::Uuid::new_v4().simple().to_string()[..12].to_string();
         let db = format!("t_{id}");
-        let admin = PgPool::connect(PG_ADMIN_URL).await.expect("postgres admin connection");
+        let admin = PgPool::connect(&format!("{}/postgres", *PG_SERVER_URL))
+            .await
+            .expect("postgres admin connection");
         sqlx::query(&format!("CREATE DATABASE {db}")).execute(&admin).await.expect("create database");
         admin.close().await;
-        let database_url = format!("postgres://postgres@127.0.0.1:55432/{db}");
+        let database_url = format!("{}/{db}", *PG_SERVER_URL);
         let pool = tally::ledger::connect(&database_url, 4).await.expect("test database");
         tally::ledger::migrate(&pool).await.expect("migrations");
-        tally::analytics::migrate(CH_URL, &db).await.expect("clickhouse migrations");
+        tally::analytics::migrate(&CH_URL, &db).await.expect("clickhouse migrations");
         let topic = format!("test.{id}.events");
         let dlq_topic = format!("test.{id}.dlq");
-        tally::kafka::ensure_topics(BROKERS, &[(&topic, partitions), (&dlq_topic, 3)]).await.expect("topics");
+        tally::kafka::ensure_topics(&BROKERS, &[(&topic, partitions), (&dlq_topic, 3)])
+            .await
+            .expect("topics");
         TestEnv { group: format!("g-{id}"), ch_database: db, database_url, topic, dlq_topic, id, pool }
     }
 
@@ -78,8 +95,8 @@ impl TestEnv {
     ) -> Child {
         Command::new(env!("CARGO_BIN_EXE_tally"))
             .arg("run")
-            .args(["--brokers", BROKERS, "--database-url", &self.database_url])
-            .args(["--clickhouse-url", CH_URL, "--clickhouse-database", &self.ch_database])
+            .args(["--brokers", *BROKERS, "--database-url", &self.database_url])
+            .args(["--clickhouse-url", *CH_URL, "--clickhouse-database", &self.ch_database])
             .args(["--topic", &self.topic, "--dlq-topic", &self.dlq_topic, "--group", &self.group])
             .args(["--config", repo().join(catalog).to_str().expect("utf-8 path")])
             .args(["--http-addr", &format!("127.0.0.1:{http_port}")])
@@ -92,7 +109,7 @@ impl TestEnv {
     }
 
     pub fn clickhouse(&self) -> clickhouse::Client {
-        tally::analytics::client(CH_URL, &self.ch_database)
+        tally::analytics::client(&CH_URL, &self.ch_database)
     }
 
     pub async fn count(&self, sql: &str) -> i64 {
@@ -118,7 +135,7 @@ impl TestEnv {
     /// distinct source positions. Returns (source partition, offset) -> (code, reason).
     pub fn read_dead_letters(&self, expected: usize) -> HashMap<(i32, i64), (String, String)> {
         let consumer: BaseConsumer = ClientConfig::new()
-            .set("bootstrap.servers", BROKERS)
+            .set("bootstrap.servers", *BROKERS)
             .set("group.id", format!("dlq-reader-{}", self.id))
             .set("enable.auto.commit", "false")
             .create()
@@ -164,7 +181,7 @@ fn headers<M: Message>(m: &M) -> HashMap<String, String> {
 
 /// Produce simulator messages and wait for every acknowledgement.
 pub async fn produce(topic: &str, messages: &[SimMessage]) {
-    let producer = tally::kafka::producer(BROKERS).expect("producer");
+    let producer = tally::kafka::producer(&BROKERS).expect("producer");
     for chunk in messages.chunks(20_000) {
         let sends = chunk.iter().map(|m| {
             let mut r = FutureRecord::to(topic).key(&m.key).payload(&m.payload);

@@ -1,0 +1,254 @@
+//! `POST /v1/webhooks/stripe`: credit top-ups from Stripe, exactly once.
+//!
+//! Signature (Stripe's scheme): header `Stripe-Signature: t=<unix secs>,v1=<hex>[,v1=...]`,
+//! `v1 = HMAC-SHA256(secret, "<t>.<raw body>")`. A timestamp further than the tolerance
+//! (300 s, Stripe's default) from now is refused, so a captured request cannot be
+//! replayed later; a replay within the window is harmless because crediting is idempotent
+//! by payment id.
+//!
+//! Events handled (anything else is acknowledged and ignored):
+//! - `payment_intent.succeeded`: credit `amount_received` cents for `metadata.account_id`;
+//! - `checkout.session.completed`: `payment_status = paid` credits `amount_total`;
+//!   `unpaid` (async methods: ACH, SEPA) records the order as pending;
+//! - `checkout.session.async_payment_succeeded` / `..._failed`: settle / fail the order.
+//!
+//! The order id is the payment intent id, so a checkout's `checkout.session.completed`
+//! and its `payment_intent.succeeded` credit once between them.
+
+use super::{ApiError, AppState};
+use crate::ledger::ops::LedgerError;
+use crate::ledger::topup::{self, TopupRequest};
+use axum::Json;
+use axum::body::Bytes;
+use axum::extract::State;
+use axum::http::HeaderMap;
+use hmac::{Hmac, Mac};
+use rust_decimal::Decimal;
+use serde::Deserialize;
+use sha2::Sha256;
+
+/// Stripe's default tolerance.
+pub const TOLERANCE_SECS: i64 = 300;
+
+#[derive(Debug, PartialEq, Eq)]
+pub enum SignatureError {
+    Missing,
+    Malformed,
+    Stale,
+    Mismatch,
+}
+
+/// Verify a `Stripe-Signature` header against the raw body. Pure: `now_secs` is passed in.
+pub fn verify_signature(
+    header: Option<&str>,
+    body: &[u8],
+    secret: &str,
+    now_secs: i64,
+    tolerance_secs: i64,
+) -> Result<(), SignatureError> {
+    let header = header.ok_or(SignatureError::Missing)?;
+    let mut timestamp: Option<i64> = None;
+    let mut signatures: Vec<Vec<u8>> = Vec::new();
+    for part in header.split(',') {
+        match part.trim().split_once('=') {
+            Some(("t", v)) => timestamp = Some(v.parse().map_err(|_| SignatureError::Malformed)?),
+            Some(("v1", v)) => signatures.push(hex::decode(v).map_err(|_| SignatureError::Malformed)?),
+            _ => {}
+        }
+    }
+    let t = timestamp.ok_or(SignatureError::Malformed)?;
+    if signatures.is_empty() {
+        return Err(SignatureError::Malformed);
+    }
+    if (now_secs - t).abs() > tolerance_secs {
+        return Err(SignatureError::Stale);
+    }
+    for sig in signatures {
+        let mut mac = Hmac::<Sha256>::new_from_slice(secret.as_bytes()).expect("HMAC takes any key length");
+        mac.update(t.to_string().as_bytes());
+        mac.update(b".");
+        mac.update(body);
+        // verify_slice compares in constant time.
+        if mac.verify_slice(&sig).is_ok() {
+            return Ok(());
+        }
+    }
+    Err(SignatureError::Mismatch)
+}
+
+/// Sign like Stripe does (tests and the demo use it).
+pub fn sign(body: &[u8], secret: &str, t: i64) -> String {
+    let mut mac = Hmac::<Sha256>::new_from_slice(secret.as_bytes()).expect("HMAC takes any key length");
+    mac.update(t.to_string().as_bytes());
+    mac.update(b".");
+    mac.update(body);
+    format!("t={t},v1={}", hex::encode(mac.finalize().into_bytes()))
+}
+
+#[derive(Debug, Deserialize)]
+struct Event {
+    #[serde(rename = "type")]
+    kind: String,
+    data: EventData,
+}
+
+#[derive(Debug, Deserialize)]
+struct EventData {
+    object: serde_json::Value,
+}
+
+/// What a Stripe object tells us about a payment.
+struct Payment {
+    order_id: String,
+    account_id: String,
+    cents: i64,
+}
+
+pub async fn webhook(
+    State(state): State<AppState>,
+    headers: HeaderMap,
+    body: Bytes,
+) -> Result<Json<serde_json::Value>, ApiError> {
+    let secret = state.stripe_webhook_secret.as_deref().ok_or_else(|| {
+        ApiError::unavailable("stripe webhooks are not configured (TALLY_STRIPE_WEBHOOK_SECRET)")
+    })?;
+    let header = headers.get("stripe-signature").and_then(|v| v.to_str().ok());
+    let now = chrono::Utc::now().timestamp();
+    verify_signature(header, &body, secret, now, TOLERANCE_SECS).map_err(|e| match e {
+        SignatureError::Stale => {
+            ApiError::bad_request("stale_signature", "signature timestamp outside tolerance")
+        }
+        _ => ApiError::bad_request("invalid_signature", "Stripe-Signature does not verify"),
+    })?;
+    let event: Event = serde_json::from_slice(&body)
+        .map_err(|e| ApiError::bad_request("malformed_body", format!("not a Stripe event: {e}")))?;
+    let outcome = handle(&state, &event).await?;
+    Ok(Json(serde_json::json!({"received": true, "outcome": outcome})))
+}
+
+async fn handle(state: &AppState, event: &Event) -> Result<&'static str, ApiError> {
+    let obj = &event.data.object;
+    let cfg = &state.ledger_config.topup;
+    match event.kind.as_str() {
+        "payment_intent.succeeded" => {
+            let p = payment(obj, "id", "amount_received")?;
+            topup::complete(&state.pool, cfg, &request(&p)?).await.map_err(ledger_error)?;
+            Ok("credited")
+        }
+        "checkout.session.completed" | "checkout.session.async_payment_succeeded" => {
+            let p = payment(obj, "payment_intent", "amount_total")?;
+            let paid = obj.get("payment_status").and_then(|v| v.as_str()) == Some("paid");
+            if paid || event.kind.ends_with("async_payment_succeeded") {
+                topup::complete(&state.pool, cfg, &request(&p)?).await.map_err(ledger_error)?;
+                Ok("credited")
+            } else {
+                topup::record_pending(&state.pool, cfg, &request(&p)?).await.map_err(ledger_error)?;
+                Ok("pending")
+            }
+        }
+        "checkout.session.async_payment_failed" => {
+            let p = payment(obj, "payment_intent", "amount_total")?;
+            topup::fail(&state.pool, &p.order_id).await.map_err(ledger_error)?;
+            Ok("failed")
+        }
+        _ => Ok("ignored"),
+    }
+}
+
+fn payment(obj: &serde_json::Value, id_field: &str, amount_field: &str) -> Result<Payment, ApiError> {
+    let text = |f: &str| obj.get(f).and_then(|v| v.as_str()).map(str::to_string);
+    let order_id = text(id_field)
+        .ok_or_else(|| ApiError::unprocessable("missing_payment_id", format!("{id_field} is missing")))?;
+    let account_id = obj
+        .get("metadata")
+        .and_then(|m| m.get("account_id"))
+        .and_then(|v| v.as_str())
+        .map(str::to_string)
+        .or_else(|| text("client_reference_id"))
+        .ok_or_else(|| ApiError::unprocessable("missing_account", "metadata.account_id is missing"))?;
+    let cents = obj
+        .get(amount_field)
+        .and_then(|v| v.as_i64())
+        .filter(|c| *c > 0)
+        .ok_or_else(|| ApiError::unprocessable("missing_amount", format!("{amount_field} is missing")))?;
+    let currency = obj.get("currency").and_then(|v| v.as_str()).unwrap_or("usd");
+    if !currency.eq_ignore_ascii_case("usd") {
+        return Err(ApiError::unprocessable("unsupported_currency", format!("currency {currency}")));
+    }
+    Ok(Payment { order_id, account_id, cents })
+}
+
+fn request(p: &Payment) -> Result<TopupRequest, ApiError> {
+    if p.account_id.is_empty() || p.account_id.len() > crate::event::ID_LEN_MAX {
+        return Err(ApiError::unprocessable("invalid_account_id", "account id must be 1..=128 bytes"));
+    }
+    Ok(TopupRequest {
+        order_id: p.order_id.clone(),
+        account_id: p.account_id.clone(),
+        paid_usd: Decimal::new(p.cents, 2),
+        source: "stripe",
+    })
+}
+
+pub(crate) fn ledger_error(e: LedgerError) -> ApiError {
+    use axum::http::StatusCode;
+    match e {
+        LedgerError::Conflict { key } => ApiError::new(
+            StatusCode::CONFLICT,
+            "idempotency_conflict",
+            format!("{key} reused with a different payload"),
+        ),
+        LedgerError::InsufficientFunds { .. } => {
+            ApiError::new(StatusCode::PAYMENT_REQUIRED, "insufficient_quota", e.to_string())
+        }
+        LedgerError::NotFound(what) => ApiError::not_found("not_found", format!("{what} not found")),
+        LedgerError::InvalidState(m) => ApiError::new(StatusCode::CONFLICT, "invalid_state", m),
+        LedgerError::Invalid(m) => ApiError::unprocessable("invalid_request", m),
+        LedgerError::Db(e) => ApiError::internal(e),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const SECRET: &str = "whsec_test";
+
+    #[test]
+    fn a_good_signature_verifies() {
+        let body = br#"{"type":"x"}"#;
+        let header = sign(body, SECRET, 1_000);
+        assert_eq!(verify_signature(Some(&header), body, SECRET, 1_100, 300), Ok(()));
+    }
+
+    #[test]
+    fn bad_stale_missing_and_malformed_signatures_are_refused() {
+        let body = br#"{"type":"x"}"#;
+        let header = sign(body, SECRET, 1_000);
+        assert_eq!(verify_signature(Some(&header), b"{}", SECRET, 1_000, 300), Err(SignatureError::Mismatch));
+        assert_eq!(verify_signature(Some(&header), body, "other", 1_000, 300), Err(SignatureError::Mismatch));
+        assert_eq!(verify_signature(Some(&header), body, SECRET, 1_301, 300), Err(SignatureError::Stale));
+        assert_eq!(verify_signature(None, body, SECRET, 1_000, 300), Err(SignatureError::Missing));
+        assert_eq!(
+            verify_signature(Some("t=abc,v1=00"), body, SECRET, 1_000, 300),
+            Err(SignatureError::Malformed)
+        );
+        assert_eq!(
+            verify_signature(Some("t=1000"), body, SECRET, 1_000, 300),
+            Err(SignatureError::Malformed)
+        );
+        assert_eq!(
+            verify_signature(Some("t=1000,v1=zz"), body, SECRET, 1_000, 300),
+            Err(SignatureError::Malformed)
+        );
+    }
+
+    #[test]
+    fn any_of_several_v1_signatures_may_match() {
+        let body = b"{}";
+        let good = sign(body, SECRET, 50);
+        let v1 = good.split_once(",v1=").unwrap().1;
+        let header = format!("t=50,v1={},v1={v1}", "00".repeat(32));
+        assert_eq!(verify_signature(Some(&header), body, SECRET, 50, 300), Ok(()));
+    }
+}

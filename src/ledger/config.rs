@@ -1,0 +1,201 @@
+//! Ledger settings that live in the catalog file, beside `[catalog]`:
+//!
+//! ```toml
+//! [topup]
+//! min_usd = "5"          # Brokr: $5 - $1,000
+//! max_usd = "1000"
+//! [[topup.bonus]]        # Brievio: $100 -> $110, $1,000 -> $1,250, $5,000 -> $7,000
+//! from_usd = "100"
+//! bonus_percent = "10"
+//!
+//! [reservations]
+//! ttl_secs = 900         # holds expire so none can leak
+//! ```
+//!
+//! Every table is optional; absent means no limits, no bonus, 15-minute holds.
+
+use crate::money;
+use rust_decimal::Decimal;
+use serde::Deserialize;
+use std::path::Path;
+
+#[derive(Debug, Clone, Default, Deserialize)]
+pub struct LedgerConfig {
+    #[serde(default)]
+    pub topup: TopupConfig,
+    #[serde(default)]
+    pub reservations: ReservationConfig,
+}
+
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TopupConfig {
+    pub min_usd: Option<Decimal>,
+    pub max_usd: Option<Decimal>,
+    #[serde(default)]
+    pub bonus: Vec<BonusTier>,
+}
+
+/// A purchase of at least `from_usd` is credited `bonus_percent` more. The highest tier
+/// reached applies (not cumulative).
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct BonusTier {
+    pub from_usd: Decimal,
+    pub bonus_percent: Decimal,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ReservationConfig {
+    #[serde(default = "default_ttl_secs")]
+    pub ttl_secs: u32,
+}
+
+/// 15 minutes: longer than any single agent run Struere describes (10 LLM iterations).
+const fn default_ttl_secs() -> u32 {
+    900
+}
+
+impl Default for ReservationConfig {
+    fn default() -> Self {
+        ReservationConfig { ttl_secs: default_ttl_secs() }
+    }
+}
+
+/// Only the tables this module owns; everything else in the file is someone else's.
+#[derive(Deserialize)]
+struct File {
+    #[serde(default)]
+    topup: TopupConfig,
+    #[serde(default)]
+    reservations: ReservationConfig,
+}
+
+impl LedgerConfig {
+    pub fn from_toml_str(text: &str, origin: &str) -> Result<LedgerConfig, String> {
+        let file: File = toml::from_str(text).map_err(|e| format!("{origin}: {e}"))?;
+        let cfg = LedgerConfig { topup: file.topup, reservations: file.reservations };
+        cfg.validate().map_err(|e| format!("{origin}: {e}"))?;
+        Ok(cfg)
+    }
+
+    pub fn load(path: &Path) -> Result<LedgerConfig, String> {
+        let text = std::fs::read_to_string(path).map_err(|e| format!("{}: {e}", path.display()))?;
+        Self::from_toml_str(&text, &path.display().to_string())
+    }
+
+    fn validate(&self) -> Result<(), String> {
+        let t = &self.topup;
+        if let (Some(min), Some(max)) = (t.min_usd, t.max_usd)
+            && min > max {
+                return Err(format!("topup.min_usd {min} is above topup.max_usd {max}"));
+            }
+        for (i, b) in t.bonus.iter().enumerate() {
+            if b.from_usd <= Decimal::ZERO
+                || b.bonus_percent < Decimal::ZERO
+                || b.bonus_percent > Decimal::from(1000)
+            {
+                return Err(format!(
+                    "topup.bonus[{i}]: from_usd must be > 0 and bonus_percent within 0..=1000"
+                ));
+            }
+        }
+        if self.reservations.ttl_secs == 0 || self.reservations.ttl_secs > 7 * 86_400 {
+            return Err("reservations.ttl_secs must be within 1..=604800".into());
+        }
+        Ok(())
+    }
+}
+
+impl TopupConfig {
+    /// Check a purchase amount and return (paid, credited) in internal units.
+    pub fn credit_for(&self, paid_usd: Decimal) -> Result<(i64, i64), String> {
+        if paid_usd <= Decimal::ZERO {
+            return Err(format!("top-up amount must be positive, got {paid_usd}"));
+        }
+        if let Some(min) = self.min_usd.filter(|m| paid_usd < *m) {
+            return Err(format!("top-up amount {paid_usd} USD is below the minimum {min} USD"));
+        }
+        if let Some(max) = self.max_usd.filter(|m| paid_usd > *m) {
+            return Err(format!("top-up amount {paid_usd} USD is above the maximum {max} USD"));
+        }
+        let paid = exact_units(paid_usd)?;
+        let percent = self
+            .bonus
+            .iter()
+            .filter(|b| paid_usd >= b.from_usd)
+            .map(|b| b.bonus_percent)
+            .max()
+            .unwrap_or(Decimal::ZERO);
+        let bonus_usd = paid_usd * percent / Decimal::from(100);
+        let bonus = money::usd_to_units(bonus_usd).ok_or("bonus out of range")?;
+        Ok((paid, paid.checked_add(bonus).ok_or("credit out of range")?))
+    }
+}
+
+/// USD -> units, refusing amounts finer than the unit (money in must be exact).
+pub fn exact_units(usd: Decimal) -> Result<i64, String> {
+    let units = money::usd_to_units(usd).ok_or_else(|| format!("{usd} USD is out of range"))?;
+    if money::units_to_usd(units) != usd {
+        return Err(format!("{usd} USD is finer than the ledger unit (1e-8 USD)"));
+    }
+    Ok(units)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::str::FromStr;
+
+    fn d(s: &str) -> Decimal {
+        Decimal::from_str(s).unwrap()
+    }
+
+    fn brievio() -> TopupConfig {
+        let text = r#"
+            [catalog]
+            name = "x"
+            [[topup.bonus]]
+            from_usd = "100"
+            bonus_percent = "10"
+            [[topup.bonus]]
+            from_usd = "1000"
+            bonus_percent = "25"
+            [[topup.bonus]]
+            from_usd = "5000"
+            bonus_percent = "40"
+        "#;
+        LedgerConfig::from_toml_str(text, "t.toml").unwrap().topup
+    }
+
+    #[test]
+    fn brievio_bonus_tiers_match_the_seed_table() {
+        let t = brievio();
+        let usd = |u: i64| money::units_to_usd(u);
+        assert_eq!(t.credit_for(d("10")).map(|(_, c)| usd(c)), Ok(d("10")));
+        assert_eq!(t.credit_for(d("100")).map(|(_, c)| usd(c)), Ok(d("110")));
+        assert_eq!(t.credit_for(d("1000")).map(|(_, c)| usd(c)), Ok(d("1250")));
+        assert_eq!(t.credit_for(d("5000")).map(|(_, c)| usd(c)), Ok(d("7000")));
+        assert_eq!(t.credit_for(d("99.99")).map(|(_, c)| usd(c)), Ok(d("99.99")));
+    }
+
+    #[test]
+    fn limits_and_precision_are_enforced() {
+        let t = TopupConfig { min_usd: Some(d("5")), max_usd: Some(d("1000")), bonus: vec![] };
+        assert!(t.credit_for(d("4.99")).unwrap_err().contains("below the minimum"));
+        assert!(t.credit_for(d("1000.01")).unwrap_err().contains("above the maximum"));
+        assert!(t.credit_for(d("0")).is_err());
+        assert!(t.credit_for(d("5.000000001")).unwrap_err().contains("finer"));
+        assert_eq!(t.credit_for(d("25")), Ok((2_500_000_000, 2_500_000_000)));
+    }
+
+    #[test]
+    fn bad_tables_are_refused_with_the_file_name() {
+        let err =
+            LedgerConfig::from_toml_str("[topup]\nmin_usd = \"9\"\nmax_usd = \"1\"\n", "f.toml").unwrap_err();
+        assert!(err.starts_with("f.toml") && err.contains("min_usd"));
+        let err = LedgerConfig::from_toml_str("[topup]\ncolour = 1\n", "f.toml").unwrap_err();
+        assert!(err.contains("colour"));
+    }
+}

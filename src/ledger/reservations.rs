@@ -1,0 +1,297 @@
+//! Reservations: two-phase holds against the effective balance (Struere's flow,
+//! TigerBeetle's pending transfers).
+//!
+//! ```text
+//!  reserve ──► active (amount held) ──settle(actual)──► settling (actual pending) ──event──► settled
+//!                 │  └──────────────── usage event with reservation_id ─────────────────► settled
+//!                 ├── release / failed usage event ──► released
+//!                 └── ttl passes (active or settling) ──► expired
+//! ```
+//!
+//! `effective balance = balance - reserved - pending`. The debit itself always comes from
+//! the usage event (priced by the pipeline), never from `settle`: `settle` only turns the
+//! hold into a pending amount until the event arrives, so a call is never billed twice.
+//! All state changes lock the account's balance row first, then the reservation row, so
+//! concurrent reserves serialize on the account and can never overdraw it.
+
+use super::ops::{LedgerError, claim, finish, hash_payload};
+use chrono::{DateTime, Duration, Utc};
+use serde::{Deserialize, Serialize};
+use sqlx::{PgPool, Postgres, Transaction};
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, sqlx::FromRow)]
+pub struct Reservation {
+    pub reservation_id: String,
+    pub account_id: String,
+    pub amount_units: i64,
+    pub pending_units: i64,
+    pub actual_units: Option<i64>,
+    pub status: String,
+    pub expires_at: DateTime<Utc>,
+    pub created_at: DateTime<Utc>,
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct ReserveRequest {
+    pub account_id: String,
+    pub reservation_id: String,
+    pub amount_units: i64,
+    pub ttl_secs: u32,
+}
+
+/// Hold `amount_units` if the effective balance covers it. Idempotent by reservation id:
+/// repeating the same request returns the same reservation.
+pub async fn reserve(pool: &PgPool, req: &ReserveRequest) -> Result<Reservation, LedgerError> {
+    if req.amount_units <= 0 {
+        return Err(LedgerError::Invalid("amount must be positive".into()));
+    }
+    if req.reservation_id.is_empty() || req.reservation_id.len() > 128 {
+        return Err(LedgerError::Invalid("reservation id must be 1..=128 bytes".into()));
+    }
+    let key = format!("reserve:{}", req.reservation_id);
+    let hash = hash_payload(&(&req.account_id, req.amount_units));
+    let mut tx = pool.begin().await?;
+    if let Some(saved) = claim::<Reservation>(&mut tx, &key, "reserve", &hash).await? {
+        return Ok(saved);
+    }
+    let (balance, reserved, pending) = lock_projection(&mut tx, &req.account_id).await?;
+    let (reserved, pending) = expire_for_account(&mut tx, &req.account_id, reserved, pending).await?;
+    let effective = balance - reserved - pending;
+    if effective < req.amount_units {
+        // Not stored under the key: after a top-up the same request may succeed.
+        return Err(LedgerError::InsufficientFunds {
+            effective_units: effective,
+            requested_units: req.amount_units,
+        });
+    }
+    let expires_at = Utc::now() + Duration::seconds(i64::from(req.ttl_secs));
+    let r: Reservation = sqlx::query_as(
+        "INSERT INTO reservations (reservation_id, account_id, amount_units, status, expires_at)
+         VALUES ($1, $2, $3, 'active', $4)
+         RETURNING reservation_id, account_id, amount_units, pending_units, actual_units, status,
+                   expires_at, created_at",
+    )
+    .bind(&req.reservation_id)
+    .bind(&req.account_id)
+    .bind(req.amount_units)
+    .bind(expires_at)
+    .fetch_one(&mut *tx)
+    .await?;
+    set_projection(&mut tx, &req.account_id, reserved + req.amount_units, pending).await?;
+    finish(&mut tx, &key, &r).await?;
+    tx.commit().await?;
+    Ok(r)
+}
+
+/// Release a hold (the call failed). Releasing a closed reservation is an invalid state,
+/// except releasing twice, which returns the released reservation.
+pub async fn release(pool: &PgPool, reservation_id: &str) -> Result<Reservation, LedgerError> {
+    transition(pool, reservation_id, Transition::Release).await
+}
+
+/// The gateway reports the actual cost: the hold becomes a pending debit until the usage
+/// event (which carries the reservation id) is applied. `actual_units` may exceed the hold.
+pub async fn settle(
+    pool: &PgPool,
+    reservation_id: &str,
+    actual_units: i64,
+) -> Result<Reservation, LedgerError> {
+    if actual_units < 0 {
+        return Err(LedgerError::Invalid("actual cost must not be negative".into()));
+    }
+    transition(pool, reservation_id, Transition::Settle(actual_units)).await
+}
+
+#[derive(Clone, Copy)]
+enum Transition {
+    Release,
+    Settle(i64),
+}
+
+async fn transition(pool: &PgPool, reservation_id: &str, t: Transition) -> Result<Reservation, LedgerError> {
+    let account: Option<(String,)> =
+        sqlx::query_as("SELECT account_id FROM reservations WHERE reservation_id = $1")
+            .bind(reservation_id)
+            .fetch_optional(pool)
+            .await?;
+    let (account,) = account.ok_or_else(|| LedgerError::NotFound(format!("reservation {reservation_id}")))?;
+    let mut tx = pool.begin().await?;
+    let (_, reserved, pending) = lock_projection(&mut tx, &account).await?;
+    let (reserved, pending) = expire_for_account(&mut tx, &account, reserved, pending).await?;
+    let r = fetch_locked(&mut tx, reservation_id).await?;
+    let (status, new_pending, reserved, pending) = match (t, r.status.as_str()) {
+        (Transition::Release, "active") => ("released", 0, reserved - r.amount_units, pending),
+        (Transition::Release, "settling") => ("released", 0, reserved, pending - r.pending_units),
+        (Transition::Release, "released") => return Ok(r),
+        (Transition::Settle(a), "active") => ("settling", a, reserved - r.amount_units, pending + a),
+        (Transition::Settle(a), "settling") if a == r.pending_units => return Ok(r),
+        (_, other) => {
+            return Err(LedgerError::InvalidState(format!("reservation {reservation_id} is {other}")));
+        }
+    };
+    let closed = status == "released";
+    let r: Reservation = sqlx::query_as(
+        "UPDATE reservations SET status = $2, pending_units = $3,
+             actual_units = CASE WHEN $2 = 'settling' THEN $3 ELSE actual_units END,
+             closed_at = CASE WHEN $4 THEN now() ELSE closed_at END
+         WHERE reservation_id = $1
+         RETURNING reservation_id, account_id, amount_units, pending_units, actual_units, status,
+                   expires_at, created_at",
+    )
+    .bind(reservation_id)
+    .bind(status)
+    .bind(new_pending)
+    .bind(closed)
+    .fetch_one(&mut *tx)
+    .await?;
+    set_projection(&mut tx, &account, reserved, pending).await?;
+    tx.commit().await?;
+    Ok(r)
+}
+
+pub async fn get(pool: &PgPool, reservation_id: &str) -> Result<Option<Reservation>, LedgerError> {
+    Ok(sqlx::query_as(
+        "SELECT reservation_id, account_id, amount_units, pending_units, actual_units, status, expires_at, created_at
+         FROM reservations WHERE reservation_id = $1",
+    )
+    .bind(reservation_id)
+    .fetch_optional(pool)
+    .await?)
+}
+
+async fn fetch_locked(tx: &mut Transaction<'_, Postgres>, id: &str) -> Result<Reservation, LedgerError> {
+    sqlx::query_as(
+        "SELECT reservation_id, account_id, amount_units, pending_units, actual_units, status, expires_at, created_at
+         FROM reservations WHERE reservation_id = $1 FOR UPDATE",
+    )
+    .bind(id)
+    .fetch_optional(&mut **tx)
+    .await?
+    .ok_or_else(|| LedgerError::NotFound(format!("reservation {id}")))
+}
+
+/// Lock the account's balance row (creating the account if needed) and read
+/// (balance, reserved, pending).
+async fn lock_projection(
+    tx: &mut Transaction<'_, Postgres>,
+    account: &str,
+) -> Result<(i64, i64, i64), LedgerError> {
+    super::lock_balances(tx, &[account]).await?;
+    let row: (i64, i64, i64) = sqlx::query_as(
+        "SELECT balance_units, reserved_units, pending_units FROM account_balances WHERE account_id = $1",
+    )
+    .bind(account)
+    .fetch_one(&mut **tx)
+    .await?;
+    Ok(row)
+}
+
+async fn set_projection(
+    tx: &mut Transaction<'_, Postgres>,
+    account: &str,
+    reserved: i64,
+    pending: i64,
+) -> Result<(), LedgerError> {
+    assert!(reserved >= 0 && pending >= 0, "holds never go negative ({reserved}, {pending})");
+    sqlx::query("UPDATE account_balances SET reserved_units = $2, pending_units = $3 WHERE account_id = $1")
+        .bind(account)
+        .bind(reserved)
+        .bind(pending)
+        .execute(&mut **tx)
+        .await?;
+    Ok(())
+}
+
+/// Expire the account's overdue holds (caller holds the balance row lock); returns the new
+/// (reserved, pending).
+async fn expire_for_account(
+    tx: &mut Transaction<'_, Postgres>,
+    account: &str,
+    reserved: i64,
+    pending: i64,
+) -> Result<(i64, i64), LedgerError> {
+    let expired: Vec<(String, i64, i64)> = sqlx::query_as(
+        "UPDATE reservations SET status = 'expired', closed_at = now()
+         WHERE account_id = $1 AND status IN ('active', 'settling') AND expires_at <= now()
+         RETURNING status, amount_units, pending_units",
+    )
+    .bind(account)
+    .fetch_all(&mut **tx)
+    .await?;
+    if expired.is_empty() {
+        return Ok((reserved, pending));
+    }
+    // RETURNING shows the new status; recompute the holds from what is still open instead.
+    let (r, p): (i64, i64) = sqlx::query_as(
+        "SELECT COALESCE(sum(amount_units) FILTER (WHERE status = 'active'), 0)::bigint,
+                COALESCE(sum(pending_units) FILTER (WHERE status = 'settling'), 0)::bigint
+         FROM reservations WHERE account_id = $1 AND status IN ('active', 'settling')",
+    )
+    .bind(account)
+    .fetch_one(&mut **tx)
+    .await?;
+    set_projection(tx, account, r, p).await?;
+    Ok((r, p))
+}
+
+/// Expire every overdue hold (called periodically by `tally run`); returns how many.
+pub async fn expire_due(pool: &PgPool) -> Result<usize, LedgerError> {
+    let accounts: Vec<(String,)> = sqlx::query_as(
+        "SELECT DISTINCT account_id FROM reservations
+         WHERE status IN ('active', 'settling') AND expires_at <= now() LIMIT 1000",
+    )
+    .fetch_all(pool)
+    .await?;
+    for (account,) in &accounts {
+        let mut tx = pool.begin().await?;
+        let (_, reserved, pending) = lock_projection(&mut tx, account).await?;
+        expire_for_account(&mut tx, account, reserved, pending).await?;
+        tx.commit().await?;
+    }
+    Ok(accounts.len())
+}
+
+/// Close the reservations named by applied usage events (pipeline, inside its batch
+/// transaction, after it locked the accounts' balance rows). Returns how many closed.
+pub(crate) async fn settle_from_events(
+    tx: &mut Transaction<'_, Postgres>,
+    settlements: &[(&str, &str, i64, &str)], // (reservation_id, account_id, cost_units, event_id)
+) -> Result<u64, sqlx::Error> {
+    if settlements.is_empty() {
+        return Ok(0);
+    }
+    let ids: Vec<&str> = settlements.iter().map(|s| s.0).collect();
+    let accounts: Vec<&str> = settlements.iter().map(|s| s.1).collect();
+    let costs: Vec<i64> = settlements.iter().map(|s| s.2).collect();
+    let events: Vec<&str> = settlements.iter().map(|s| s.3).collect();
+    // Only a reservation of the same account is settled by an event: an event cannot
+    // close another account's hold.
+    let closed: Vec<(String,)> = sqlx::query_as(
+        "UPDATE reservations r SET status = 'settled', actual_units = u.c, pending_units = 0,
+                closed_at = now(), event_id = u.e
+         FROM UNNEST($1::text[], $2::text[], $3::bigint[], $4::text[]) AS u(id, a, c, e)
+         WHERE r.reservation_id = u.id AND r.account_id = u.a AND r.status IN ('active', 'settling')
+         RETURNING r.account_id",
+    )
+    .bind(&ids)
+    .bind(&accounts)
+    .bind(&costs)
+    .bind(&events)
+    .fetch_all(&mut **tx)
+    .await?;
+    let mut touched: Vec<&str> = closed.iter().map(|(a,)| a.as_str()).collect();
+    touched.sort_unstable();
+    touched.dedup();
+    sqlx::query(
+        "UPDATE account_balances b SET
+             reserved_units = COALESCE((SELECT sum(amount_units) FROM reservations r
+                 WHERE r.account_id = b.account_id AND r.status = 'active'), 0),
+             pending_units = COALESCE((SELECT sum(pending_units) FROM reservations r
+                 WHERE r.account_id = b.account_id AND r.status = 'settling'), 0)
+         WHERE b.account_id = ANY($1)",
+    )
+    .bind(&touched)
+    .execute(&mut **tx)
+    .await?;
+    Ok(closed.len() as u64)
+}

@@ -1,0 +1,157 @@
+//! The HTTP API against real Postgres: health, balances, JSON errors, Stripe webhooks
+//! (good, bad, stale and replayed signatures; credit once per payment; async payments
+//! pending until they settle).
+
+mod common;
+
+use common::*;
+use std::sync::Arc;
+use tally::api::{self, AppState, stripe};
+use tally::ledger;
+use tokio_util::sync::CancellationToken;
+
+const SECRET: &str = "whsec_test_secret";
+const USD: i64 = tally::money::UNITS_PER_USD;
+
+struct App {
+    env: TestEnv,
+    base: String,
+    http: reqwest::Client,
+    _stop: tokio_util::sync::DropGuard,
+}
+
+async fn spawn_app() -> App {
+    let env = TestEnv::new(1).await;
+    let cfg = ledger::config::LedgerConfig::load(&repo().join("examples/brievio.toml")).unwrap();
+    let state = AppState {
+        pool: env.pool.clone(),
+        metrics: metrics_exporter_prometheus::PrometheusBuilder::new().build_recorder().handle(),
+        ledger_config: Arc::new(cfg),
+        stripe_webhook_secret: Some(SECRET.into()),
+    };
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let base = format!("http://{}", listener.local_addr().unwrap());
+    let stop = CancellationToken::new();
+    tokio::spawn(api::serve(listener, state, stop.clone()));
+    App { env, base, http: reqwest::Client::new(), _stop: stop.drop_guard() }
+}
+
+impl App {
+    async fn webhook(&self, body: &str, signature: &str) -> (u16, serde_json::Value) {
+        let r = self
+            .http
+            .post(format!("{}/v1/webhooks/stripe", self.base))
+            .header("Stripe-Signature", signature)
+            .body(body.to_string())
+            .send()
+            .await
+            .unwrap();
+        (r.status().as_u16(), r.json().await.unwrap())
+    }
+
+    async fn signed(&self, body: &str) -> (u16, serde_json::Value) {
+        self.webhook(body, &stripe::sign(body.as_bytes(), SECRET, chrono::Utc::now().timestamp())).await
+    }
+
+    async fn balance_units(&self, account: &str) -> i64 {
+        ledger::balance(&self.env.pool, account).await.unwrap().map_or(0, |b| b.balance_units)
+    }
+}
+
+fn payment_intent(pi: &str, account: &str, cents: i64) -> String {
+    serde_json::json!({"id": format!("evt_{pi}"), "type": "payment_intent.succeeded",
+        "data": {"object": {"id": pi, "amount_received": cents, "currency": "usd",
+        "metadata": {"account_id": account}}}})
+    .to_string()
+}
+
+fn checkout(kind: &str, pi: &str, account: &str, cents: i64, status: &str) -> String {
+    serde_json::json!({"id": format!("evt_{kind}_{pi}"), "type": kind,
+        "data": {"object": {"id": "cs_1", "payment_intent": pi, "amount_total": cents, "currency": "usd",
+        "payment_status": status, "client_reference_id": account}}})
+    .to_string()
+}
+
+#[tokio::test]
+async fn webhook_signatures_good_bad_stale_and_replayed() {
+    let app = spawn_app().await;
+    let body = payment_intent("pi_1", "acct-w", 10_000);
+    let (status, json) = app.signed(&body).await;
+    assert_eq!((status, json["outcome"].as_str()), (200, Some("credited")));
+    assert_eq!(app.balance_units("acct-w").await, 110 * USD, "$100 with Brievio's 10% bonus");
+
+    // Replayed (same event, fresh valid signature, or the very same header): credited once.
+    let header = stripe::sign(body.as_bytes(), SECRET, chrono::Utc::now().timestamp());
+    assert_eq!(app.webhook(&body, &header).await.0, 200);
+    assert_eq!(app.webhook(&body, &header).await.0, 200);
+    assert_eq!(app.balance_units("acct-w").await, 110 * USD);
+
+    let tampered = payment_intent("pi_1", "acct-w", 99_999);
+    let (status, json) = app.webhook(&tampered, &header).await;
+    assert_eq!((status, json["error"]["code"].as_str()), (400, Some("invalid_signature")));
+    let wrong_secret = stripe::sign(body.as_bytes(), "whsec_other", chrono::Utc::now().timestamp());
+    assert_eq!(app.webhook(&body, &wrong_secret).await.1["error"]["code"], "invalid_signature");
+    let stale = stripe::sign(body.as_bytes(), SECRET, chrono::Utc::now().timestamp() - 301);
+    let (status, json) = app.webhook(&body, &stale).await;
+    assert_eq!((status, json["error"]["code"].as_str()), (400, Some("stale_signature")));
+    assert_eq!(app.webhook(&body, "garbage").await.0, 400);
+    assert_eq!(app.balance_units("acct-w").await, 110 * USD, "no bad request credited anything");
+}
+
+#[tokio::test]
+async fn checkout_and_payment_intent_credit_once_and_async_payments_wait() {
+    let app = spawn_app().await;
+    // Both events of one card checkout: one credit.
+    app.signed(&checkout("checkout.session.completed", "pi_c", "acct-c", 2_000, "paid")).await;
+    app.signed(&payment_intent("pi_c", "acct-c", 2_000)).await;
+    assert_eq!(app.balance_units("acct-c").await, 20 * USD);
+
+    // ACH: pending until async_payment_succeeded; a failed one never credits.
+    let (_, json) =
+        app.signed(&checkout("checkout.session.completed", "pi_a", "acct-a", 5_000, "unpaid")).await;
+    assert_eq!(json["outcome"], "pending");
+    assert_eq!(app.balance_units("acct-a").await, 0);
+    let pending = app.env.count("SELECT count(*) FROM topup_orders WHERE status = 'pending'").await;
+    assert_eq!(pending, 1);
+    app.signed(&checkout("checkout.session.async_payment_succeeded", "pi_a", "acct-a", 5_000, "paid")).await;
+    assert_eq!(app.balance_units("acct-a").await, 50 * USD);
+    app.signed(&checkout("checkout.session.completed", "pi_f", "acct-a", 5_000, "unpaid")).await;
+    let (_, json) = app
+        .signed(&checkout("checkout.session.async_payment_failed", "pi_f", "acct-a", 5_000, "unpaid"))
+        .await;
+    assert_eq!(json["outcome"], "failed");
+    assert_eq!(app.balance_units("acct-a").await, 50 * USD);
+
+    // Below Brievio's $10 minimum, or without an account: 422 with a code, nothing credited.
+    let (status, json) = app.signed(&payment_intent("pi_small", "acct-a", 500)).await;
+    assert_eq!((status, json["error"]["code"].as_str()), (422, Some("invalid_request")));
+    let no_account =
+        r#"{"type":"payment_intent.succeeded","data":{"object":{"id":"pi_x","amount_received":5000}}}"#;
+    assert_eq!(app.signed(no_account).await.1["error"]["code"], "missing_account");
+    let (status, json) = app.signed("{not json").await;
+    assert_eq!((status, json["error"]["code"].as_str()), (400, Some("malformed_body")));
+    ledger::verify(&app.env.pool).await.unwrap();
+}
+
+#[tokio::test]
+async fn health_balance_and_json_errors() {
+    let app = spawn_app().await;
+    let get = |path: &str| app.http.get(format!("{}{path}", app.base)).send();
+    let r = get("/healthz").await.unwrap();
+    assert_eq!(r.status().as_u16(), 200);
+    app.signed(&payment_intent("pi_b", "acct-b", 1_000)).await;
+    let b: serde_json::Value = get("/v1/accounts/acct-b/balance").await.unwrap().json().await.unwrap();
+    assert_eq!((b["balance"].as_str(), b["balance_units"].as_i64()), (Some("10.00000000"), Some(10 * USD)));
+    assert_eq!(b["effective_units"].as_i64(), Some(10 * USD));
+    let r = get("/v1/accounts/nobody/balance").await.unwrap();
+    assert_eq!(r.status().as_u16(), 404);
+    let e: serde_json::Value = r.json().await.unwrap();
+    assert_eq!(e["error"]["code"], "account_not_found");
+    let long = "x".repeat(200);
+    let r = get(&format!("/v1/accounts/{long}/balance")).await.unwrap();
+    assert_eq!(r.status().as_u16(), 400);
+    let r = get("/v1/nope").await.unwrap();
+    assert_eq!(r.status().as_u16(), 404);
+    assert_eq!(r.json::<serde_json::Value>().await.unwrap()["error"]["code"], "route_not_found");
+    assert_eq!(get("/metrics").await.unwrap().status().as_u16(), 200);
+}

@@ -1,0 +1,600 @@
+//! The scenarios. Each owns a fresh `TestEnv` (database, ClickHouse database, topics,
+//! group), drives simulator traffic while it injects its fault, waits until the group's
+//! stored offsets cover the whole topic, stops Tally gracefully and runs every check.
+
+use super::book::{Book, Out};
+use super::check::{self, TopicMsg, Verdict};
+use super::ops::{self, Recovery, Restore, Tally, feed, free_port, offsets, progress, say, secs, stack, wait_progress};
+use super::traffic::{self, catalog, sim_opts, simulated};
+use crate::common::TestEnv;
+use rand::rngs::StdRng;
+use rand::{Rng, SeedableRng};
+use std::collections::{BTreeMap, HashSet};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+use tally::pricing::Catalog;
+
+const ABORT_HOOK: &str = "TALLY_FAULT_ABORT_AFTER_CLICKHOUSE_INSERT";
+const PARTITIONS: i32 = 6;
+
+/// Sizes and durations (see `faults.rs` for the variables and the CI defaults).
+#[derive(Debug, Clone)]
+pub struct Cfg {
+    pub events: usize,
+    pub kills: usize,
+    pub scenario_events: usize,
+    pub ch_outage: Duration,
+    pub broker_pause: Duration,
+    pub seed: u64,
+    pub wait_limit: Duration,
+}
+
+/// One line of the report.
+#[derive(Debug, Default)]
+pub struct Row {
+    pub name: String,
+    pub events: u64,
+    pub faults: String,
+    pub verdict: Verdict,
+    pub recovery: Recovery,
+    pub notes: Vec<String>,
+    pub wall: Duration,
+}
+
+impl Row {
+    pub fn failed(&self) -> bool {
+        self.verdict.lost > 0 || self.verdict.double_billed > 0 || !self.verdict.errors.is_empty()
+    }
+}
+
+/// What every scenario shares.
+struct Scene {
+    env: TestEnv,
+    book: Book,
+    catalog: Arc<Catalog>,
+    producer: rdkafka::producer::FutureProducer,
+    errors: Vec<String>,
+    crashes: u32,
+    started: Instant,
+}
+
+impl Scene {
+    async fn new(name: &str) -> Scene {
+        let env = TestEnv::new(PARTITIONS).await;
+        say(format!("{name}: env {} (logs in {})", env.id, ops::log_dir(&env).display()));
+        Scene {
+            env,
+            book: Book::default(),
+            catalog: catalog(),
+            producer: ops::producer(),
+            errors: Vec::new(),
+            crashes: 0,
+            started: Instant::now(),
+        }
+    }
+
+    fn spawn(&self, name: &str) -> Tally {
+        Tally::spawn(&self.env, name, &self.env.group, 0, &[])
+    }
+
+    async fn readback(&self) -> Vec<TopicMsg> {
+        let (topic, acked) = (self.env.topic.clone(), self.book.acked);
+        tokio::task::spawn_blocking(move || check::read_topic(&topic, PARTITIONS, acked)).await.expect("read back")
+    }
+
+    /// Wait until `group` has applied the whole topic, restarting any run that dies on its
+    /// own (a crash: reported, and given up after 3). Returns the read-back topic.
+    async fn finish(&mut self, runs: &mut [Tally], group: &str, limit: Duration) -> Vec<TopicMsg> {
+        let msgs = self.readback().await;
+        let ends = check::ends(&msgs);
+        let started = Instant::now();
+        loop {
+            if offsets(&self.env, group).await.is_some_and(|o| ops::consumed(&o, &ends)) {
+                return msgs;
+            }
+            for run in runs.iter_mut() {
+                if let Some(status) = run.exited() {
+                    self.crashes += 1;
+                    self.errors.push(format!("{} crashed ({status}):\n    {}", run.name, run.log_tail()));
+                    let name = format!("{}-after-crash-{}", run.name, self.crashes);
+                    *run = Tally::spawn(&self.env, &name, group, 0, &[]);
+                }
+            }
+            if self.crashes >= 3 {
+                self.errors.push("crash loop: gave up after 3 crashes".into());
+                return msgs;
+            }
+            if started.elapsed() > limit {
+                let o = offsets(&self.env, group).await;
+                self.errors.push(format!("not caught up after {}: offsets {o:?}, topic ends {ends:?}", secs(limit)));
+                return msgs;
+            }
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        }
+    }
+
+    fn stop(&mut self, runs: &mut [Tally]) {
+        for run in runs {
+            if let Err(e) = run.terminate() {
+                self.errors.push(e);
+            }
+        }
+    }
+
+    async fn row(mut self, name: &str, faults: String, msgs: &[TopicMsg], auto: Option<&HashSet<String>>) -> Row {
+        let mut verdict = check::check(&self.env, &self.book, msgs, auto).await;
+        verdict.errors.append(&mut self.errors);
+        let mut notes = Vec::new();
+        if self.book.resent > 0 {
+            notes.push(format!("{} producer sends retried", self.book.resent));
+        }
+        Row { name: name.into(), events: self.book.acked, faults, verdict, notes, wall: self.started.elapsed(), ..Row::default() }
+    }
+}
+
+fn rate(count: usize, window: Duration) -> Option<f64> {
+    Some(count as f64 / window.as_secs_f64())
+}
+
+async fn sleep_until(t: Instant) {
+    tokio::time::sleep_until(t.into()).await;
+}
+
+async fn blocking_stack(args: &'static [&'static str]) {
+    tokio::task::spawn_blocking(move || stack(args)).await.expect("scripts/stack");
+}
+
+// ------------------------------------------------------------------------ 1: kill -9
+
+#[derive(Debug, Clone, Copy)]
+enum Death {
+    /// kill -9 at a uniformly random moment 0.5-8 s after the process started (may land
+    /// during start-up, the group join, a batch, or idle).
+    Random,
+    /// kill -9 0-1.5 s after this life's first commit: mid-stream, batches in flight.
+    AfterCommit,
+    /// The life runs with the abort hook: it dies right after a ClickHouse insert, before
+    /// the Postgres COMMIT (the worst place).
+    Abort,
+}
+
+fn death_schedule(kills: usize) -> Vec<Death> {
+    let mut s = Vec::new();
+    for i in 0..kills {
+        s.push(if i % 2 == 0 { Death::Random } else { Death::AfterCommit });
+        if i % 4 == 3 {
+            s.push(Death::Abort);
+        }
+    }
+    s
+}
+
+#[derive(Default)]
+struct KillLog {
+    kills: usize,
+    after_commit: usize,
+    aborts: usize,
+    recovery: Recovery,
+    errors: Vec<String>,
+}
+
+pub async fn kills(cfg: &Cfg) -> Row {
+    let name = format!("1 kill -9 x{}", cfg.kills);
+    let mut sc = Scene::new(&name).await;
+    let schedule = death_schedule(cfg.kills);
+    let window = Duration::from_secs(5 * schedule.len() as u64).max(Duration::from_secs(10));
+    let mut source = simulated(sim_opts(cfg.seed, 0.03, 0.01), sc.catalog.clone());
+    let first = sc.spawn("life-0");
+    let mut log = KillLog::default();
+    let rng = StdRng::seed_from_u64(cfg.seed);
+    let (env, book, producer) = (&sc.env, &mut sc.book, &sc.producer);
+    let (fed, mut run) = tokio::join!(
+        feed(producer, &env.topic, cfg.events, rate(cfg.events, window), book, &mut source),
+        kill_loop(env, &schedule, first, rng, &mut log),
+    );
+    say(format!("{name}: produced {} in {}", fed.sent, secs(fed.took)));
+    let last = progress(&sc.env, &sc.env.group).await.unwrap_or(0);
+    log.recovery.push(wait_progress(&sc.env, &sc.env.group, last, Duration::from_secs(60)).await);
+    sc.errors.append(&mut log.errors);
+    let group = sc.env.group.clone();
+    let msgs = sc.finish(std::slice::from_mut(&mut run), &group, cfg.wait_limit).await;
+    sc.stop(std::slice::from_mut(&mut run));
+    let faults = format!(
+        "{} kill -9 ({} right after a commit) + {} aborts between ClickHouse insert and COMMIT",
+        log.kills, log.after_commit, log.aborts
+    );
+    let mut row = sc.row(&name, faults, &msgs, None).await;
+    row.recovery = log.recovery;
+    row
+}
+
+async fn kill_loop(env: &TestEnv, schedule: &[Death], first: Tally, mut rng: StdRng, log: &mut KillLog) -> Tally {
+    let group = env.group.clone();
+    let mut run = first;
+    for (i, death) in schedule.iter().enumerate() {
+        let life_start = progress(env, &group).await.unwrap_or(0);
+        match death {
+            Death::Random => {
+                sleep_until(run.spawned + Duration::from_millis(rng.gen_range(500..8_000))).await;
+            }
+            Death::AfterCommit => {
+                let took = wait_progress(env, &group, life_start, Duration::from_secs(60)).await;
+                log.recovery.push(took);
+                if took.is_some() {
+                    log.after_commit += 1;
+                }
+                tokio::time::sleep(Duration::from_millis(rng.gen_range(0..1_500))).await;
+            }
+            Death::Abort => {
+                let started = Instant::now();
+                while run.exited().is_none() && started.elapsed() < Duration::from_secs(90) {
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                }
+            }
+        }
+        match (death, run.exited()) {
+            (Death::Abort, Some(_)) => log.aborts += 1,
+            (Death::Abort, None) => {
+                log.errors.push(format!("{}: the abort hook never fired in 90 s", run.name));
+                run.kill9();
+            }
+            (_, Some(status)) => log.errors.push(format!("{} died on its own ({status}):\n    {}", run.name, run.log_tail())),
+            (_, None) => {
+                run.kill9();
+                log.kills += 1;
+            }
+        }
+        let next = schedule.get(i + 1);
+        let envs: &[(&str, &str)] = if matches!(next, Some(Death::Abort)) { &[(ABORT_HOOK, "1")] } else { &[] };
+        say(format!("  {:?} {}/{} after {}", death, i + 1, schedule.len(), secs(run.spawned.elapsed())));
+        run = Tally::spawn(env, &format!("life-{}", i + 1), &group, 0, envs);
+    }
+    run
+}
+
+// ------------------------------------------------------------------------ 2: failover
+
+pub async fn failover(cfg: &Cfg) -> Row {
+    let name = "2 two members, one killed".to_string();
+    let mut sc = Scene::new(&name).await;
+    let n = cfg.scenario_events;
+    let window = Duration::from_secs(24);
+    let mut source = simulated(sim_opts(cfg.seed + 2, 0.03, 0.01), sc.catalog.clone());
+    let group = sc.env.group.clone();
+    let mut a = Tally::spawn(&sc.env, "member-a", &group, free_port(), &[]);
+    let mut b = Tally::spawn(&sc.env, "member-b", &group, free_port(), &[]);
+    let mut recovery = Recovery::default();
+    let mut notes = Vec::new();
+    let (env, book, producer) = (&sc.env, &mut sc.book, &sc.producer);
+    let (_, errs) = tokio::join!(feed(producer, &env.topic, n, rate(n, window), book, &mut source), async {
+        let started = Instant::now();
+        let mut errs = Vec::new();
+        let applied = "tally_events_applied_total";
+        let both = loop {
+            let (x, y) = (a.metric(applied).await, b.metric(applied).await);
+            if (x > 0.0 && y > 0.0) || started.elapsed() > Duration::from_secs(60) {
+                break (x, y);
+            }
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        };
+        notes.push(format!("before the kill: member a applied {}, member b {}", both.0, both.1));
+        if both.0 == 0.0 || both.1 == 0.0 {
+            errs.push(format!("the two members never both applied events: {both:?}"));
+        }
+        sleep_until(started + window * 2 / 5).await;
+        let before = offsets(env, &group).await.unwrap_or_default();
+        a.kill9();
+        recovery.push(all_partitions_advance(env, &group, &before, Duration::from_secs(90)).await);
+        if recovery.0.is_empty() {
+            errs.push("member a's partitions never moved to member b".into());
+        }
+        errs
+    });
+    sc.errors.extend(errs);
+    let msgs = sc.finish(std::slice::from_mut(&mut b), &group, cfg.wait_limit).await;
+    sc.stop(std::slice::from_mut(&mut b));
+    let mut row = sc.row(&name, "kill -9 of one of two members mid-stream".into(), &msgs, None).await;
+    row.recovery = recovery;
+    row.notes.extend(notes);
+    row
+}
+
+/// Time until every partition's stored offset passed its value in `before`.
+async fn all_partitions_advance(env: &TestEnv, group: &str, before: &BTreeMap<i32, i64>, limit: Duration) -> Option<Duration> {
+    let started = Instant::now();
+    while started.elapsed() < limit {
+        if let Some(now) = offsets(env, group).await {
+            let moved = (0..PARTITIONS).all(|p| now.get(&p).copied().unwrap_or(0) > before.get(&p).copied().unwrap_or(0));
+            if moved {
+                return Some(started.elapsed());
+            }
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    None
+}
+
+// ------------------------------------------------------------------------ 3: Postgres restart
+
+pub async fn postgres_restart(cfg: &Cfg) -> Row {
+    let name = "3 Postgres restarted".to_string();
+    let mut sc = Scene::new(&name).await;
+    let n = cfg.scenario_events;
+    let window = Duration::from_secs(24);
+    let mut source = simulated(sim_opts(cfg.seed + 3, 0.03, 0.01), sc.catalog.clone());
+    let mut run = sc.spawn("run");
+    let mut recovery = Recovery::default();
+    let (env, book, producer) = (&sc.env, &mut sc.book, &sc.producer);
+    tokio::join!(feed(producer, &env.topic, n, rate(n, window), book, &mut source), async {
+        let started = Instant::now();
+        let restarts: [(u64, &'static [&'static str]); 2] =
+            [(6, &["restart", "postgres"]), (14, &["restart", "postgres", "--immediate"])];
+        for (at, args) in restarts {
+            sleep_until(started + Duration::from_secs(at)).await;
+            let before = progress(env, &env.group).await.unwrap_or(0);
+            say(format!("  scripts/stack {}", args.join(" ")));
+            blocking_stack(args).await;
+            recovery.push(wait_progress(env, &env.group, before, Duration::from_secs(120)).await);
+        }
+    });
+    let group = sc.env.group.clone();
+    let msgs = sc.finish(std::slice::from_mut(&mut run), &group, cfg.wait_limit).await;
+    sc.stop(std::slice::from_mut(&mut run));
+    let faults = "Postgres restart (fast) + restart (immediate: crash, WAL recovery)".to_string();
+    let mut row = sc.row(&name, faults, &msgs, None).await;
+    row.recovery = recovery;
+    row
+}
+
+// ------------------------------------------------------------------------ 4: ClickHouse outage
+
+/// The most `tally run` may grow during the outage, MiB. The pipeline holds at most
+/// (batches_in_flight_max 2 + 2) x batch_events_max 5000 = 20,000 decoded events (~2 KiB
+/// each with their priced rows: ~40 MiB) plus librdkafka's prefetch queue
+/// (queued.max.messages.kbytes = 64 MiB): ~104 MiB. 256 MiB leaves room for allocator
+/// slack while still catching an unbounded buffer (the backlog produced during a one-minute
+/// outage alone is ~100 MiB of payload at 5,000 events/s, and grows with the outage).
+const RSS_GROWTH_MIB_MAX: u64 = 256;
+
+pub async fn clickhouse_outage(cfg: &Cfg) -> Row {
+    let name = format!("4 ClickHouse down {}", secs(cfg.ch_outage));
+    let mut sc = Scene::new(&name).await;
+    let n = cfg.scenario_events;
+    let window = cfg.ch_outage + Duration::from_secs(16);
+    let mut source = simulated(sim_opts(cfg.seed + 4, 0.03, 0.01), sc.catalog.clone());
+    let mut run = sc.spawn("run");
+    let mut recovery = Recovery::default();
+    let (env, book, producer) = (&sc.env, &mut sc.book, &sc.producer);
+    let (_, (rss_before, rss_during, applied_during)) =
+        tokio::join!(feed(producer, &env.topic, n, rate(n, window), book, &mut source), async {
+            let started = Instant::now();
+            let rss_before = sample_rss(&run, started + Duration::from_secs(6)).await;
+            say("  scripts/stack stop clickhouse");
+            blocking_stack(&["stop", "clickhouse"]).await;
+            let restore = Restore(&["start", "clickhouse"]);
+            let down = Instant::now();
+            let rss_early = sample_rss(&run, down + Duration::from_secs(3)).await;
+            let applied_at_3s = applied(env).await;
+            let rss_late = sample_rss(&run, down + cfg.ch_outage).await;
+            let applied_during = applied(env).await - applied_at_3s;
+            let before = progress(env, &env.group).await.unwrap_or(0);
+            say("  scripts/stack start clickhouse");
+            tokio::task::spawn_blocking(move || restore.now()).await.expect("start clickhouse");
+            recovery.push(wait_progress(env, &env.group, before, Duration::from_secs(120)).await);
+            (rss_before, rss_early.max(rss_late), applied_during)
+        });
+    let group = sc.env.group.clone();
+    let msgs = sc.finish(std::slice::from_mut(&mut run), &group, cfg.wait_limit).await;
+    sc.stop(std::slice::from_mut(&mut run));
+    if applied_during != 0 {
+        sc.errors.push(format!("{applied_during} events committed while ClickHouse was down"));
+    }
+    if rss_during > rss_before + RSS_GROWTH_MIB_MAX * 1024 {
+        sc.errors.push(format!("RSS grew from {} to {} KiB during the outage", rss_before, rss_during));
+    }
+    let faults = format!("ClickHouse stopped {} (port closed) while traffic continued", secs(cfg.ch_outage));
+    let mut row = sc.row(&name, faults, &msgs, None).await;
+    row.recovery = recovery;
+    row.notes.push(format!(
+        "max RSS of tally run: {} MiB before the outage, {} MiB during it (bound: +{RSS_GROWTH_MIB_MAX} MiB)",
+        rss_before / 1024,
+        rss_during / 1024
+    ));
+    row
+}
+
+/// Max RSS (KiB) of `run`, sampled every 100 ms until `until`.
+async fn sample_rss(run: &Tally, until: Instant) -> u64 {
+    let mut max = 0;
+    while Instant::now() < until {
+        max = max.max(run.rss_kib().unwrap_or(0));
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    max
+}
+
+async fn applied(env: &TestEnv) -> i64 {
+    env.count("SELECT count(*) FROM processed_events").await
+}
+
+// ------------------------------------------------------------------------ 5: broker pause
+
+pub async fn broker_pause(cfg: &Cfg) -> Row {
+    let name = format!("5 broker paused {}", secs(cfg.broker_pause));
+    let mut sc = Scene::new(&name).await;
+    let n = cfg.scenario_events;
+    let window = cfg.broker_pause + Duration::from_secs(16);
+    let mut source = simulated(sim_opts(cfg.seed + 5, 0.03, 0.01), sc.catalog.clone());
+    let mut run = sc.spawn("run");
+    let mut recovery = Recovery::default();
+    let (env, book, producer) = (&sc.env, &mut sc.book, &sc.producer);
+    tokio::join!(feed(producer, &env.topic, n, rate(n, window), book, &mut source), async {
+        sleep_until(run.spawned + Duration::from_secs(6)).await;
+        say("  scripts/stack pause kafka");
+        blocking_stack(&["pause", "kafka"]).await;
+        let restore = Restore(&["resume", "kafka"]);
+        tokio::time::sleep(cfg.broker_pause).await;
+        let before = progress(env, &env.group).await.unwrap_or(0);
+        say("  scripts/stack resume kafka");
+        tokio::task::spawn_blocking(move || restore.now()).await.expect("resume kafka");
+        recovery.push(wait_progress(env, &env.group, before, Duration::from_secs(120)).await);
+    });
+    let group = sc.env.group.clone();
+    let msgs = sc.finish(std::slice::from_mut(&mut run), &group, cfg.wait_limit).await;
+    sc.stop(std::slice::from_mut(&mut run));
+    let faults = format!("broker SIGSTOP {} then SIGCONT, producers and Tally connected", secs(cfg.broker_pause));
+    let mut row = sc.row(&name, faults, &msgs, None).await;
+    row.recovery = recovery;
+    row
+}
+
+// ------------------------------------------------------------------------ 6: duplicates
+
+/// Emulated: the passage of 40 days. Phase A's events really are 40-43 days old (event
+/// time, accepted: the window is 400 days); after they are applied, Tally is killed and
+/// `processed_events.processed_at` is moved back to their event time (ledger_entries are
+/// append-only and never touched). A new process then receives copies of them on other
+/// partitions, among fresh traffic with its own duplicates, and finally a redeploy under a
+/// new consumer group re-reads the entire topic: only the event-id store stands between
+/// those copies and a second debit.
+pub async fn duplicates(cfg: &Cfg) -> Row {
+    let name = "6 duplicates, 40 days apart".to_string();
+    let mut sc = Scene::new(&name).await;
+    let n = cfg.scenario_events;
+    let old = tally::simulate::SimulateOptions {
+        now: chrono::Utc::now() - chrono::Duration::days(40),
+        ..sim_opts(cfg.seed + 6, 0.10, 0.0)
+    };
+    let mut kept: Vec<Out> = Vec::new();
+    let mut phase_a = simulated(old, sc.catalog.clone());
+    let mut keep = |book: &mut Book| {
+        let out = phase_a(book);
+        if kept.len() < 2_000 && kept.len() * 4 < n {
+            kept.push(out.clone());
+        }
+        out
+    };
+    let mut run = sc.spawn("phase-a");
+    feed(&sc.producer, &sc.env.topic, n / 2, None, &mut sc.book, &mut keep).await;
+    let group = sc.env.group.clone();
+    sc.finish(std::slice::from_mut(&mut run), &group, cfg.wait_limit).await;
+    run.kill9();
+    let aged = age_dedup_store(&sc.env).await;
+    let resend = resend_elsewhere(&sc.env, kept).await;
+    let mut run = sc.spawn("phase-c");
+    let mut phase_c = simulated(sim_opts(cfg.seed + 60, 0.05, 0.01), sc.catalog.clone());
+    let mut it = resend.clone().into_iter();
+    let mut mixed = |book: &mut Book| it.next().unwrap_or_else(|| phase_c(book));
+    feed(&sc.producer, &sc.env.topic, resend.len() + n / 2, rate(n / 2, Duration::from_secs(8)), &mut sc.book, &mut mixed).await;
+    sc.finish(std::slice::from_mut(&mut run), &group, cfg.wait_limit).await;
+    sc.stop(std::slice::from_mut(&mut run));
+    let redeploy = format!("{group}-redeploy");
+    let mut run = Tally::spawn(&sc.env, "redeploy", &redeploy, 0, &[]);
+    let msgs = sc.finish(std::slice::from_mut(&mut run), &redeploy, cfg.wait_limit).await;
+    sc.stop(std::slice::from_mut(&mut run));
+    let faults = format!(
+        "10% dups (half cross-partition), {aged} ids aged 40 days + kill -9, {} resent on other partitions, \
+         full replay under a new group",
+        resend.len()
+    );
+    sc.row(&name, faults, &msgs, None).await
+}
+
+/// Backdate the dedup store to the events' own time (40+ days ago). Returns rows aged.
+async fn age_dedup_store(env: &TestEnv) -> u64 {
+    sqlx::query("UPDATE processed_events SET processed_at = occurred_at + interval '1 minute'")
+        .execute(&env.pool)
+        .await
+        .expect("age processed_events")
+        .rows_affected()
+}
+
+/// The kept messages again, each on a partition other than the one it was applied from.
+async fn resend_elsewhere(env: &TestEnv, kept: Vec<Out>) -> Vec<Out> {
+    let rows: Vec<(String, i32)> = sqlx::query_as("SELECT event_id, source_partition FROM processed_events")
+        .fetch_all(&env.pool)
+        .await
+        .expect("source partitions");
+    let from: std::collections::HashMap<String, i32> = rows.into_iter().collect();
+    kept.into_iter()
+        .filter_map(|mut m| {
+            let raw = tally::codec::decode(&m.payload).ok()?;
+            let p = *from.get(raw.event_id.as_deref()?)?;
+            m.partition = Some((p + 1 + (m.payload.len() as i32 % (PARTITIONS - 1))) % PARTITIONS);
+            Some(m)
+        })
+        .collect()
+}
+
+// ------------------------------------------------------------------------ 7: bad input
+
+pub async fn bad_input(cfg: &Cfg) -> Row {
+    let name = "7 malformed + out-of-range".to_string();
+    let mut sc = Scene::new(&name).await;
+    // The simulator's accounts exist; only acct-never-seen-* must be auto-created.
+    sqlx::query("INSERT INTO accounts (account_id) SELECT 'acct-' || lpad(i::text, 4, '0') FROM generate_series(0, 199) AS i")
+        .execute(&sc.env.pool)
+        .await
+        .expect("accounts");
+    let mut specials = traffic::bad_messages(&mut sc.book);
+    let bad_count = specials.len();
+    let (edges, new_accounts) = traffic::edge_events(&mut sc.book, &sc.catalog);
+    specials.extend(edges.iter().cloned());
+    let n = cfg.scenario_events.max(specials.len() * 10);
+    let every = n / specials.len();
+    let mut sim = simulated(sim_opts(cfg.seed + 7, 0.03, 0.05), sc.catalog.clone());
+    let mut queue = specials.clone().into_iter();
+    let mut i = 0usize;
+    let mut mixed = |book: &mut Book| {
+        i += 1;
+        if i % every == 0 { queue.next().unwrap_or_else(|| sim(book)) } else { sim(book) }
+    };
+    let mut run = sc.spawn("phase-1");
+    feed(&sc.producer, &sc.env.topic, n, None, &mut sc.book, &mut mixed).await;
+    let group = sc.env.group.clone();
+    sc.finish(std::slice::from_mut(&mut run), &group, cfg.wait_limit).await;
+    // Phase 2, after phase 1 is applied: id conflicts and exact repeats.
+    let charged: Vec<(String, String)> = sc
+        .book
+        .events
+        .iter()
+        .filter(|e| e.cost_units > 0 && e.id.starts_with("evt-"))
+        .take(20)
+        .map(|e| (e.id.clone(), e.account.clone()))
+        .collect();
+    let mut late: Vec<Out> = charged.iter().map(|(id, a)| traffic::conflict_of(&mut sc.book, id, a)).collect();
+    late.extend(edges);
+    let count = late.len();
+    let mut it = late.into_iter();
+    feed(&sc.producer, &sc.env.topic, count, None, &mut sc.book, &mut |_| it.next().expect("counted")).await;
+    let msgs = sc.finish(std::slice::from_mut(&mut run), &group, cfg.wait_limit).await;
+    sc.stop(std::slice::from_mut(&mut run));
+    let faults = format!(
+        "{bad_count} hand-made bad messages + 5% simulator malformations, 2 window-edge events, {} events of {} \
+         unknown accounts (pre-created: the simulator's 200), {} id conflicts",
+        specials.len() - bad_count - 2,
+        new_accounts.len(),
+        charged.len()
+    );
+    let auto: HashSet<String> = new_accounts.into_iter().collect();
+    sc.row(&name, faults, &msgs, Some(&auto)).await
+}
+
+/// Absurd but legal counts: a cost beyond i64 units, and costs near i64::MAX whose sum
+/// overflows a balance and a batch total. Tally must dead-letter or bill each exactly,
+/// and keep running.
+pub async fn absurd(cfg: &Cfg) -> Row {
+    let name = "7b absurd costs".to_string();
+    let mut sc = Scene::new(&name).await;
+    let specials = traffic::absurd_events(&mut sc.book, &sc.catalog);
+    let count = specials.len() + 2_000;
+    let mut it = specials.into_iter();
+    let mut sim = simulated(sim_opts(cfg.seed + 70, 0.0, 0.0), sc.catalog.clone());
+    let mut run = sc.spawn("run");
+    feed(&sc.producer, &sc.env.topic, count, None, &mut sc.book, &mut |b| it.next().unwrap_or_else(|| sim(b))).await;
+    let group = sc.env.group.clone();
+    let msgs = sc.finish(std::slice::from_mut(&mut run), &group, cfg.wait_limit.min(Duration::from_secs(120))).await;
+    sc.stop(std::slice::from_mut(&mut run));
+    let faults = "1 event priced beyond i64 units, 3 near i64::MAX (2 on one account), then 2,000 normal".to_string();
+    sc.row(&name, faults, &msgs, None).await
+}

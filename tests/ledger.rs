@@ -1,0 +1,362 @@
+//! The ledger against real Postgres: every entry type, idempotency (replay and conflict),
+//! purchases credited once, concurrent reservations, hold expiry, settlement by usage
+//! events, Stripe webhooks, auto-reload once per crossing, and `ledger verify` catching a
+//! planted error.
+
+mod common;
+
+use chrono::Utc;
+use common::*;
+use rust_decimal::Decimal;
+use std::str::FromStr;
+use std::sync::Arc;
+use std::time::Duration;
+use tally::event::{RawUsageEvent, UsageEvent};
+use tally::ledger::config::{LedgerConfig, TopupConfig};
+use tally::ledger::ops::{self, LedgerError, ManualKind, ManualRequest};
+use tally::ledger::reservations::{self, ReserveRequest};
+use tally::ledger::topup::{self, TopupRequest};
+use tally::ledger::{self, usage};
+use tally::pipeline::reader::Transformer;
+use tally::pipeline::{Batch, SourcePos};
+use tally::pricing::Catalog;
+
+const USD: i64 = tally::money::UNITS_PER_USD;
+
+fn d(s: &str) -> Decimal {
+    Decimal::from_str(s).unwrap()
+}
+
+fn manual(account: &str, key: &str, kind: ManualKind) -> ManualRequest {
+    ManualRequest {
+        account_id: account.into(),
+        idempotency_key: key.into(),
+        kind,
+        created_by: "ops@example.com".into(),
+        reason: "test".into(),
+    }
+}
+
+async fn balance(env: &TestEnv, account: &str) -> ledger::BalanceView {
+    ledger::balance(&env.pool, account).await.unwrap().expect("account exists")
+}
+
+fn topup_req(order: &str, account: &str, usd: &str) -> TopupRequest {
+    TopupRequest { order_id: order.into(), account_id: account.into(), paid_usd: d(usd), source: "operator" }
+}
+
+/// Apply usage events through the pipeline's own batch code (real SQL, no broker).
+async fn apply_usage(env: &TestEnv, events: Vec<UsageEvent>, first_offset: i64) -> usage::Applied {
+    let catalog = Catalog::load(&repo().join("examples/demo.toml")).unwrap();
+    let t = Transformer {
+        catalog: Arc::new(catalog),
+        future_skew: chrono::Duration::seconds(300),
+        age_max: chrono::Duration::days(400),
+    };
+    let items = events
+        .iter()
+        .enumerate()
+        .map(|(i, e)| {
+            let pos = SourcePos { partition: 0, offset: first_offset + i as i64 };
+            t.transform(pos, None, &tally::codec::encode(&e.to_raw()), Utc::now())
+        })
+        .collect();
+    let mut tx = env.pool.begin().await.unwrap();
+    let applied = usage::apply(&mut tx, "g", "t", &Batch { items }).await.unwrap();
+    tx.commit().await.unwrap();
+    applied
+}
+
+/// A chat call on the demo catalog's default model: 1,000,000 input tokens = $0.22.
+fn chat(id: &str, account: &str, reservation: Option<&str>) -> UsageEvent {
+    UsageEvent::parse(RawUsageEvent {
+        event_id: Some(id.into()),
+        occurred_at: Some(Utc::now().to_rfc3339()),
+        account_id: Some(account.into()),
+        provider: Some("xai".into()),
+        model: Some("grok-4-1-fast".into()),
+        modality: Some("chat".into()),
+        status: Some("success".into()),
+        input_tokens: Some(1_000_000),
+        reservation_id: reservation.map(str::to_string),
+        ..Default::default()
+    })
+    .unwrap()
+}
+
+const CHAT_UNITS: i64 = 22_000_000; // $0.22
+
+#[tokio::test]
+async fn every_entry_type_stamps_balance_after_and_verifies() {
+    let env = TestEnv::new(1).await;
+    let brievio = LedgerConfig::load(&repo().join("examples/brievio.toml")).unwrap().topup;
+    let a = "acct-types";
+    let t = topup::complete(&env.pool, &brievio, &topup_req("ord-1", a, "100")).await.unwrap();
+    assert_eq!(t.credited_units, 110 * USD, "Brievio: $100 -> $110");
+    let e = t.entry.unwrap();
+    assert_eq!((e.kind.as_str(), e.balance_after_units), ("topup", 110 * USD));
+
+    let applied = apply_usage(&env, vec![chat("e1", a, None)], 0).await;
+    assert_eq!(applied.debited_units, CHAT_UNITS);
+    let steps = [
+        (ManualKind::Refund(5 * USD), "refund", 115 * USD - CHAT_UNITS),
+        (ManualKind::Addition(USD), "addition", 116 * USD - CHAT_UNITS),
+        (ManualKind::AdjustBy(-6 * USD), "adjustment", 110 * USD - CHAT_UNITS),
+        (ManualKind::SetBalanceTo(50 * USD), "adjustment", 50 * USD),
+        (ManualKind::PlanAllocation(20 * USD), "plan_allocation", 70 * USD),
+        (ManualKind::PlanReset(50 * USD), "plan_reset", 50 * USD),
+    ];
+    for (i, (kind, name, after)) in steps.into_iter().enumerate() {
+        let p = ops::manual(&env.pool, &manual(a, &format!("k{i}"), kind)).await.unwrap();
+        assert_eq!((p.kind.as_str(), p.balance_after_units), (name, after), "step {i}");
+    }
+    let set = ops::history(&env.pool, a, None, 100).await.unwrap();
+    let target = set.iter().find(|h| h.kind == "topup").unwrap().entry_id;
+    let c = ManualKind::Correction { entry_id: target, units: -USD };
+    let p = ops::manual(&env.pool, &manual(a, "corr", c)).await.unwrap();
+    assert_eq!((p.kind.as_str(), p.balance_after_units), ("correction", 49 * USD));
+    let h = ops::history(&env.pool, a, None, 1).await.unwrap();
+    assert_eq!((h[0].corrects_entry_id, h[0].created_by.as_deref()), (Some(target), Some("ops@example.com")));
+    let b = balance(&env, a).await;
+    assert_eq!(b.balance_units, 49 * USD);
+    assert!(b.last_purchase_at.is_some() && b.last_deduction_at.is_some());
+    let report = ledger::verify(&env.pool).await.unwrap();
+    assert_eq!((report.entries, report.total_units), (9, 49 * USD));
+}
+
+#[tokio::test]
+async fn idempotency_replays_and_conflicts() {
+    let env = TestEnv::new(1).await;
+    let a = "acct-idem";
+    let req = manual(a, "same-key", ManualKind::Addition(3 * USD));
+    let first = ops::manual(&env.pool, &req).await.unwrap();
+    let again = ops::manual(&env.pool, &req).await.unwrap();
+    assert_eq!(first, again, "the same key and payload returns the original result");
+    assert_eq!(balance(&env, a).await.balance_units, 3 * USD, "and credits once");
+    let other = manual(a, "same-key", ManualKind::Addition(4 * USD));
+    assert!(matches!(ops::manual(&env.pool, &other).await, Err(LedgerError::Conflict { .. })));
+
+    // Purchases: one order id credits once; the same id with another amount is a conflict.
+    let cfg = TopupConfig::default();
+    let r1 = topup::complete(&env.pool, &cfg, &topup_req("polar-7", a, "25")).await.unwrap();
+    let r2 = topup::complete(&env.pool, &cfg, &topup_req("polar-7", a, "25")).await.unwrap();
+    assert_eq!(r1, r2);
+    assert_eq!(balance(&env, a).await.balance_units, 28 * USD);
+    let bad = topup::complete(&env.pool, &cfg, &topup_req("polar-7", a, "26")).await;
+    assert!(matches!(bad, Err(LedgerError::Conflict { .. })));
+    // Concurrent duplicates of one purchase still credit once.
+    let tasks: Vec<_> = (0..20)
+        .map(|_| {
+            let pool = env.pool.clone();
+            tokio::spawn(async move {
+                topup::complete(&pool, &TopupConfig::default(), &topup_req("stripe-dup", "acct-idem", "10"))
+                    .await
+            })
+        })
+        .collect();
+    for t in tasks {
+        t.await.unwrap().unwrap();
+    }
+    assert_eq!(balance(&env, a).await.balance_units, 38 * USD);
+    // Usage replay: the same events again change nothing.
+    let events = vec![chat("u1", a, None), chat("u2", a, None)];
+    apply_usage(&env, events.clone(), 0).await;
+    let replay = apply_usage(&env, events, 100).await;
+    assert_eq!((replay.duplicates, replay.debited_units), (2, 0));
+    assert_eq!(balance(&env, a).await.balance_units, 38 * USD - 2 * CHAT_UNITS);
+    ledger::verify(&env.pool).await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn concurrent_reservations_never_overdraw() {
+    let env = TestEnv::new(1).await;
+    let a = "acct-race";
+    topup::complete(&env.pool, &TopupConfig::default(), &topup_req("o", a, "1")).await.unwrap();
+    // $1.00 balance, 250 concurrent holds of $0.03: exactly 33 may succeed.
+    let tasks: Vec<_> = (0..250)
+        .map(|i| {
+            let pool = env.pool.clone();
+            tokio::spawn(async move {
+                let req = ReserveRequest {
+                    account_id: "acct-race".into(),
+                    reservation_id: format!("r{i}"),
+                    amount_units: 3_000_000,
+                    ttl_secs: 600,
+                };
+                reservations::reserve(&pool, &req).await
+            })
+        })
+        .collect();
+    let (mut ok, mut refused) = (0, 0);
+    for t in tasks {
+        match t.await.unwrap() {
+            Ok(_) => ok += 1,
+            Err(LedgerError::InsufficientFunds { .. }) => refused += 1,
+            Err(e) => panic!("unexpected {e}"),
+        }
+    }
+    assert_eq!((ok, refused), (33, 217));
+    let b = balance(&env, a).await;
+    assert_eq!((b.reserved_units, b.effective_units), (99_000_000, 1_000_000));
+    let open = env.count("SELECT count(*) FROM reservations WHERE status = 'active'").await;
+    assert_eq!(open, 33);
+}
+
+#[tokio::test]
+async fn holds_expire_settle_by_event_and_release() {
+    let env = TestEnv::new(1).await;
+    let a = "acct-holds";
+    topup::complete(&env.pool, &TopupConfig::default(), &topup_req("o", a, "10")).await.unwrap();
+    let reserve = |id: &str, units: i64, ttl: u32| ReserveRequest {
+        account_id: a.into(),
+        reservation_id: id.into(),
+        amount_units: units,
+        ttl_secs: ttl,
+    };
+    // Expiry: a 1-second hold disappears by itself.
+    reservations::reserve(&env.pool, &reserve("short", 9 * USD, 1)).await.unwrap();
+    assert!(reservations::reserve(&env.pool, &reserve("blocked", 2 * USD, 60)).await.is_err());
+    tokio::time::sleep(Duration::from_millis(1_500)).await;
+    assert_eq!(reservations::expire_due(&env.pool).await.unwrap(), 1);
+    assert_eq!(reservations::get(&env.pool, "short").await.unwrap().unwrap().status, "expired");
+    assert_eq!(balance(&env, a).await.reserved_units, 0);
+
+    // Settle via API, then the usage event closes it and is the only debit.
+    reservations::reserve(&env.pool, &reserve("r1", 5 * USD, 60)).await.unwrap();
+    let s = reservations::settle(&env.pool, "r1", CHAT_UNITS).await.unwrap();
+    assert_eq!(s.status, "settling");
+    let b = balance(&env, a).await;
+    assert_eq!((b.reserved_units, b.pending_units), (0, CHAT_UNITS));
+    apply_usage(&env, vec![chat("ev-r1", a, Some("r1"))], 0).await;
+    let r1 = reservations::get(&env.pool, "r1").await.unwrap().unwrap();
+    assert_eq!((r1.status.as_str(), r1.actual_units), ("settled", Some(CHAT_UNITS)));
+    let b = balance(&env, a).await;
+    assert_eq!((b.balance_units, b.pending_units, b.reserved_units), (10 * USD - CHAT_UNITS, 0, 0));
+
+    // An event settles an active hold directly (actual cost below the estimate).
+    reservations::reserve(&env.pool, &reserve("r2", 3 * USD, 60)).await.unwrap();
+    apply_usage(&env, vec![chat("ev-r2", a, Some("r2"))], 1).await;
+    assert_eq!(reservations::get(&env.pool, "r2").await.unwrap().unwrap().status, "settled");
+    // Release on failure; releasing twice is harmless; settling a released hold is refused.
+    reservations::reserve(&env.pool, &reserve("r3", USD, 60)).await.unwrap();
+    assert_eq!(reservations::release(&env.pool, "r3").await.unwrap().status, "released");
+    assert_eq!(reservations::release(&env.pool, "r3").await.unwrap().status, "released");
+    assert!(matches!(reservations::settle(&env.pool, "r3", 1).await, Err(LedgerError::InvalidState(_))));
+    let b = balance(&env, a).await;
+    assert_eq!((b.reserved_units, b.pending_units, b.balance_units), (0, 0, 10 * USD - 2 * CHAT_UNITS));
+    ledger::verify(&env.pool).await.unwrap();
+}
+
+#[tokio::test]
+async fn auto_reload_is_requested_once_per_crossing() {
+    let env = TestEnv::new(1).await;
+    let a = "acct-reload";
+    topup::complete(&env.pool, &TopupConfig::default(), &topup_req("o1", a, "1")).await.unwrap();
+    ledger::auto_reload::configure(&env.pool, a, Some((USD / 2, 25 * USD))).await.unwrap();
+    let requests = || env.count("SELECT count(*) FROM auto_reload_requests");
+    // $1.00 -> 0.78 -> 0.56: above the $0.50 threshold, nothing.
+    apply_usage(&env, vec![chat("c1", a, None), chat("c2", a, None)], 0).await;
+    assert_eq!(requests().await, 0);
+    // -> 0.34 crosses; -> 0.12 and -> -0.10 stay below: still one request.
+    apply_usage(&env, vec![chat("c3", a, None)], 2).await;
+    apply_usage(&env, vec![chat("c4", a, None), chat("c5", a, None)], 3).await;
+    assert_eq!(requests().await, 1);
+    // Reloaded above the threshold (re-armed), then crossing again: a second request.
+    topup::complete(&env.pool, &TopupConfig::default(), &topup_req("o2", a, "1")).await.unwrap();
+    apply_usage(&env, (6..10).map(|i| chat(&format!("c{i}"), a, None)).collect(), 5).await;
+    assert_eq!(requests().await, 2);
+    // Published to Kafka exactly as queued.
+    let producer = tally::kafka::producer(&BROKERS).unwrap();
+    let topic = format!("{}.reload", env.topic);
+    tally::kafka::ensure_topics(&BROKERS, &[(&topic, 1)]).await.unwrap();
+    assert_eq!(ledger::auto_reload::publish_pending(&env.pool, &producer, &topic).await.unwrap(), 2);
+    assert_eq!(ledger::auto_reload::publish_pending(&env.pool, &producer, &topic).await.unwrap(), 0);
+}
+
+#[tokio::test]
+async fn the_journal_is_append_only_and_verify_catches_a_planted_error() {
+    let env = TestEnv::new(1).await;
+    let a = "acct-verify";
+    for i in 0..5 {
+        ops::manual(&env.pool, &manual(a, &format!("k{i}"), ManualKind::Addition(USD))).await.unwrap();
+    }
+    let upd = sqlx::query("UPDATE ledger_entries SET amount_units = 0").execute(&env.pool).await;
+    assert!(upd.unwrap_err().to_string().contains("append-only"));
+    let del = sqlx::query("DELETE FROM ledger_entries").execute(&env.pool).await;
+    assert!(del.unwrap_err().to_string().contains("append-only"));
+    ledger::verify(&env.pool).await.unwrap();
+    // A superuser bypasses the guard and corrupts the third entry.
+    let (third,): (i64,) =
+        sqlx::query_as("SELECT entry_id FROM ledger_entries ORDER BY entry_id OFFSET 2 LIMIT 1")
+            .fetch_one(&env.pool)
+            .await
+            .unwrap();
+    let mut tx = env.pool.begin().await.unwrap();
+    sqlx::query("SET LOCAL session_replication_role = replica").execute(&mut *tx).await.unwrap();
+    sqlx::query(
+        "UPDATE ledger_entries SET balance_after_units = balance_after_units + 1 WHERE entry_id = $1",
+    )
+    .bind(third)
+    .execute(&mut *tx)
+    .await
+    .unwrap();
+    tx.commit().await.unwrap();
+    let err = ledger::verify(&env.pool).await.unwrap_err().to_string();
+    assert!(err.contains(&format!("entry {third} ")), "{err}");
+    // The CLI names it too and exits non-zero.
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_tally"))
+        .args(["ledger", "verify", "--database-url", &env.database_url])
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(3));
+    assert!(String::from_utf8_lossy(&out.stderr).contains(&format!("entry {third} ")));
+}
+
+#[tokio::test]
+async fn operator_cli_topup_adjust_history_balance() {
+    let env = TestEnv::new(1).await;
+    let tally = |args: &[&str]| {
+        let out = std::process::Command::new(env!("CARGO_BIN_EXE_tally"))
+            .args(args)
+            .env("TALLY_DATABASE_URL", &env.database_url)
+            .output()
+            .unwrap();
+        (
+            out.status.code(),
+            String::from_utf8_lossy(&out.stdout).into_owned(),
+            String::from_utf8_lossy(&out.stderr).into_owned(),
+        )
+    };
+    let brokr = repo().join("examples/brokr.toml");
+    let brokr = brokr.to_str().unwrap();
+    let (code, out, _) = tally(&["topup", "acct-cli", "25", "--order-id", "ord-9", "--config", brokr]);
+    assert_eq!(code, Some(0));
+    assert!(out.contains("\"credited_units\": 2500000000"), "{out}");
+    // Same order again: credited once.
+    assert_eq!(tally(&["topup", "acct-cli", "25", "--order-id", "ord-9", "--config", brokr]).0, Some(0));
+    // Brokr's $5 - $1,000 range is enforced with a clear error.
+    let (code, _, err) = tally(&["topup", "acct-cli", "1001", "--config", brokr]);
+    assert_eq!(code, Some(1));
+    assert!(err.contains("above the maximum 1000 USD"), "{err}");
+    let adjust = ["adjust", "acct-cli", "--set-to-usd", "7.5", "--by-user", "alice", "--reason", "promo"];
+    let (code, out, _) = tally(&adjust);
+    assert_eq!(code, Some(0));
+    assert!(
+        out.contains("\"amount_units\":-1750000000") && out.contains("\"balance_after_units\":750000000"),
+        "{out}"
+    );
+    let neg = ["adjust", "acct-cli", "--by-usd", "-0.5", "--by-user", "alice", "--reason", "incident"];
+    assert_eq!(tally(&neg).0, Some(0));
+    let (_, out, _) = tally(&["balance", "acct-cli"]);
+    assert!(out.contains("\"balance\": \"7.00000000\""), "{out}");
+    let (_, out, _) = tally(&["history", "acct-cli", "--limit", "2"]);
+    let lines: Vec<serde_json::Value> = out.lines().map(|l| serde_json::from_str(l).unwrap()).collect();
+    assert_eq!(lines.len(), 2);
+    assert_eq!(
+        (lines[0]["kind"].as_str(), lines[0]["created_by"].as_str()),
+        (Some("adjustment"), Some("alice"))
+    );
+    assert_eq!(lines[1]["description"], "promo");
+    let (code, _, err) = tally(&["adjust", "acct-cli", "--by-user", "alice", "--reason", "x"]);
+    assert_eq!(code, Some(2), "clap refuses an adjustment without an amount: {err}");
+}

@@ -38,6 +38,11 @@ pub enum Command {
     Adjust(AdjustArgs),
     /// Configure an account's auto-reload threshold and amount.
     AutoReload(AutoReloadArgs),
+    /// Put an account on a plan (BroomVA: prorated upgrade credit, downgrade cap) or on a
+    /// quota tier that is not a credit plan (Reeve's free / pro / enterprise).
+    Plan(PlanArgs),
+    /// Set or remove a monthly spend cap on an account, a project or an API key.
+    Limit(LimitArgs),
     /// Print balances and usage: the demo's closing summary.
     Report(ReportArgs),
 }
@@ -203,6 +208,39 @@ pub struct AutoReloadArgs {
     /// Turn auto-reload off.
     #[arg(long, conflicts_with_all = ["threshold_usd", "amount_usd"])]
     pub off: bool,
+    #[arg(long, env = "TALLY_DATABASE_URL", default_value = "postgres://postgres@127.0.0.1:55432/tally")]
+    pub database_url: String,
+}
+
+#[derive(Debug, Args)]
+pub struct PlanArgs {
+    pub account: String,
+    pub plan: String,
+    /// Catalog file with the [plans] and [quotas] tables.
+    #[arg(long = "config", env = "TALLY_CONFIG", default_value = "examples/demo.toml")]
+    pub catalog_path: PathBuf,
+    /// Who is doing it (recorded in the audit log).
+    #[arg(long = "by-user")]
+    pub by_user: String,
+    #[arg(long, env = "TALLY_DATABASE_URL", default_value = "postgres://postgres@127.0.0.1:55432/tally")]
+    pub database_url: String,
+}
+
+#[derive(Debug, Args)]
+pub struct LimitArgs {
+    pub account: String,
+    /// account | project | api_key
+    #[arg(long, default_value = "account")]
+    pub scope: String,
+    /// Project or API key id (not for the account scope).
+    #[arg(long, default_value = "")]
+    pub id: String,
+    /// Monthly cap, USD.
+    #[arg(long, required_unless_present = "remove")]
+    pub monthly_usd: Option<rust_decimal::Decimal>,
+    /// Remove the cap.
+    #[arg(long, conflicts_with = "monthly_usd")]
+    pub remove: bool,
     #[arg(long, env = "TALLY_DATABASE_URL", default_value = "postgres://postgres@127.0.0.1:55432/tally")]
     pub database_url: String,
 }

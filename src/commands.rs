@@ -38,6 +38,8 @@ pub async fn dispatch(command: Command) -> anyhow::Result<ExitCode> {
         }
         Command::Catalog(CatalogCommand::Check { catalog_path }) => {
             load_catalog(&catalog_path)?;
+            ledger::config::LedgerConfig::load(&catalog_path).map_err(|e| anyhow::anyhow!(e))?;
+            crate::quota::config::QuotaConfig::load(&catalog_path).map_err(|e| anyhow::anyhow!(e))?;
             println!("{}: ok", catalog_path.display());
         }
         Command::Ledger(LedgerCommand::Verify { database_url }) => {
@@ -68,6 +70,13 @@ pub async fn dispatch(command: Command) -> anyhow::Result<ExitCode> {
             }
         }
         Command::Topup(args) => topup(args).await?,
+        Command::Plan(args) => plan(args).await?,
+        Command::Limit(args) => {
+            let pool = ledger::connect(&args.database_url, 2).await?;
+            let units = args.monthly_usd.map(usd_units).transpose()?;
+            crate::quota::store::set_limit(&pool, &args.account, &args.scope, &args.id, units).await?;
+            println!("limit {} {} {:?}: {}", args.account, args.scope, args.id, args.monthly_usd.map_or("removed".into(), |u| format!("{u} USD/month")));
+        }
         Command::Adjust(args) => adjust(args).await?,
         Command::AutoReload(args) => {
             let pool = ledger::connect(&args.database_url, 2).await?;
@@ -85,6 +94,35 @@ pub async fn dispatch(command: Command) -> anyhow::Result<ExitCode> {
 
 fn usd_units(usd: rust_decimal::Decimal) -> anyhow::Result<i64> {
     ledger::config::exact_units(usd).map_err(|e| anyhow::anyhow!(e))
+}
+
+async fn plan(args: crate::cli::PlanArgs) -> anyhow::Result<()> {
+    use crate::quota::{config::QuotaConfig, store};
+    let cfg = QuotaConfig::load(&args.catalog_path).map_err(|e| anyhow::anyhow!(e))?;
+    let pool = ledger::connect(&args.database_url, 2).await?;
+    let now = chrono::Utc::now();
+    let Some(new) = cfg.plans.get(&args.plan) else {
+        let is_tier = cfg.quotas.values().any(|tiers| tiers.contains_key(&args.plan)) || args.plan == "enterprise";
+        anyhow::ensure!(is_tier, "{} is neither a plan nor a quota tier of {}", args.plan, args.catalog_path.display());
+        store::set_tier(&pool, &args.account, &args.plan, now).await?;
+        println!("{} is on tier {}", args.account, args.plan);
+        return Ok(());
+    };
+    let current = store::current_plan(&pool, &args.account).await?;
+    let old = current.as_deref().and_then(|p| cfg.plans.get(p));
+    let key = format!("plan:{}:{}:{}:{}", args.account, current.as_deref().unwrap_or("none"), new.name, now.timestamp());
+    let req = store::PlanChangeRequest {
+        account_id: &args.account,
+        new_plan: new,
+        old_plan: old,
+        idempotency_key: &key,
+        created_by: &args.by_user,
+        now,
+        cycle: cfg.cycle,
+    };
+    let change = store::change_plan(&pool, &req).await?;
+    println!("{}", serde_json::to_string_pretty(&change)?);
+    Ok(())
 }
 
 async fn topup(args: crate::cli::TopupArgs) -> anyhow::Result<()> {

@@ -29,4 +29,5 @@ pub mod metrics;
 pub mod money;
 pub mod pipeline;
 pub mod pricing;
+pub mod quota;
 pub mod simulate;

@@ -28,6 +28,8 @@ async fn spawn_app() -> App {
         metrics: metrics_exporter_prometheus::PrometheusBuilder::new().build_recorder().handle(),
         ledger_config: Arc::new(cfg),
         stripe_webhook_secret: Some(SECRET.into()),
+        quota: Default::default(),
+        quota_config: Arc::new(tally::quota::config::QuotaConfig::load(&repo().join("examples/brievio.toml")).unwrap()),
     };
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let base = format!("http://{}", listener.local_addr().unwrap());

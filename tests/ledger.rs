@@ -9,17 +9,13 @@ use chrono::Utc;
 use common::*;
 use rust_decimal::Decimal;
 use std::str::FromStr;
-use std::sync::Arc;
 use std::time::Duration;
 use tally::event::{RawUsageEvent, UsageEvent};
 use tally::ledger::config::{LedgerConfig, TopupConfig};
 use tally::ledger::ops::{self, LedgerError, ManualKind, ManualRequest};
 use tally::ledger::reservations::{self, ReserveRequest};
 use tally::ledger::topup::{self, TopupRequest};
-use tally::ledger::{self, usage};
-use tally::pipeline::reader::Transformer;
-use tally::pipeline::{Batch, SourcePos};
-use tally::pricing::Catalog;
+use tally::ledger;
 
 const USD: i64 = tally::money::UNITS_PER_USD;
 
@@ -43,28 +39,6 @@ async fn balance(env: &TestEnv, account: &str) -> ledger::BalanceView {
 
 fn topup_req(order: &str, account: &str, usd: &str) -> TopupRequest {
     TopupRequest { order_id: order.into(), account_id: account.into(), paid_usd: d(usd), source: "operator" }
-}
-
-/// Apply usage events through the pipeline's own batch code (real SQL, no broker).
-async fn apply_usage(env: &TestEnv, events: Vec<UsageEvent>, first_offset: i64) -> usage::Applied {
-    let catalog = Catalog::load(&repo().join("examples/demo.toml")).unwrap();
-    let t = Transformer {
-        catalog: Arc::new(catalog),
-        future_skew: chrono::Duration::seconds(300),
-        age_max: chrono::Duration::days(400),
-    };
-    let items = events
-        .iter()
-        .enumerate()
-        .map(|(i, e)| {
-            let pos = SourcePos { partition: 0, offset: first_offset + i as i64 };
-            t.transform(pos, None, &tally::codec::encode(&e.to_raw()), Utc::now())
-        })
-        .collect();
-    let mut tx = env.pool.begin().await.unwrap();
-    let applied = usage::apply(&mut tx, "g", "t", &Batch { items }).await.unwrap();
-    tx.commit().await.unwrap();
-    applied
 }
 
 /// A chat call on the demo catalog's default model: 1,000,000 input tokens = $0.22.

@@ -26,6 +26,9 @@ pub struct AppState {
     pub ledger_config: std::sync::Arc<crate::ledger::config::LedgerConfig>,
     /// Stripe webhook signing secret; webhooks answer 503 without it.
     pub stripe_webhook_secret: Option<String>,
+    /// In-memory quota, limit and balance state (the authorize fast path).
+    pub quota: std::sync::Arc<crate::quota::state::QuotaState>,
+    pub quota_config: std::sync::Arc<crate::quota::config::QuotaConfig>,
 }
 
 pub fn router(state: AppState) -> Router {

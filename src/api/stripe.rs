@@ -204,6 +204,7 @@ pub(crate) fn ledger_error(e: LedgerError) -> ApiError {
         LedgerError::NotFound(what) => ApiError::not_found("not_found", format!("{what} not found")),
         LedgerError::InvalidState(m) => ApiError::new(StatusCode::CONFLICT, "invalid_state", m),
         LedgerError::Invalid(m) => ApiError::unprocessable("invalid_request", m),
+        LedgerError::NotAllowed(m) => ApiError::new(StatusCode::FORBIDDEN, "plan_change_not_allowed", m),
         LedgerError::Db(e) => ApiError::internal(e),
     }
 }

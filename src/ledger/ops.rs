@@ -27,6 +27,8 @@ pub enum LedgerError {
     InvalidState(String),
     #[error("invalid request: {0}")]
     Invalid(String),
+    #[error("not allowed: {0}")]
+    NotAllowed(String),
     #[error("database: {0}")]
     Db(#[from] sqlx::Error),
 }
@@ -117,6 +119,9 @@ pub(crate) struct Posting<'a> {
 pub(crate) enum Amount {
     Delta(i64),
     SetBalanceTo(i64),
+    /// Lower the balance to this if it is above (a downgrade caps remaining credits);
+    /// otherwise a zero entry records that nothing changed.
+    CapBalanceAt(i64),
 }
 
 /// Lock the account's balance, append one entry, update the projection, run the
@@ -129,6 +134,7 @@ pub(crate) async fn post(tx: &mut Transaction<'_, Postgres>, p: Posting<'_>) -> 
         Amount::SetBalanceTo(target) => target
             .checked_sub(before)
             .ok_or_else(|| LedgerError::Invalid("balance change out of range".into()))?,
+        Amount::CapBalanceAt(cap) => cap.saturating_sub(before).min(0),
     };
     let after =
         before.checked_add(amount).ok_or_else(|| LedgerError::Invalid("balance out of range".into()))?;

@@ -193,7 +193,8 @@ async fn set_projection(
     pending: i64,
 ) -> Result<(), LedgerError> {
     assert!(reserved >= 0 && pending >= 0, "holds never go negative ({reserved}, {pending})");
-    sqlx::query("UPDATE account_balances SET reserved_units = $2, pending_units = $3 WHERE account_id = $1")
+    sqlx::query("UPDATE account_balances SET reserved_units = $2, pending_units = $3, updated_at = clock_timestamp()
+         WHERE account_id = $1")
         .bind(account)
         .bind(reserved)
         .bind(pending)
@@ -287,7 +288,8 @@ pub(crate) async fn settle_from_events(
              reserved_units = COALESCE((SELECT sum(amount_units) FROM reservations r
                  WHERE r.account_id = b.account_id AND r.status = 'active'), 0),
              pending_units = COALESCE((SELECT sum(pending_units) FROM reservations r
-                 WHERE r.account_id = b.account_id AND r.status = 'settling'), 0)
+                 WHERE r.account_id = b.account_id AND r.status = 'settling'), 0),
+             updated_at = clock_timestamp()
          WHERE b.account_id = ANY($1)",
     )
     .bind(&touched)

@@ -41,6 +41,7 @@ pub async fn apply(
     let candidates = dedup_in_batch(fresh, &mut applied);
     let new_events = insert_processed(tx, topic, candidates, &mut applied).await?;
     post_debits(tx, &new_events, &mut applied).await?;
+    crate::quota::store::count_usage(tx, &new_events).await?;
     record_dead_letters(tx, topic, &applied.dead).await?;
     advance_offsets(tx, group, topic, batch, &stored, &mut applied).await?;
     applied.new_events = new_events;

@@ -28,6 +28,8 @@ pub async fn run(
     let catalog = Catalog::load(&settings.catalog_path).map_err(|e| anyhow::anyhow!("{e}"))?;
     let ledger_config =
         ledger::config::LedgerConfig::load(&settings.catalog_path).map_err(|e| anyhow::anyhow!(e))?;
+    let quota_config =
+        crate::quota::config::QuotaConfig::load(&settings.catalog_path).map_err(|e| anyhow::anyhow!(e))?;
     let c = &settings.connections;
     let pool = ledger::connect(&c.database_url, settings.pg_connections_max)
         .await
@@ -37,6 +39,9 @@ pub async fn run(
     let consumer = Arc::new(kafka::consumer(&c.brokers, &settings.group, settings.session_timeout_ms)?);
     consumer.subscribe(&[settings.topics.topic.as_str()])?;
 
+    // Restore the windowed state from Postgres before answering anything.
+    let quota_state = Arc::new(crate::quota::state::QuotaState::default());
+    quota_state.refresh(&pool).await.context("restoring quota state")?;
     let shutdown = CancellationToken::new();
     let abort = CancellationToken::new();
     spawn_signal_handler(shutdown.clone(), abort.clone());
@@ -50,8 +55,11 @@ pub async fn run(
         metrics,
         ledger_config: Arc::new(ledger_config),
         stripe_webhook_secret: settings.stripe_webhook_secret.clone(),
+        quota: quota_state.clone(),
+        quota_config: Arc::new(quota_config),
     };
     let producer = kafka::producer(&c.brokers)?;
+    let refresher = tokio::spawn(refresh_quota_state(quota_state.clone(), pool.clone(), shutdown.clone()));
     let housekeeping = tokio::spawn(housekeeping(
         pool.clone(),
         producer.clone(),
@@ -106,11 +114,27 @@ pub async fn run(
     http_stop.cancel();
     let _ = http.await;
     let _ = housekeeping.await;
+    let _ = refresher.await;
     pool.close().await;
     reader_result.context("reader")?;
     writer_result.context("writer")?;
     tracing::info!("tally run stopped cleanly");
     Ok(())
+}
+
+/// Keep the in-memory quota state current (see `quota::state` for the design).
+async fn refresh_quota_state(state: Arc<crate::quota::state::QuotaState>, pool: sqlx::PgPool, stop: CancellationToken) {
+    let mut tick = tokio::time::interval(crate::quota::state::REFRESH_INTERVAL);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tokio::select! {
+            _ = stop.cancelled() => return,
+            _ = tick.tick() => {}
+        }
+        if let Err(e) = state.refresh(&pool).await {
+            tracing::warn!(error = %e, "refreshing quota state");
+        }
+    }
 }
 
 /// Periodic work beside the pipeline: expire overdue reservations (so holds never leak)

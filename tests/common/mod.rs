@@ -223,3 +223,31 @@ pub fn wait_exit(child: &mut Child, limit: Duration) -> std::process::ExitStatus
         std::thread::sleep(Duration::from_millis(100));
     }
 }
+
+/// Apply usage events through the pipeline's own batch code (real SQL, no broker), priced
+/// with the demo catalog, as partition 0 from `first_offset` on, group "g", topic "t".
+pub async fn apply_usage(
+    env: &TestEnv,
+    events: Vec<tally::event::UsageEvent>,
+    first_offset: i64,
+) -> tally::ledger::usage::Applied {
+    use tally::pipeline::{Batch, SourcePos, reader::Transformer};
+    let catalog = tally::pricing::Catalog::load(&repo().join("examples/demo.toml")).expect("catalog");
+    let t = Transformer {
+        catalog: std::sync::Arc::new(catalog),
+        future_skew: chrono::Duration::seconds(300),
+        age_max: chrono::Duration::days(400),
+    };
+    let items = events
+        .iter()
+        .enumerate()
+        .map(|(i, e)| {
+            let pos = SourcePos { partition: 0, offset: first_offset + i as i64 };
+            t.transform(pos, None, &tally::codec::encode(&e.to_raw()), chrono::Utc::now())
+        })
+        .collect();
+    let mut tx = env.pool.begin().await.expect("begin");
+    let applied = tally::ledger::usage::apply(&mut tx, "g", "t", &Batch { items }).await.expect("apply");
+    tx.commit().await.expect("commit");
+    applied
+}

@@ -1,0 +1,212 @@
+//! The authorize decision. Pure: everything it needs is passed in.
+//!
+//! Checks, in order (the first that blocks decides the answer):
+//! 1. **Tier quota** (Reeve): calls of the feature in the rolling window + 1 > limit
+//!    -> 429 `quota_exceeded`.
+//! 2. **Spend limits** (Brokr per account and per project, Brievio per API key): spend in
+//!    the current period + estimate > cap -> 429 `spend_limit_exceeded`.
+//! 3. **Plan or prepaid balance**, which also yields the [`OverageResult`]:
+//!    - `hard_limit`: blocked when the allocation is used up, i.e. remaining <= 0 or
+//!      consumed + estimate > allocation -> 402 `credits_exhausted`;
+//!    - `soft_limit`: allowed up to `soft_limit_percent` (120%) of the allocation, with a
+//!      warning once over it; consumed + estimate > ceiling -> 402 `credits_exhausted`;
+//!    - `warn`: never blocked; overage reported;
+//!    - no plan (prepaid wallet, Brievio): effective balance (balance - reserved - pending)
+//!      <= 0, or < estimate -> 402 `insufficient_quota`.
+//!
+//! "Exactly at" a limit is allowed; one unit over is blocked. Usage that already happened
+//! is never refused here: this only decides what the gateway is told next.
+
+use super::config::{OveragePolicy, Plan};
+use crate::money;
+use rust_decimal::Decimal;
+use serde::Serialize;
+
+/// BroomVA's OverageResult, with amounts in internal units and as USD.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct OverageResult {
+    pub in_overage: bool,
+    /// How far consumption (including this request's estimate) goes past the allocation;
+    /// 0 when not in overage. Internal units.
+    pub overage_amount: i64,
+    /// `hard_limit`, `soft_limit`, `warn`, or `prepaid` (no plan).
+    pub policy: &'static str,
+    pub blocked: bool,
+    pub message: String,
+}
+
+/// What the decision needs to know about the account, all amounts in internal units.
+#[derive(Debug, Clone, Default)]
+pub struct AccountView<'a> {
+    pub balance_units: i64,
+    pub reserved_units: i64,
+    pub pending_units: i64,
+    pub plan: Option<&'a Plan>,
+    /// Spend of the account in the current period (plan period or calendar month).
+    pub period_consumed_units: i64,
+    /// (used in window, limit) for the requested feature, when it is gated for the tier.
+    pub feature_quota: Option<(u64, u64)>,
+    /// (scope name, spent this period, cap) for every cap that applies.
+    pub spend_caps: Vec<(&'static str, i64, i64)>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct Decision {
+    pub allowed: bool,
+    /// 200, 402 or 429.
+    pub status: u16,
+    /// Stable error code when refused.
+    pub code: Option<&'static str>,
+    pub message: String,
+    pub overage: OverageResult,
+}
+
+pub fn decide(account: &AccountView<'_>, feature: Option<&str>, estimate_units: i64) -> Decision {
+    let estimate = estimate_units.max(0);
+    let overage = overage(account, estimate);
+    if let (Some(feature), Some((used, limit))) = (feature, account.feature_quota) {
+        if used + 1 > limit {
+            let msg = format!("quota for {feature} is used up: {used} of {limit} calls in the last 30 days");
+            return refuse(429, "quota_exceeded", msg, overage);
+        }
+    }
+    for (scope, spent, cap) in &account.spend_caps {
+        if spent.saturating_add(estimate) > *cap {
+            let msg = format!(
+                "{scope} monthly spend limit reached: {} of {} USD spent, {} USD requested",
+                money::units_to_usd(*spent),
+                money::units_to_usd(*cap),
+                money::units_to_usd(estimate)
+            );
+            return refuse(429, "spend_limit_exceeded", msg, overage);
+        }
+    }
+    if overage.blocked {
+        let code = if account.plan.is_some() { "credits_exhausted" } else { "insufficient_quota" };
+        let msg = overage.message.clone();
+        return refuse(402, code, msg, overage);
+    }
+    Decision { allowed: true, status: 200, code: None, message: overage.message.clone(), overage }
+}
+
+fn refuse(status: u16, code: &'static str, message: String, overage: OverageResult) -> Decision {
+    Decision { allowed: false, status, code: Some(code), message, overage }
+}
+
+fn overage(a: &AccountView<'_>, estimate: i64) -> OverageResult {
+    let Some(plan) = a.plan else {
+        let effective = a.balance_units - a.reserved_units - a.pending_units;
+        let blocked = effective <= 0 || effective < estimate;
+        let message = if blocked {
+            format!("insufficient balance: {} USD available, {} USD requested", money::units_to_usd(effective), money::units_to_usd(estimate))
+        } else {
+            "ok".to_string()
+        };
+        let overage_amount = (estimate - effective.max(0)).max(0);
+        return OverageResult { in_overage: false, overage_amount, policy: "prepaid", blocked, message };
+    };
+    let allocation = plan.allocation_units;
+    let projected = a.period_consumed_units.saturating_add(estimate);
+    let overage_amount = (projected - allocation).max(0);
+    let in_overage = overage_amount > 0;
+    let (blocked, message) = match plan.policy {
+        OveragePolicy::HardLimit => {
+            let blocked = a.period_consumed_units >= allocation || projected > allocation;
+            (blocked, if blocked { format!("{} plan credits are exhausted; upgrade or wait for the next period", plan.name) } else { "ok".into() })
+        }
+        OveragePolicy::SoftLimit => {
+            let ceiling = soft_ceiling(allocation, plan.soft_limit_percent);
+            let blocked = projected > ceiling;
+            let message = if blocked {
+                format!("{} plan soft limit of {}% reached; upgrade or wait for the next period", plan.name, plan.soft_limit_percent)
+            } else if in_overage {
+                format!("warning: over the {} plan allocation, allowed up to {}%", plan.name, plan.soft_limit_percent)
+            } else {
+                "ok".into()
+            };
+            (blocked, message)
+        }
+        OveragePolicy::Warn => {
+            let message = if in_overage {
+                format!("warning: over the {} plan allocation; overage is billed at the end of the period", plan.name)
+            } else {
+                "ok".into()
+            };
+            (false, message)
+        }
+    };
+    OverageResult { in_overage, overage_amount, policy: plan.policy.as_str(), blocked, message }
+}
+
+/// allocation x percent / 100, rounded half to even (the one rounding rule).
+pub fn soft_ceiling(allocation_units: i64, percent: u32) -> i64 {
+    let exact = Decimal::from(allocation_units) * Decimal::from(percent) / Decimal::from(100);
+    i64::try_from(exact.round_dp_with_strategy(0, money::ROUNDING)).unwrap_or(i64::MAX)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn plan(policy: OveragePolicy, allocation_units: i64) -> Plan {
+        Plan { name: "p".into(), rank: 1, allocation_units, policy, soft_limit_percent: 120, self_serve: true }
+    }
+
+    fn with_plan(p: &Plan, consumed: i64) -> AccountView<'_> {
+        AccountView { plan: Some(p), period_consumed_units: consumed, ..Default::default() }
+    }
+
+    #[test]
+    fn hard_limit_allows_exactly_the_allocation_and_blocks_one_unit_over() {
+        let p = plan(OveragePolicy::HardLimit, 1_000);
+        assert!(decide(&with_plan(&p, 900), None, 100).allowed);
+        let d = decide(&with_plan(&p, 900), None, 101);
+        assert_eq!((d.allowed, d.status, d.code), (false, 402, Some("credits_exhausted")));
+        assert_eq!((d.overage.overage_amount, d.overage.policy, d.overage.blocked), (1, "hard_limit", true));
+        assert!(!decide(&with_plan(&p, 1_000), None, 0).allowed, "blocked at zero remaining");
+    }
+
+    #[test]
+    fn soft_limit_warns_past_the_allocation_and_blocks_past_120_percent() {
+        let p = plan(OveragePolicy::SoftLimit, 1_000);
+        let d = decide(&with_plan(&p, 1_100), None, 100);
+        assert!(d.allowed && d.overage.in_overage && d.message.starts_with("warning"));
+        assert_eq!(d.overage.overage_amount, 200);
+        let d = decide(&with_plan(&p, 1_100), None, 101);
+        assert_eq!((d.allowed, d.code), (false, Some("credits_exhausted")));
+        assert_eq!(soft_ceiling(1_001, 120), 1_201); // 1201.2 -> 1201
+        assert_eq!(soft_ceiling(5, 150), 8); // 7.5 -> 8 (half to even)
+    }
+
+    #[test]
+    fn warn_never_blocks_but_reports_overage() {
+        let p = plan(OveragePolicy::Warn, 1_000);
+        let d = decide(&with_plan(&p, 5_000), None, 10);
+        assert!(d.allowed && d.overage.in_overage && !d.overage.blocked);
+        assert_eq!((d.overage.overage_amount, d.overage.policy), (4_010, "warn"));
+    }
+
+    #[test]
+    fn prepaid_is_refused_at_zero_and_below_the_estimate() {
+        let a = |balance, reserved| AccountView { balance_units: balance, reserved_units: reserved, ..Default::default() };
+        assert!(decide(&a(100, 0), None, 100).allowed);
+        let d = decide(&a(100, 0), None, 101);
+        assert_eq!((d.status, d.code, d.overage.policy), (402, Some("insufficient_quota"), "prepaid"));
+        assert!(!decide(&a(0, 0), None, 0).allowed);
+        assert!(!decide(&a(100, 60), None, 41).allowed, "holds count against the balance");
+    }
+
+    #[test]
+    fn quotas_and_spend_caps_come_first_with_429() {
+        let ok_balance = AccountView { balance_units: 1_000_000, ..Default::default() };
+        let q = AccountView { feature_quota: Some((99, 100)), ..ok_balance.clone() };
+        assert!(decide(&q, Some("ad_generations"), 0).allowed, "the 100th call is allowed");
+        let q = AccountView { feature_quota: Some((100, 100)), ..ok_balance.clone() };
+        let d = decide(&q, Some("ad_generations"), 0);
+        assert_eq!((d.status, d.code), (429, Some("quota_exceeded")));
+        let c = AccountView { spend_caps: vec![("api key", 900, 1_000)], ..ok_balance.clone() };
+        assert!(decide(&c, None, 100).allowed);
+        let d = decide(&c, None, 101);
+        assert_eq!((d.status, d.code), (429, Some("spend_limit_exceeded")));
+    }
+}

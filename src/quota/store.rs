@@ -1,0 +1,365 @@
+//! Postgres side of quotas and limits: usage buckets (written with the ledger batch),
+//! plans and plan changes, spend limits.
+
+use super::window::{HOUR_SECS, floor_hour};
+use crate::ledger::ops::{Amount, LedgerError, Posted, Posting, claim, finish, hash_payload, post};
+use crate::pipeline::ValidItem;
+use crate::event::Status;
+use chrono::{DateTime, Utc};
+use serde::{Deserialize, Serialize};
+use sqlx::{PgPool, Postgres, Transaction};
+use std::collections::BTreeMap;
+
+type BucketKey<'a> = (&'a str, &'static str, &'a str, i64);
+
+/// Add the batch's new events to the hourly buckets (same transaction as the debits, so
+/// a replayed event, which is not new, is never counted twice).
+pub(crate) async fn count_usage(tx: &mut Transaction<'_, Postgres>, new_events: &[ValidItem]) -> Result<(), sqlx::Error> {
+    let mut buckets: BTreeMap<BucketKey<'_>, (i64, i64)> = BTreeMap::new();
+    for v in new_events {
+        let e = &v.event;
+        let at = (e.account_id.as_str(), floor_hour(e.occurred_at), v.charge.cost_units);
+        add(&mut buckets, at, "account", "");
+        if let Some(p) = &e.project_id {
+            add(&mut buckets, at, "project", p);
+        }
+        if let Some(k) = &e.api_key_id {
+            add(&mut buckets, at, "api_key", k);
+        }
+        if let (Some(f), Status::Success) = (&e.feature, e.status) {
+            add(&mut buckets, at, "feature", f);
+        }
+    }
+    if buckets.is_empty() {
+        return Ok(());
+    }
+    let accounts: Vec<&str> = buckets.keys().map(|k| k.0).collect();
+    let kinds: Vec<&str> = buckets.keys().map(|k| k.1).collect();
+    let keys: Vec<&str> = buckets.keys().map(|k| k.2).collect();
+    let hours: Vec<DateTime<Utc>> =
+        buckets.keys().map(|k| DateTime::<Utc>::from_timestamp(k.3, 0).expect("bucket in range")).collect();
+    let events: Vec<i64> = buckets.values().map(|v| v.0).collect();
+    let costs: Vec<i64> = buckets.values().map(|v| v.1).collect();
+    sqlx::query(
+        "INSERT INTO usage_hourly AS h (account_id, kind, key, hour, events, cost_units)
+         SELECT * FROM UNNEST($1::text[], $2::text[], $3::text[], $4::timestamptz[], $5::bigint[], $6::bigint[])
+         ON CONFLICT (account_id, kind, key, hour) DO UPDATE
+         SET events = h.events + EXCLUDED.events, cost_units = h.cost_units + EXCLUDED.cost_units,
+             updated_at = clock_timestamp()",
+    )
+    .bind(&accounts)
+    .bind(&kinds)
+    .bind(&keys)
+    .bind(&hours)
+    .bind(&events)
+    .bind(&costs)
+    .execute(&mut **tx)
+    .await?;
+    Ok(())
+}
+
+/// One event into one bucket: (account, hour, cost) x (kind, key).
+fn add<'a>(
+    buckets: &mut BTreeMap<BucketKey<'a>, (i64, i64)>,
+    (account, hour, cost): (&'a str, i64, i64),
+    kind: &'static str,
+    key: &'a str,
+) {
+    let slot = buckets.entry((account, kind, key, hour)).or_default();
+    slot.0 += 1;
+    slot.1 += cost;
+}
+
+/// One changed bucket, as the in-memory state consumes it.
+#[derive(Debug, Clone, sqlx::FromRow)]
+pub struct BucketRow {
+    pub account_id: String,
+    pub kind: String,
+    pub key: String,
+    pub hour: DateTime<Utc>,
+    pub events: i64,
+    pub cost_units: i64,
+}
+
+/// Buckets changed at or after `since` with an hour at or after `oldest_hour`.
+pub async fn buckets_since(
+    pool: &PgPool,
+    since: DateTime<Utc>,
+    oldest_hour: DateTime<Utc>,
+) -> Result<Vec<BucketRow>, sqlx::Error> {
+    sqlx::query_as(
+        "SELECT account_id, kind, key, hour, events, cost_units FROM usage_hourly
+         WHERE updated_at >= $1 AND hour >= $2",
+    )
+    .bind(since)
+    .bind(oldest_hour)
+    .fetch_all(pool)
+    .await
+}
+
+#[derive(Debug, Clone, sqlx::FromRow)]
+pub struct BalanceRow {
+    pub account_id: String,
+    pub balance_units: i64,
+    pub reserved_units: i64,
+    pub pending_units: i64,
+    pub last_purchase_at: Option<DateTime<Utc>>,
+    pub last_deduction_at: Option<DateTime<Utc>>,
+}
+
+pub async fn balances_since(pool: &PgPool, since: DateTime<Utc>) -> Result<Vec<BalanceRow>, sqlx::Error> {
+    sqlx::query_as(
+        "SELECT account_id, balance_units, reserved_units, pending_units, last_purchase_at, last_deduction_at
+         FROM account_balances WHERE updated_at >= $1",
+    )
+    .bind(since)
+    .fetch_all(pool)
+    .await
+}
+
+#[derive(Debug, Clone, sqlx::FromRow)]
+pub struct PlanRow {
+    pub account_id: String,
+    pub plan: String,
+    pub period_anchor: DateTime<Utc>,
+}
+
+pub async fn plans_since(pool: &PgPool, since: DateTime<Utc>) -> Result<Vec<PlanRow>, sqlx::Error> {
+    sqlx::query_as("SELECT account_id, plan, period_anchor FROM account_plans WHERE updated_at >= $1")
+        .bind(since)
+        .fetch_all(pool)
+        .await
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, sqlx::FromRow)]
+pub struct LimitRow {
+    pub account_id: String,
+    pub scope: String,
+    pub scope_id: String,
+    pub monthly_limit_units: i64,
+}
+
+pub async fn limits_since(pool: &PgPool, since: DateTime<Utc>) -> Result<Vec<LimitRow>, sqlx::Error> {
+    sqlx::query_as(
+        "SELECT account_id, scope, scope_id, monthly_limit_units FROM spend_limits WHERE updated_at >= $1",
+    )
+    .bind(since)
+    .fetch_all(pool)
+    .await
+}
+
+/// Set (or with `None`, remove) a monthly spend cap. Removal is recorded as a cap of
+/// i64::MAX rather than a DELETE, so pollers see the change.
+pub async fn set_limit(
+    pool: &PgPool,
+    account_id: &str,
+    scope: &str,
+    scope_id: &str,
+    monthly_limit_units: Option<i64>,
+) -> Result<(), LedgerError> {
+    if !matches!(scope, "account" | "project" | "api_key") {
+        return Err(LedgerError::Invalid(format!("unknown scope {scope}")));
+    }
+    if scope == "account" && !scope_id.is_empty() {
+        return Err(LedgerError::Invalid("the account scope takes no id".into()));
+    }
+    if scope != "account" && (scope_id.is_empty() || scope_id.len() > 128) {
+        return Err(LedgerError::Invalid(format!("{scope} limits need an id of 1..=128 bytes")));
+    }
+    let units = monthly_limit_units.unwrap_or(i64::MAX);
+    if units <= 0 {
+        return Err(LedgerError::Invalid("a limit must be positive".into()));
+    }
+    sqlx::query("INSERT INTO accounts (account_id) VALUES ($1) ON CONFLICT DO NOTHING")
+        .bind(account_id)
+        .execute(pool)
+        .await?;
+    sqlx::query(
+        "INSERT INTO spend_limits (account_id, scope, scope_id, monthly_limit_units) VALUES ($1, $2, $3, $4)
+         ON CONFLICT (account_id, scope, scope_id)
+         DO UPDATE SET monthly_limit_units = $4, updated_at = clock_timestamp()",
+    )
+    .bind(account_id)
+    .bind(scope)
+    .bind(scope_id)
+    .bind(units)
+    .execute(pool)
+    .await?;
+    Ok(())
+}
+
+/// The result of a plan change (BroomVA's `changePlan`).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PlanChange {
+    pub account_id: String,
+    pub old_plan: Option<String>,
+    pub new_plan: String,
+    /// `upgrade`, `downgrade`, `initial` or `no_change`.
+    pub direction: String,
+    pub credit_adjustment_units: i64,
+    pub entry: Option<Posted>,
+}
+
+pub struct PlanChangeRequest<'a> {
+    pub account_id: &'a str,
+    pub new_plan: &'a super::config::Plan,
+    pub old_plan: Option<&'a super::config::Plan>,
+    pub idempotency_key: &'a str,
+    pub created_by: &'a str,
+    pub now: DateTime<Utc>,
+    pub cycle: super::config::Cycle,
+}
+
+/// Change plan: upgrades credit the allocation difference prorated over the rest of the
+/// period; downgrades cap the balance at the new allocation; same plan is a no-op; a
+/// plan that is not self-serve (enterprise) is refused. One ledger entry + one audit row.
+pub async fn change_plan(pool: &PgPool, req: &PlanChangeRequest<'_>) -> Result<PlanChange, LedgerError> {
+    let (new, old) = (req.new_plan, req.old_plan);
+    if old.map(|o| o.name == new.name).unwrap_or(false) {
+        return Ok(PlanChange {
+            account_id: req.account_id.into(),
+            old_plan: Some(new.name.clone()),
+            new_plan: new.name.clone(),
+            direction: "no_change".into(),
+            credit_adjustment_units: 0,
+            entry: None,
+        });
+    }
+    if !new.self_serve && old.map(|o| o.rank < new.rank).unwrap_or(true) {
+        return Err(LedgerError::NotAllowed(format!(
+            "changing to the {} plan needs a conversation with sales",
+            new.name
+        )));
+    }
+    let hash = hash_payload(&(req.account_id, old.map(|o| &o.name), &new.name));
+    let mut tx = pool.begin().await?;
+    if let Some(saved) = claim::<PlanChange>(&mut tx, req.idempotency_key, "plan_change", &hash).await? {
+        return Ok(saved);
+    }
+    let anchor = current_anchor(&mut tx, req.account_id).await?.unwrap_or(req.now);
+    let (start, end) = match req.cycle {
+        super::config::Cycle::CalendarMonth => super::window::calendar_month(req.now),
+        super::config::Cycle::Anchored30d => super::window::anchored_cycle(anchor, req.now),
+    };
+    let (direction, amount) = match old {
+        Some(o) if new.rank > o.rank => ("upgrade", Amount::Delta(prorate(new.allocation_units - o.allocation_units, req.now, start, end))),
+        Some(_) => ("downgrade", Amount::CapBalanceAt(new.allocation_units)),
+        None => ("initial", Amount::Delta(new.allocation_units)),
+    };
+    let posted = post(
+        &mut tx,
+        Posting {
+            account_id: req.account_id,
+            kind: if direction == "initial" { "plan_allocation" } else { "plan_change" },
+            amount,
+            idempotency_key: req.idempotency_key,
+            payload_hash: &hash,
+            description: format!("plan {} -> {}", old.map_or("none", |o| o.name.as_str()), new.name),
+            created_by: Some(req.created_by),
+            corrects_entry_id: None,
+            metadata: serde_json::json!({"old_plan": old.map(|o| &o.name), "new_plan": new.name}),
+        },
+    )
+    .await?;
+    sqlx::query(
+        "INSERT INTO account_plans (account_id, plan, period_anchor) VALUES ($1, $2, $3)
+         ON CONFLICT (account_id) DO UPDATE SET plan = $2, updated_at = clock_timestamp()",
+    )
+    .bind(req.account_id)
+    .bind(&new.name)
+    .bind(anchor)
+    .execute(&mut *tx)
+    .await?;
+    if let Some(o) = old {
+        sqlx::query(
+            "INSERT INTO plan_changes (account_id, old_plan, new_plan, direction, credit_adjustment_units, entry_id, created_by)
+             VALUES ($1, $2, $3, $4, $5, $6, $7)",
+        )
+        .bind(req.account_id)
+        .bind(&o.name)
+        .bind(&new.name)
+        .bind(direction)
+        .bind(posted.amount_units)
+        .bind(posted.entry_id)
+        .bind(req.created_by)
+        .execute(&mut *tx)
+        .await?;
+    }
+    let result = PlanChange {
+        account_id: req.account_id.into(),
+        old_plan: old.map(|o| o.name.clone()),
+        new_plan: new.name.clone(),
+        direction: direction.into(),
+        credit_adjustment_units: posted.amount_units,
+        entry: Some(posted),
+    };
+    finish(&mut tx, req.idempotency_key, &result).await?;
+    tx.commit().await?;
+    Ok(result)
+}
+
+/// The account's plan (or quota tier) name, if any.
+pub async fn current_plan(pool: &PgPool, account: &str) -> Result<Option<String>, sqlx::Error> {
+    let row: Option<(String,)> = sqlx::query_as("SELECT plan FROM account_plans WHERE account_id = $1")
+        .bind(account)
+        .fetch_optional(pool)
+        .await?;
+    Ok(row.map(|r| r.0))
+}
+
+/// Put an account on a quota tier that is not a credit plan (Reeve's free / pro /
+/// enterprise): no allocation, so no ledger entry; the tier only selects quotas.
+pub async fn set_tier(pool: &PgPool, account: &str, tier: &str, now: DateTime<Utc>) -> Result<(), sqlx::Error> {
+    sqlx::query("INSERT INTO accounts (account_id) VALUES ($1) ON CONFLICT DO NOTHING")
+        .bind(account)
+        .execute(pool)
+        .await?;
+    sqlx::query(
+        "INSERT INTO account_plans (account_id, plan, period_anchor) VALUES ($1, $2, $3)
+         ON CONFLICT (account_id) DO UPDATE SET plan = $2, updated_at = clock_timestamp()",
+    )
+    .bind(account)
+    .bind(tier)
+    .bind(now)
+    .execute(pool)
+    .await?;
+    Ok(())
+}
+
+async fn current_anchor(tx: &mut Transaction<'_, Postgres>, account: &str) -> Result<Option<DateTime<Utc>>, sqlx::Error> {
+    let row: Option<(DateTime<Utc>,)> =
+        sqlx::query_as("SELECT period_anchor FROM account_plans WHERE account_id = $1 FOR UPDATE")
+            .bind(account)
+            .fetch_optional(&mut **tx)
+            .await?;
+    Ok(row.map(|r| r.0))
+}
+
+/// `diff x remaining / period`, rounded half to even; whole hours, like the buckets.
+pub fn prorate(diff_units: i64, now: DateTime<Utc>, start: DateTime<Utc>, end: DateTime<Utc>) -> i64 {
+    let total = (end - start).num_seconds().max(1);
+    let remaining = (end - now).num_seconds().clamp(0, total);
+    let exact = rust_decimal::Decimal::from(diff_units) * rust_decimal::Decimal::from(remaining)
+        / rust_decimal::Decimal::from(total);
+    i64::try_from(exact.round_dp_with_strategy(0, crate::money::ROUNDING)).unwrap_or(0)
+}
+
+/// Oldest bucket the state keeps: 40 days covers the 30-day window and any month.
+pub fn retention_start(now: DateTime<Utc>) -> DateTime<Utc> {
+    DateTime::<Utc>::from_timestamp(floor_hour(now) - 40 * 24 * HOUR_SECS, 0).expect("in range")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn proration_credits_the_remaining_share_half_to_even() {
+        let t = |s: &str| DateTime::parse_from_rfc3339(s).unwrap().with_timezone(&Utc);
+        let (start, end) = (t("2026-11-01T00:00:00Z"), t("2026-12-01T00:00:00Z"));
+        assert_eq!(prorate(3_000, t("2026-11-16T00:00:00Z"), start, end), 1_500);
+        assert_eq!(prorate(3_000, start, start, end), 3_000);
+        assert_eq!(prorate(3_000, end, start, end), 0);
+        assert_eq!(prorate(1, t("2026-11-16T00:00:00Z"), start, end), 0); // 0.5 -> 0 (even)
+    }
+}

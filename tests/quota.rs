@@ -1,0 +1,243 @@
+//! Quotas, spend limits, plans and overage against real Postgres: counters written with
+//! the ledger batch, the in-memory state restored from Postgres, every policy and limit at
+//! its boundary, window roll-over, month reset, plan changes.
+
+mod common;
+
+use chrono::{DateTime, Duration, Utc};
+use common::*;
+use tally::event::{RawUsageEvent, UsageEvent};
+use tally::ledger;
+use tally::quota::config::QuotaConfig;
+use tally::quota::decide::{self, Decision};
+use tally::quota::state::{self, Ask, QuotaState};
+use tally::quota::store::{self, PlanChangeRequest};
+
+const USD: i64 = tally::money::UNITS_PER_USD;
+
+fn feature_call(id: &str, account: &str, feature: &str, at: DateTime<Utc>) -> UsageEvent {
+    UsageEvent::parse(RawUsageEvent {
+        event_id: Some(id.into()),
+        occurred_at: Some(at.to_rfc3339()),
+        account_id: Some(account.into()),
+        provider: Some("platform".into()),
+        model: Some(feature.into()),
+        modality: Some("feature".into()),
+        feature: Some(feature.into()),
+        status: Some("success".into()),
+        ..Default::default()
+    })
+    .unwrap()
+}
+
+/// A default-model chat call: `millions` x $0.22, on an API key and a project.
+fn spend(id: &str, account: &str, millions: i64, at: DateTime<Utc>) -> UsageEvent {
+    UsageEvent::parse(RawUsageEvent {
+        event_id: Some(id.into()),
+        occurred_at: Some(at.to_rfc3339()),
+        account_id: Some(account.into()),
+        api_key_id: Some("key-1".into()),
+        project_id: Some("stack-1".into()),
+        provider: Some("xai".into()),
+        model: Some("grok-4-1-fast".into()),
+        modality: Some("chat".into()),
+        status: Some("success".into()),
+        input_tokens: Some(millions * 1_000_000),
+        ..Default::default()
+    })
+    .unwrap()
+}
+
+const MILLION_UNITS: i64 = 22_000_000; // $0.22
+
+fn config(name: &str) -> QuotaConfig {
+    QuotaConfig::load(&repo().join("examples").join(name)).unwrap()
+}
+
+async fn fund(env: &TestEnv, account: &str) {
+    let req = ledger::topup::TopupRequest {
+        order_id: format!("fund-{account}"),
+        account_id: account.into(),
+        paid_usd: rust_decimal::Decimal::from(100),
+        source: "operator",
+    };
+    ledger::topup::complete(&env.pool, &Default::default(), &req).await.unwrap();
+}
+
+async fn decide_now(pool: &sqlx::PgPool, cfg: &QuotaConfig, account: &str, feature: Option<&str>, estimate: i64) -> Decision {
+    let s = QuotaState::default();
+    s.refresh(pool).await.unwrap();
+    let ask = Ask { api_key_id: Some("key-1"), project_id: Some("stack-1"), feature };
+    s.with_account(account, |a| decide::decide(&state::view(cfg, a, &ask, Utc::now()), feature, estimate))
+}
+
+#[tokio::test]
+async fn reeve_quota_counts_a_rolling_30_day_window_and_survives_restart() {
+    let env = TestEnv::new(1).await;
+    let cfg = config("reeve.toml");
+    let a = "acct-reeve";
+    // Funded, so only the quota decides (demo prices a feature call at $0.02).
+    fund(&env, a).await;
+    fund(&env, "acct-reeve-2").await;
+    let now = Utc::now();
+    // 9 calls now, 1 call 29 days 23 hours ago (counts), 5 calls 30 days + 1 hour ago (do not).
+    let mut events: Vec<UsageEvent> = (0..9).map(|i| feature_call(&format!("n{i}"), a, "ad_generations", now)).collect();
+    events.push(feature_call("young", a, "ad_generations", now - Duration::days(29) - Duration::hours(23)));
+    events.extend((0..5).map(|i| feature_call(&format!("old{i}"), a, "ad_generations", now - Duration::days(30) - Duration::hours(1))));
+    // Failed calls do not consume quota.
+    let mut failed = feature_call("failed", a, "ad_generations", now);
+    failed.status = tally::event::Status::Error;
+    events.push(failed);
+    apply_usage(&env, events.clone(), 0).await;
+    // Free tier: 10 calls. 10 used -> the 11th is refused with 429.
+    let d = decide_now(&env.pool, &cfg, a, Some("ad_generations"), 0).await;
+    assert_eq!((d.allowed, d.status, d.code), (false, 429, Some("quota_exceeded")), "{}", d.message);
+    // A replay of the same events changes nothing (exact after replays).
+    apply_usage(&env, events, 100).await;
+    let s = QuotaState::default();
+    s.refresh(&env.pool).await.unwrap();
+    let (from, to) = tally::quota::window::rolling_window(Utc::now());
+    let used = s.with_account(a, |acct| acct.usage[&("feature".to_string(), "ad_generations".to_string())].sum(from, to).events);
+    assert_eq!(used, 10);
+    // Pro tier: 100 calls -> allowed; another feature is still under its free limit.
+    store::set_tier(&env.pool, a, "pro", Utc::now()).await.unwrap();
+    assert!(decide_now(&env.pool, &cfg, a, Some("ad_generations"), 0).await.allowed);
+    store::set_tier(&env.pool, a, "free", Utc::now()).await.unwrap();
+    assert!(decide_now(&env.pool, &cfg, a, Some("brand_analyses"), 0).await.allowed);
+    // Exactly at the limit: 9 used of 10 -> allowed (the 10th call).
+    let b = "acct-reeve-2";
+    let nine: Vec<_> = (0..9).map(|i| feature_call(&format!("b{i}"), b, "ad_generations", now)).collect();
+    apply_usage(&env, nine, 200).await;
+    assert!(decide_now(&env.pool, &cfg, b, Some("ad_generations"), 0).await.allowed);
+    store::set_tier(&env.pool, b, "enterprise", Utc::now()).await.unwrap();
+    assert!(decide_now(&env.pool, &cfg, b, Some("ad_generations"), 0).await.allowed, "enterprise is unlimited");
+}
+
+#[tokio::test]
+async fn spend_limits_per_account_project_and_key_reset_on_the_first() {
+    let env = TestEnv::new(1).await;
+    let cfg = config("demo.toml");
+    let a = "acct-caps";
+    fund(&env, a).await;
+    let now = Utc::now();
+    let (month_start, _) = tally::quota::window::calendar_month(now);
+    // Last month's spend ($2.20) does not count; this month's $0.66 does.
+    let last_month = month_start - Duration::hours(2);
+    let mut events: Vec<_> = (0..10).map(|i| spend(&format!("old{i}"), a, 1, last_month)).collect();
+    events.extend((0..3).map(|i| spend(&format!("new{i}"), a, 1, now)));
+    apply_usage(&env, events, 0).await;
+    // A $1.00 cap on the API key: 0.66 spent + 0.34 estimate is exactly at it.
+    store::set_limit(&env.pool, a, "api_key", "key-1", Some(USD)).await.unwrap();
+    let at = decide_now(&env.pool, &cfg, a, None, 34_000_000).await;
+    assert!(at.allowed, "{}", at.message);
+    let over = decide_now(&env.pool, &cfg, a, None, 34_000_001).await;
+    assert_eq!((over.status, over.code), (429, Some("spend_limit_exceeded")));
+    assert!(over.message.contains("api key"));
+    // Project cap below this month's spend; then removed; then an account cap.
+    store::set_limit(&env.pool, a, "project", "stack-1", Some(66_000_000)).await.unwrap();
+    assert!(decide_now(&env.pool, &cfg, a, None, 0).await.allowed, "exactly at the project cap");
+    assert!(!decide_now(&env.pool, &cfg, a, None, 1).await.allowed);
+    store::set_limit(&env.pool, a, "project", "stack-1", None).await.unwrap();
+    store::set_limit(&env.pool, a, "api_key", "key-1", None).await.unwrap();
+    assert!(decide_now(&env.pool, &cfg, a, None, 1).await.allowed, "removed caps no longer apply");
+    store::set_limit(&env.pool, a, "account", "", Some(70_000_000)).await.unwrap();
+    let d = decide_now(&env.pool, &cfg, a, None, 5_000_000).await;
+    assert!(!d.allowed && d.message.starts_with("account"));
+    assert!(store::set_limit(&env.pool, a, "planet", "x", Some(1)).await.is_err());
+}
+
+async fn change(env: &TestEnv, cfg: &QuotaConfig, a: &str, to: &str, key: &str) -> Result<store::PlanChange, ledger::ops::LedgerError> {
+    let current = store::current_plan(&env.pool, a).await.unwrap();
+    store::change_plan(
+        &env.pool,
+        &PlanChangeRequest {
+            account_id: a,
+            new_plan: &cfg.plans[to],
+            old_plan: current.as_deref().map(|p| &cfg.plans[p]),
+            idempotency_key: key,
+            created_by: "owner@example.com",
+            now: Utc::now(),
+            cycle: cfg.cycle,
+        },
+    )
+    .await
+}
+
+#[tokio::test]
+async fn broomva_policies_at_their_boundaries() {
+    let env = TestEnv::new(1).await;
+    let cfg = config("broomva.toml");
+    let now = Utc::now();
+    // free: $0.50 hard limit. 2 x $0.22 consumed = $0.44: $0.06 left exactly.
+    change(&env, &cfg, "acct-free", "free", "p1").await.unwrap();
+    apply_usage(&env, vec![spend("f1", "acct-free", 1, now), spend("f2", "acct-free", 1, now)], 0).await;
+    assert!(decide_now(&env.pool, &cfg, "acct-free", None, 6_000_000).await.allowed);
+    let d = decide_now(&env.pool, &cfg, "acct-free", None, 6_000_001).await;
+    assert_eq!((d.status, d.code, d.overage.policy, d.overage.blocked), (402, Some("credits_exhausted"), "hard_limit", true));
+    assert_eq!(d.overage.overage_amount, 1);
+    // pro: $50 soft limit to $60. 250 x $0.22 = $55: in overage, allowed to exactly $60.
+    change(&env, &cfg, "acct-pro", "pro", "p2").await.unwrap();
+    apply_usage(&env, vec![spend("p", "acct-pro", 250, now)], 10).await;
+    let d = decide_now(&env.pool, &cfg, "acct-pro", None, 5 * USD).await;
+    assert!(d.allowed && d.overage.in_overage && d.message.starts_with("warning"), "{}", d.message);
+    assert_eq!(d.overage.overage_amount, 10 * USD);
+    let d = decide_now(&env.pool, &cfg, "acct-pro", None, 5 * USD + 1).await;
+    assert_eq!((d.code, d.overage.policy), (Some("credits_exhausted"), "soft_limit"));
+    // team: warn, never blocked.
+    change(&env, &cfg, "acct-team", "team", "p3").await.unwrap();
+    apply_usage(&env, vec![spend("t", "acct-team", 1_000, now)], 20).await;
+    let d = decide_now(&env.pool, &cfg, "acct-team", None, USD).await;
+    assert!(d.allowed && d.overage.in_overage && !d.overage.blocked);
+    assert_eq!((d.overage.policy, d.overage.overage_amount), ("warn", 21 * USD));
+    // prepaid (no plan): refused at zero with insufficient_quota.
+    apply_usage(&env, vec![spend("z", "acct-prepaid", 1, now)], 30).await;
+    let d = decide_now(&env.pool, &cfg, "acct-prepaid", None, 0).await;
+    assert_eq!((d.status, d.code, d.overage.policy), (402, Some("insufficient_quota"), "prepaid"));
+}
+
+#[tokio::test]
+async fn plan_changes_prorate_cap_noop_and_refuse_enterprise() {
+    let env = TestEnv::new(1).await;
+    let cfg = config("broomva.toml");
+    let a = "acct-plans";
+    let first = change(&env, &cfg, a, "free", "c1").await.unwrap();
+    assert_eq!((first.direction.as_str(), first.credit_adjustment_units), ("initial", 50_000_000));
+    // Upgrade free -> pro at the start of a fresh cycle: nearly the whole $49.50 difference.
+    let up = change(&env, &cfg, a, "pro", "c2").await.unwrap();
+    assert_eq!(up.direction, "upgrade");
+    let diff = 4_950_000_000i64;
+    assert!(up.credit_adjustment_units <= diff && up.credit_adjustment_units > diff * 99 / 100, "{}", up.credit_adjustment_units);
+    let again = change(&env, &cfg, a, "pro", "c3").await.unwrap();
+    assert_eq!((again.direction.as_str(), again.entry), ("no_change", None));
+    // Replaying the upgrade's key returns the original result.
+    let replay = store::change_plan(&env.pool, &PlanChangeRequest {
+        account_id: a,
+        new_plan: &cfg.plans["pro"],
+        old_plan: Some(&cfg.plans["free"]),
+        idempotency_key: "c2",
+        created_by: "owner@example.com",
+        now: Utc::now(),
+        cycle: cfg.cycle,
+    })
+    .await
+    .unwrap();
+    assert_eq!(replay, up);
+    let refused = change(&env, &cfg, a, "enterprise", "c4").await;
+    assert!(matches!(refused, Err(ledger::ops::LedgerError::NotAllowed(_))));
+    // Downgrade pro -> free caps the balance at $0.50.
+    let down = change(&env, &cfg, a, "free", "c5").await.unwrap();
+    assert_eq!(down.direction, "downgrade");
+    let b = ledger::balance(&env.pool, a).await.unwrap().unwrap();
+    assert_eq!(b.balance_units, 50_000_000);
+    assert_eq!(down.credit_adjustment_units, -up.credit_adjustment_units, "back from 0.50 + upgrade credit to 0.50");
+    let audit: Vec<(String, String, String, i64)> = sqlx::query_as(
+        "SELECT old_plan, new_plan, direction, credit_adjustment_units FROM plan_changes ORDER BY change_id",
+    )
+    .fetch_all(&env.pool)
+    .await
+    .unwrap();
+    assert_eq!(audit.len(), 2);
+    assert_eq!((audit[0].0.as_str(), audit[0].1.as_str(), audit[0].2.as_str()), ("free", "pro", "upgrade"));
+    assert_eq!((audit[1].2.as_str(), audit[1].3), ("downgrade", down.credit_adjustment_units));
+    ledger::verify(&env.pool).await.unwrap();
+}

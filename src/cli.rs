@@ -45,6 +45,9 @@ pub enum Command {
     Limit(LimitArgs),
     /// Print balances and usage: the demo's closing summary.
     Report(ReportArgs),
+    /// API bearer tokens: create (the token is printed once), revoke, list.
+    #[command(subcommand)]
+    Token(TokenCommand),
 }
 
 #[derive(Debug, Args)]
@@ -252,4 +255,43 @@ pub struct ReportArgs {
     /// Accounts to list.
     #[arg(long, default_value_t = 10)]
     pub top: u32,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum TokenCommand {
+    /// Create a token and print it once (only its SHA-256 is stored).
+    Create(TokenCreateArgs),
+    /// Revoke a token by id; a running `tally run` refuses it within 30 s.
+    Revoke {
+        token_id: String,
+        #[arg(long, env = "TALLY_DATABASE_URL", default_value = "postgres://postgres@127.0.0.1:55432/tally")]
+        database_url: String,
+    },
+    /// List tokens (ids, roles, scopes; never the tokens), newest first (JSON lines).
+    List {
+        /// Only this account's tokens.
+        #[arg(long)]
+        account: Option<String>,
+        #[arg(long, env = "TALLY_DATABASE_URL", default_value = "postgres://postgres@127.0.0.1:55432/tally")]
+        database_url: String,
+    },
+}
+
+#[derive(Debug, Args)]
+#[command(group(clap::ArgGroup::new("scope").required(true).args(["account", "platform"])))]
+pub struct TokenCreateArgs {
+    /// The account the token is scoped to (created if Tally has not seen it).
+    #[arg(long)]
+    pub account: Option<String>,
+    /// A platform-wide service token (gateways serving every account); needs `--role service`.
+    #[arg(long)]
+    pub platform: bool,
+    /// owner (everything), builder (usage, quotas), bankroller (billing, limits), service (gateways).
+    #[arg(long)]
+    pub role: crate::api::auth::Role,
+    /// A label to recognise the token by.
+    #[arg(long, default_value = "")]
+    pub name: String,
+    #[arg(long, env = "TALLY_DATABASE_URL", default_value = "postgres://postgres@127.0.0.1:55432/tally")]
+    pub database_url: String,
 }

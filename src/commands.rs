@@ -63,6 +63,7 @@ pub async fn dispatch(command: Command) -> anyhow::Result<ExitCode> {
             }
         }
         Command::Report(args) => report(args).await?,
+        Command::Token(cmd) => return token(cmd).await,
         Command::History(args) => {
             let pool = ledger::connect(&args.database_url, 2).await?;
             for e in ledger::ops::history(&pool, &args.account, args.before, args.limit).await? {
@@ -75,7 +76,13 @@ pub async fn dispatch(command: Command) -> anyhow::Result<ExitCode> {
             let pool = ledger::connect(&args.database_url, 2).await?;
             let units = args.monthly_usd.map(usd_units).transpose()?;
             crate::quota::store::set_limit(&pool, &args.account, &args.scope, &args.id, units).await?;
-            println!("limit {} {} {:?}: {}", args.account, args.scope, args.id, args.monthly_usd.map_or("removed".into(), |u| format!("{u} USD/month")));
+            println!(
+                "limit {} {} {:?}: {}",
+                args.account,
+                args.scope,
+                args.id,
+                args.monthly_usd.map_or("removed".into(), |u| format!("{u} USD/month"))
+            );
         }
         Command::Adjust(args) => adjust(args).await?,
         Command::AutoReload(args) => {
@@ -102,15 +109,27 @@ async fn plan(args: crate::cli::PlanArgs) -> anyhow::Result<()> {
     let pool = ledger::connect(&args.database_url, 2).await?;
     let now = chrono::Utc::now();
     let Some(new) = cfg.plans.get(&args.plan) else {
-        let is_tier = cfg.quotas.values().any(|tiers| tiers.contains_key(&args.plan)) || args.plan == "enterprise";
-        anyhow::ensure!(is_tier, "{} is neither a plan nor a quota tier of {}", args.plan, args.catalog_path.display());
+        let is_tier =
+            cfg.quotas.values().any(|tiers| tiers.contains_key(&args.plan)) || args.plan == "enterprise";
+        anyhow::ensure!(
+            is_tier,
+            "{} is neither a plan nor a quota tier of {}",
+            args.plan,
+            args.catalog_path.display()
+        );
         store::set_tier(&pool, &args.account, &args.plan, now).await?;
         println!("{} is on tier {}", args.account, args.plan);
         return Ok(());
     };
     let current = store::current_plan(&pool, &args.account).await?;
     let old = current.as_deref().and_then(|p| cfg.plans.get(p));
-    let key = format!("plan:{}:{}:{}:{}", args.account, current.as_deref().unwrap_or("none"), new.name, now.timestamp());
+    let key = format!(
+        "plan:{}:{}:{}:{}",
+        args.account,
+        current.as_deref().unwrap_or("none"),
+        new.name,
+        now.timestamp()
+    );
     let req = store::PlanChangeRequest {
         account_id: &args.account,
         new_plan: new,
@@ -256,9 +275,10 @@ impl SimTally {
         match &msg.kind {
             Kind::Valid(e) => {
                 if self.distinct.insert(e.event_id.clone())
-                    && let Some(c) = catalog {
-                        self.expected_debit_units += c.price(e).cost_units;
-                    }
+                    && let Some(c) = catalog
+                {
+                    self.expected_debit_units += c.price(e).cost_units;
+                }
             }
             Kind::Duplicate(_) => self.duplicates += 1,
             Kind::Malformed(_) => self.malformed += 1,
@@ -347,4 +367,41 @@ async fn usage_report(c: &crate::config::Connections) -> anyhow::Result<()> {
         );
     }
     Ok(())
+}
+
+/// `tally token ...`. The created token goes to stdout once, with its id; nothing else
+/// ever prints it.
+async fn token(cmd: crate::cli::TokenCommand) -> anyhow::Result<ExitCode> {
+    use crate::api::auth;
+    use crate::cli::TokenCommand;
+    match cmd {
+        TokenCommand::Create(args) => {
+            let pool = ledger::connect(&args.database_url, 2).await?;
+            let req = auth::NewToken { account_id: args.account, role: args.role, name: args.name };
+            let created = auth::create_token(&pool, &req).await?;
+            println!("{}", serde_json::to_string_pretty(&created)?);
+            eprintln!(
+                "store the token now: it is not shown again (revoke with `tally token revoke {}`)",
+                created.token_id
+            );
+        }
+        TokenCommand::Revoke { token_id, database_url } => {
+            let pool = ledger::connect(&database_url, 2).await?;
+            if !auth::revoke_token(&pool, &token_id).await? {
+                eprintln!("no live token {token_id}");
+                return Ok(ExitCode::from(4));
+            }
+            println!(
+                "revoked {token_id}; a running server refuses it within {} s",
+                auth::TOKEN_CACHE_TTL.as_secs()
+            );
+        }
+        TokenCommand::List { account, database_url } => {
+            let pool = ledger::connect(&database_url, 2).await?;
+            for t in auth::list_tokens(&pool, account.as_deref()).await? {
+                println!("{}", serde_json::to_string(&t)?);
+            }
+        }
+    }
+    Ok(ExitCode::SUCCESS)
 }

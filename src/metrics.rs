@@ -1,7 +1,8 @@
 //! Metric names and the Prometheus recorder.
 //!
 //! Names follow `tally_<what>_<unit>[_total]`. Labels are low-cardinality only (`code`,
-//! `stage`, `route`, `status`): never account ids, keys or models.
+//! `stage`, `route`, `status`; `group`, `topic`, `partition` for consumer lag): never
+//! account ids, keys or models.
 
 use crate::ledger::usage::Applied;
 use crate::pipeline::Item;

@@ -28,8 +28,12 @@ async fn spawn_app() -> App {
         metrics: metrics_exporter_prometheus::PrometheusBuilder::new().build_recorder().handle(),
         ledger_config: Arc::new(cfg),
         stripe_webhook_secret: Some(SECRET.into()),
+        auth: Arc::new(api::auth::TokenCache::new(env.pool.clone(), api::auth::TOKEN_CACHE_TTL)),
+        clickhouse: env.clickhouse(),
         quota: Default::default(),
-        quota_config: Arc::new(tally::quota::config::QuotaConfig::load(&repo().join("examples/brievio.toml")).unwrap()),
+        quota_config: Arc::new(
+            tally::quota::config::QuotaConfig::load(&repo().join("examples/brievio.toml")).unwrap(),
+        ),
     };
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let base = format!("http://{}", listener.local_addr().unwrap());
@@ -142,15 +146,25 @@ async fn health_balance_and_json_errors() {
     let r = get("/healthz").await.unwrap();
     assert_eq!(r.status().as_u16(), 200);
     app.signed(&payment_intent("pi_b", "acct-b", 1_000)).await;
-    let b: serde_json::Value = get("/v1/accounts/acct-b/balance").await.unwrap().json().await.unwrap();
+    let owner = tally::api::auth::NewToken {
+        account_id: Some("acct-b".into()),
+        role: tally::api::auth::Role::Owner,
+        name: "t".into(),
+    };
+    let token = tally::api::auth::create_token(&app.env.pool, &owner).await.unwrap().token;
+    let r = get("/v1/accounts/acct-b/balance").await.unwrap();
+    assert_eq!(r.status().as_u16(), 401, "balances need a token");
+    let authed = |path: &str| app.http.get(format!("{}{path}", app.base)).bearer_auth(&token).send();
+    let b: serde_json::Value = authed("/v1/accounts/acct-b/balance").await.unwrap().json().await.unwrap();
     assert_eq!((b["balance"].as_str(), b["balance_units"].as_i64()), (Some("10.00000000"), Some(10 * USD)));
     assert_eq!(b["effective_units"].as_i64(), Some(10 * USD));
-    let r = get("/v1/accounts/nobody/balance").await.unwrap();
+    assert!(b["projected_days_remaining"].is_null(), "no burn yet: {b}");
+    let r = authed("/v1/accounts/nobody/balance").await.unwrap();
     assert_eq!(r.status().as_u16(), 404);
     let e: serde_json::Value = r.json().await.unwrap();
     assert_eq!(e["error"]["code"], "account_not_found");
     let long = "x".repeat(200);
-    let r = get(&format!("/v1/accounts/{long}/balance")).await.unwrap();
+    let r = authed(&format!("/v1/accounts/{long}/balance")).await.unwrap();
     assert_eq!(r.status().as_u16(), 400);
     let r = get("/v1/nope").await.unwrap();
     assert_eq!(r.status().as_u16(), 404);

@@ -11,11 +11,11 @@ use rust_decimal::Decimal;
 use std::str::FromStr;
 use std::time::Duration;
 use tally::event::{RawUsageEvent, UsageEvent};
+use tally::ledger;
 use tally::ledger::config::{LedgerConfig, TopupConfig};
 use tally::ledger::ops::{self, LedgerError, ManualKind, ManualRequest};
 use tally::ledger::reservations::{self, ReserveRequest};
 use tally::ledger::topup::{self, TopupRequest};
-use tally::ledger;
 
 const USD: i64 = tally::money::UNITS_PER_USD;
 

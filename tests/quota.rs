@@ -64,7 +64,13 @@ async fn fund(env: &TestEnv, account: &str) {
     ledger::topup::complete(&env.pool, &Default::default(), &req).await.unwrap();
 }
 
-async fn decide_now(pool: &sqlx::PgPool, cfg: &QuotaConfig, account: &str, feature: Option<&str>, estimate: i64) -> Decision {
+async fn decide_now(
+    pool: &sqlx::PgPool,
+    cfg: &QuotaConfig,
+    account: &str,
+    feature: Option<&str>,
+    estimate: i64,
+) -> Decision {
     let s = QuotaState::default();
     s.refresh(pool).await.unwrap();
     let ask = Ask { api_key_id: Some("key-1"), project_id: Some("stack-1"), feature };
@@ -81,9 +87,12 @@ async fn reeve_quota_counts_a_rolling_30_day_window_and_survives_restart() {
     fund(&env, "acct-reeve-2").await;
     let now = Utc::now();
     // 9 calls now, 1 call 29 days 23 hours ago (counts), 5 calls 30 days + 1 hour ago (do not).
-    let mut events: Vec<UsageEvent> = (0..9).map(|i| feature_call(&format!("n{i}"), a, "ad_generations", now)).collect();
+    let mut events: Vec<UsageEvent> =
+        (0..9).map(|i| feature_call(&format!("n{i}"), a, "ad_generations", now)).collect();
     events.push(feature_call("young", a, "ad_generations", now - Duration::days(29) - Duration::hours(23)));
-    events.extend((0..5).map(|i| feature_call(&format!("old{i}"), a, "ad_generations", now - Duration::days(30) - Duration::hours(1))));
+    events.extend((0..5).map(|i| {
+        feature_call(&format!("old{i}"), a, "ad_generations", now - Duration::days(30) - Duration::hours(1))
+    }));
     // Failed calls do not consume quota.
     let mut failed = feature_call("failed", a, "ad_generations", now);
     failed.status = tally::event::Status::Error;
@@ -97,7 +106,9 @@ async fn reeve_quota_counts_a_rolling_30_day_window_and_survives_restart() {
     let s = QuotaState::default();
     s.refresh(&env.pool).await.unwrap();
     let (from, to) = tally::quota::window::rolling_window(Utc::now());
-    let used = s.with_account(a, |acct| acct.usage[&("feature".to_string(), "ad_generations".to_string())].sum(from, to).events);
+    let used = s.with_account(a, |acct| {
+        acct.usage[&("feature".to_string(), "ad_generations".to_string())].sum(from, to).events
+    });
     assert_eq!(used, 10);
     // Pro tier: 100 calls -> allowed; another feature is still under its free limit.
     store::set_tier(&env.pool, a, "pro", Utc::now()).await.unwrap();
@@ -110,7 +121,10 @@ async fn reeve_quota_counts_a_rolling_30_day_window_and_survives_restart() {
     apply_usage(&env, nine, 200).await;
     assert!(decide_now(&env.pool, &cfg, b, Some("ad_generations"), 0).await.allowed);
     store::set_tier(&env.pool, b, "enterprise", Utc::now()).await.unwrap();
-    assert!(decide_now(&env.pool, &cfg, b, Some("ad_generations"), 0).await.allowed, "enterprise is unlimited");
+    assert!(
+        decide_now(&env.pool, &cfg, b, Some("ad_generations"), 0).await.allowed,
+        "enterprise is unlimited"
+    );
 }
 
 #[tokio::test]
@@ -146,7 +160,13 @@ async fn spend_limits_per_account_project_and_key_reset_on_the_first() {
     assert!(store::set_limit(&env.pool, a, "planet", "x", Some(1)).await.is_err());
 }
 
-async fn change(env: &TestEnv, cfg: &QuotaConfig, a: &str, to: &str, key: &str) -> Result<store::PlanChange, ledger::ops::LedgerError> {
+async fn change(
+    env: &TestEnv,
+    cfg: &QuotaConfig,
+    a: &str,
+    to: &str,
+    key: &str,
+) -> Result<store::PlanChange, ledger::ops::LedgerError> {
     let current = store::current_plan(&env.pool, a).await.unwrap();
     store::change_plan(
         &env.pool,
@@ -173,7 +193,10 @@ async fn broomva_policies_at_their_boundaries() {
     apply_usage(&env, vec![spend("f1", "acct-free", 1, now), spend("f2", "acct-free", 1, now)], 0).await;
     assert!(decide_now(&env.pool, &cfg, "acct-free", None, 6_000_000).await.allowed);
     let d = decide_now(&env.pool, &cfg, "acct-free", None, 6_000_001).await;
-    assert_eq!((d.status, d.code, d.overage.policy, d.overage.blocked), (402, Some("credits_exhausted"), "hard_limit", true));
+    assert_eq!(
+        (d.status, d.code, d.overage.policy, d.overage.blocked),
+        (402, Some("credits_exhausted"), "hard_limit", true)
+    );
     assert_eq!(d.overage.overage_amount, 1);
     // pro: $50 soft limit to $60. 250 x $0.22 = $55: in overage, allowed to exactly $60.
     change(&env, &cfg, "acct-pro", "pro", "p2").await.unwrap();
@@ -206,19 +229,26 @@ async fn plan_changes_prorate_cap_noop_and_refuse_enterprise() {
     let up = change(&env, &cfg, a, "pro", "c2").await.unwrap();
     assert_eq!(up.direction, "upgrade");
     let diff = 4_950_000_000i64;
-    assert!(up.credit_adjustment_units <= diff && up.credit_adjustment_units > diff * 99 / 100, "{}", up.credit_adjustment_units);
+    assert!(
+        up.credit_adjustment_units <= diff && up.credit_adjustment_units > diff * 99 / 100,
+        "{}",
+        up.credit_adjustment_units
+    );
     let again = change(&env, &cfg, a, "pro", "c3").await.unwrap();
     assert_eq!((again.direction.as_str(), again.entry), ("no_change", None));
     // Replaying the upgrade's key returns the original result.
-    let replay = store::change_plan(&env.pool, &PlanChangeRequest {
-        account_id: a,
-        new_plan: &cfg.plans["pro"],
-        old_plan: Some(&cfg.plans["free"]),
-        idempotency_key: "c2",
-        created_by: "owner@example.com",
-        now: Utc::now(),
-        cycle: cfg.cycle,
-    })
+    let replay = store::change_plan(
+        &env.pool,
+        &PlanChangeRequest {
+            account_id: a,
+            new_plan: &cfg.plans["pro"],
+            old_plan: Some(&cfg.plans["free"]),
+            idempotency_key: "c2",
+            created_by: "owner@example.com",
+            now: Utc::now(),
+            cycle: cfg.cycle,
+        },
+    )
     .await
     .unwrap();
     assert_eq!(replay, up);
@@ -229,7 +259,10 @@ async fn plan_changes_prorate_cap_noop_and_refuse_enterprise() {
     assert_eq!(down.direction, "downgrade");
     let b = ledger::balance(&env.pool, a).await.unwrap().unwrap();
     assert_eq!(b.balance_units, 50_000_000);
-    assert_eq!(down.credit_adjustment_units, -up.credit_adjustment_units, "back from 0.50 + upgrade credit to 0.50");
+    assert_eq!(
+        down.credit_adjustment_units, -up.credit_adjustment_units,
+        "back from 0.50 + upgrade credit to 0.50"
+    );
     let audit: Vec<(String, String, String, i64)> = sqlx::query_as(
         "SELECT old_plan, new_plan, direction, credit_adjustment_units FROM plan_changes ORDER BY change_id",
     )

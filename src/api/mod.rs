@@ -3,16 +3,23 @@
 //! Every error is JSON `{"error": {"code": "...", "message": "..."}}` with a stable code.
 //! The OpenAPI description lives in `schemas/openapi.yaml`.
 
+pub mod auth;
+pub mod deductions;
 mod error;
+pub mod extract;
+pub mod quota;
+pub mod reservations;
 pub mod stripe;
+pub mod transactions;
+pub mod usage;
 
 pub use error::ApiError;
 
 use crate::ledger;
-use axum::extract::{MatchedPath, Path, Request, State};
+use axum::extract::{MatchedPath, Request, State};
 use axum::middleware::{self, Next};
 use axum::response::{IntoResponse, Response};
-use axum::routing::get;
+use axum::routing::{get, post};
 use axum::{Json, Router};
 use metrics_exporter_prometheus::PrometheusHandle;
 use sqlx::PgPool;
@@ -26,6 +33,10 @@ pub struct AppState {
     pub ledger_config: std::sync::Arc<crate::ledger::config::LedgerConfig>,
     /// Stripe webhook signing secret; webhooks answer 503 without it.
     pub stripe_webhook_secret: Option<String>,
+    /// Verified bearer tokens, trusted for `auth::TOKEN_CACHE_TTL` (see `auth`).
+    pub auth: std::sync::Arc<auth::TokenCache>,
+    /// The ClickHouse usage log (`GET /v1/accounts/{id}/usage`).
+    pub clickhouse: clickhouse::Client,
     /// In-memory quota, limit and balance state (the authorize fast path).
     pub quota: std::sync::Arc<crate::quota::state::QuotaState>,
     pub quota_config: std::sync::Arc<crate::quota::config::QuotaConfig>,
@@ -37,6 +48,18 @@ pub fn router(state: AppState) -> Router {
         .route("/metrics", get(metrics_text))
         .route("/v1/accounts/{id}/balance", get(balance))
         .route("/v1/webhooks/stripe", axum::routing::post(stripe::webhook))
+        // Authenticated (bearer token, see `auth`); each handler checks its capability.
+        .route("/v1/accounts/{id}/transactions", get(transactions::list))
+        .route("/v1/accounts/{id}/usage", get(usage::get))
+        .route("/v1/reservations", post(reservations::reserve))
+        .route("/v1/reservations/{id}/settle", post(reservations::settle))
+        .route("/v1/reservations/{id}/release", post(reservations::release))
+        .route("/v1/deductions", post(deductions::single))
+        .route("/v1/deductions/batch", post(deductions::batch))
+        .route("/v1/authorize", post(quota::authorize))
+        .route("/v1/accounts/{id}/quotas", get(quota::quotas))
+        .route("/v1/accounts/{id}/limits", get(quota::get_limits).put(quota::put_limit))
+        .route("/v1/accounts/{id}/plan", post(quota::change_plan))
         .fallback(not_found)
         .layer(middleware::from_fn(track))
         .with_state(state)
@@ -78,15 +101,27 @@ async fn metrics_text(State(state): State<AppState>) -> String {
     state.metrics.render()
 }
 
+/// Balance from the ledger (authoritative, read from Postgres), plus the plan allocation,
+/// period consumption, burn rate and projected days remaining from the in-memory state.
 async fn balance(
     State(state): State<AppState>,
-    Path(id): Path<String>,
-) -> Result<Json<ledger::BalanceView>, ApiError> {
-    if id.is_empty() || id.len() > crate::event::ID_LEN_MAX {
-        return Err(ApiError::bad_request("invalid_account_id", "account id must be 1..=128 bytes"));
+    caller: auth::Caller,
+    extract::ApiPath(id): extract::ApiPath<String>,
+) -> Result<Json<serde_json::Value>, ApiError> {
+    extract::path_account_id(&id)?;
+    caller.check(&id, auth::Capability::Billing)?;
+    let view = ledger::balance(&state.pool, &id)
+        .await
+        .map_err(ApiError::internal)?
+        .ok_or_else(|| auth::account_not_found(&id))?;
+    let now = chrono::Utc::now();
+    let extra =
+        state.quota.with_account(&id, |acct| quota::plan_and_burn(&state, acct, view.effective_units, now));
+    let mut body = serde_json::to_value(&view).map_err(ApiError::internal)?;
+    if let (Some(b), Some(e)) = (body.as_object_mut(), extra.as_object()) {
+        b.extend(e.clone());
     }
-    let view = ledger::balance(&state.pool, &id).await.map_err(ApiError::internal)?;
-    view.map(Json).ok_or_else(|| ApiError::not_found("account_not_found", format!("no account {id}")))
+    Ok(Json(body))
 }
 
 async fn not_found() -> ApiError {

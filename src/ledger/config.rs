@@ -88,9 +88,10 @@ impl LedgerConfig {
     fn validate(&self) -> Result<(), String> {
         let t = &self.topup;
         if let (Some(min), Some(max)) = (t.min_usd, t.max_usd)
-            && min > max {
-                return Err(format!("topup.min_usd {min} is above topup.max_usd {max}"));
-            }
+            && min > max
+        {
+            return Err(format!("topup.min_usd {min} is above topup.max_usd {max}"));
+        }
         for (i, b) in t.bonus.iter().enumerate() {
             if b.from_usd <= Decimal::ZERO
                 || b.bonus_percent < Decimal::ZERO

@@ -12,6 +12,7 @@
 
 pub mod auto_reload;
 pub mod config;
+pub mod deductions;
 pub mod ops;
 pub mod reservations;
 pub mod topup;

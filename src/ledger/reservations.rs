@@ -193,13 +193,15 @@ async fn set_projection(
     pending: i64,
 ) -> Result<(), LedgerError> {
     assert!(reserved >= 0 && pending >= 0, "holds never go negative ({reserved}, {pending})");
-    sqlx::query("UPDATE account_balances SET reserved_units = $2, pending_units = $3, updated_at = clock_timestamp()
-         WHERE account_id = $1")
-        .bind(account)
-        .bind(reserved)
-        .bind(pending)
-        .execute(&mut **tx)
-        .await?;
+    sqlx::query(
+        "UPDATE account_balances SET reserved_units = $2, pending_units = $3, updated_at = clock_timestamp()
+         WHERE account_id = $1",
+    )
+    .bind(account)
+    .bind(reserved)
+    .bind(pending)
+    .execute(&mut **tx)
+    .await?;
     Ok(())
 }
 

@@ -24,6 +24,8 @@ pub struct Applied {
     pub debited_units: i64,
     /// Reservations closed by this batch's events.
     pub reservations_settled: u64,
+    /// The partitions' stored next offsets as found under the lock (before this batch).
+    pub stored_offsets: HashMap<i32, i64>,
     /// Offsets to hint to Kafka after COMMIT: partition -> next offset.
     pub next_offsets: BTreeMap<i32, i64>,
 }
@@ -45,6 +47,7 @@ pub async fn apply(
     record_dead_letters(tx, topic, &applied.dead).await?;
     advance_offsets(tx, group, topic, batch, &stored, &mut applied).await?;
     applied.new_events = new_events;
+    applied.stored_offsets = stored;
     Ok(applied)
 }
 
@@ -311,6 +314,36 @@ async fn advance_offsets(
     .await?;
     applied.next_offsets = next;
     Ok(())
+}
+
+/// May ClickHouse hold rows of events Postgres has not committed? True while some
+/// partition's send watermark is ahead of its committed offset: a crashed (or, with several
+/// instances, an in-flight) attempt may have inserted rows for any event id, and a
+/// duplicate of such an event can arrive on *another* partition. `sent_before` are this
+/// batch's partitions' watermarks before it raised them; `stored` their committed offsets.
+pub async fn clickhouse_may_hold_uncommitted(
+    tx: &mut Transaction<'_, Postgres>,
+    group: &str,
+    topic: &str,
+    sent_before: &HashMap<i32, i64>,
+    stored: &HashMap<i32, i64>,
+) -> Result<bool, sqlx::Error> {
+    if sent_before.iter().any(|(p, sent)| *sent > stored.get(p).copied().unwrap_or(0)) {
+        return Ok(true);
+    }
+    let mine: Vec<i32> = sent_before.keys().copied().chain(stored.keys().copied()).collect();
+    let (others,): (bool,) = sqlx::query_as(
+        "SELECT EXISTS (SELECT 1 FROM clickhouse_sent s
+             LEFT JOIN consumer_offsets o USING (group_id, topic, partition)
+             WHERE s.group_id = $1 AND s.topic = $2 AND NOT (s.partition = ANY($3))
+               AND s.sent_upto > COALESCE(o.next_offset, 0))",
+    )
+    .bind(group)
+    .bind(topic)
+    .bind(&mine)
+    .fetch_one(&mut **tx)
+    .await?;
+    Ok(others)
 }
 
 /// Raise the ClickHouse send watermark of the batch's partitions to past its last offset,

@@ -55,6 +55,8 @@ pub async fn run(
         metrics,
         ledger_config: Arc::new(ledger_config),
         stripe_webhook_secret: settings.stripe_webhook_secret.clone(),
+        auth: Arc::new(api::auth::TokenCache::new(pool.clone(), api::auth::TOKEN_CACHE_TTL)),
+        clickhouse: analytics::client(&c.clickhouse_url, &c.clickhouse_database),
         quota: quota_state.clone(),
         quota_config: Arc::new(quota_config),
     };
@@ -123,7 +125,11 @@ pub async fn run(
 }
 
 /// Keep the in-memory quota state current (see `quota::state` for the design).
-async fn refresh_quota_state(state: Arc<crate::quota::state::QuotaState>, pool: sqlx::PgPool, stop: CancellationToken) {
+async fn refresh_quota_state(
+    state: Arc<crate::quota::state::QuotaState>,
+    pool: sqlx::PgPool,
+    stop: CancellationToken,
+) {
     let mut tick = tokio::time::interval(crate::quota::state::REFRESH_INTERVAL);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {

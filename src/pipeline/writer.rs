@@ -52,9 +52,10 @@ impl Writer {
         }
         // Final synchronous offset hint so a restart re-reads as little as possible.
         if let Ok(tpl) = self.consumer.assignment()
-            && tpl.count() > 0 {
-                let _ = self.consumer.commit_consumer_state(CommitMode::Sync);
-            }
+            && tpl.count() > 0
+        {
+            let _ = self.consumer.commit_consumer_state(CommitMode::Sync);
+        }
         Ok(())
     }
 
@@ -87,7 +88,16 @@ impl Writer {
             .await
             .map_err(StageError::at("postgres"))?;
         let ch_started = Instant::now();
-        let rows = self.rows_not_in_clickhouse(&applied, &sent_before).await?;
+        let check_all = usage::clickhouse_may_hold_uncommitted(
+            &mut tx,
+            &self.group,
+            &self.topic,
+            &sent_before,
+            &applied.stored_offsets,
+        )
+        .await
+        .map_err(StageError::at("postgres"))?;
+        let rows = self.rows_not_in_clickhouse(&applied, check_all).await?;
         if let Err(e) = analytics::insert(&self.clickhouse, &rows).await {
             metrics::counter!(m::CLICKHOUSE_INSERT_ERRORS).increment(1);
             return Err(StageError { stage: "clickhouse", error: e.to_string() });
@@ -105,17 +115,16 @@ impl Writer {
     }
 
     /// Usage rows of the batch's new events, minus those a crashed earlier attempt already
-    /// inserted. ClickHouse is asked only about offsets below the previous send watermark.
+    /// inserted. ClickHouse is asked only while it may hold uncommitted rows (see
+    /// `usage::clickhouse_may_hold_uncommitted`); then about every new event of the batch,
+    /// since a duplicate of a crashed attempt's event may arrive on any partition.
     async fn rows_not_in_clickhouse(
         &self,
         applied: &Applied,
-        sent_before: &std::collections::HashMap<i32, i64>,
+        check_all: bool,
     ) -> Result<Vec<UsageRow>, StageError> {
-        let suspects: Vec<&super::ValidItem> = applied
-            .new_events
-            .iter()
-            .filter(|v| v.pos.offset < sent_before.get(&v.pos.partition).copied().unwrap_or(0))
-            .collect();
+        let suspects: Vec<&super::ValidItem> =
+            if check_all { applied.new_events.iter().collect() } else { Vec::new() };
         let present = analytics::existing_event_ids(&self.clickhouse, &suspects)
             .await
             .map_err(StageError::at("clickhouse"))?;
@@ -161,10 +170,11 @@ impl Writer {
             }
         }
         if tpl.count() > 0
-            && let Err(e) = self.consumer.commit(&tpl, CommitMode::Async) {
-                metrics::counter!(m::KAFKA_ERRORS, "stage" => "commit_hint").increment(1);
-                tracing::debug!(error = %e, "offset hint not committed");
-            }
+            && let Err(e) = self.consumer.commit(&tpl, CommitMode::Async)
+        {
+            metrics::counter!(m::KAFKA_ERRORS, "stage" => "commit_hint").increment(1);
+            tracing::debug!(error = %e, "offset hint not committed");
+        }
     }
 }
 

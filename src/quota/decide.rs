@@ -98,7 +98,11 @@ fn overage(a: &AccountView<'_>, estimate: i64) -> OverageResult {
         let effective = a.balance_units - a.reserved_units - a.pending_units;
         let blocked = effective <= 0 || effective < estimate;
         let message = if blocked {
-            format!("insufficient balance: {} USD available, {} USD requested", money::units_to_usd(effective), money::units_to_usd(estimate))
+            format!(
+                "insufficient balance: {} USD available, {} USD requested",
+                money::units_to_usd(effective),
+                money::units_to_usd(estimate)
+            )
         } else {
             "ok".to_string()
         };
@@ -112,15 +116,28 @@ fn overage(a: &AccountView<'_>, estimate: i64) -> OverageResult {
     let (blocked, message) = match plan.policy {
         OveragePolicy::HardLimit => {
             let blocked = a.period_consumed_units >= allocation || projected > allocation;
-            (blocked, if blocked { format!("{} plan credits are exhausted; upgrade or wait for the next period", plan.name) } else { "ok".into() })
+            (
+                blocked,
+                if blocked {
+                    format!("{} plan credits are exhausted; upgrade or wait for the next period", plan.name)
+                } else {
+                    "ok".into()
+                },
+            )
         }
         OveragePolicy::SoftLimit => {
             let ceiling = soft_ceiling(allocation, plan.soft_limit_percent);
             let blocked = projected > ceiling;
             let message = if blocked {
-                format!("{} plan soft limit of {}% reached; upgrade or wait for the next period", plan.name, plan.soft_limit_percent)
+                format!(
+                    "{} plan soft limit of {}% reached; upgrade or wait for the next period",
+                    plan.name, plan.soft_limit_percent
+                )
             } else if in_overage {
-                format!("warning: over the {} plan allocation, allowed up to {}%", plan.name, plan.soft_limit_percent)
+                format!(
+                    "warning: over the {} plan allocation, allowed up to {}%",
+                    plan.name, plan.soft_limit_percent
+                )
             } else {
                 "ok".into()
             };
@@ -128,7 +145,10 @@ fn overage(a: &AccountView<'_>, estimate: i64) -> OverageResult {
         }
         OveragePolicy::Warn => {
             let message = if in_overage {
-                format!("warning: over the {} plan allocation; overage is billed at the end of the period", plan.name)
+                format!(
+                    "warning: over the {} plan allocation; overage is billed at the end of the period",
+                    plan.name
+                )
             } else {
                 "ok".into()
             };
@@ -149,7 +169,14 @@ mod tests {
     use super::*;
 
     fn plan(policy: OveragePolicy, allocation_units: i64) -> Plan {
-        Plan { name: "p".into(), rank: 1, allocation_units, policy, soft_limit_percent: 120, self_serve: true }
+        Plan {
+            name: "p".into(),
+            rank: 1,
+            allocation_units,
+            policy,
+            soft_limit_percent: 120,
+            self_serve: true,
+        }
     }
 
     fn with_plan(p: &Plan, consumed: i64) -> AccountView<'_> {
@@ -188,7 +215,11 @@ mod tests {
 
     #[test]
     fn prepaid_is_refused_at_zero_and_below_the_estimate() {
-        let a = |balance, reserved| AccountView { balance_units: balance, reserved_units: reserved, ..Default::default() };
+        let a = |balance, reserved| AccountView {
+            balance_units: balance,
+            reserved_units: reserved,
+            ..Default::default()
+        };
         assert!(decide(&a(100, 0), None, 100).allowed);
         let d = decide(&a(100, 0), None, 101);
         assert_eq!((d.status, d.code, d.overage.policy), (402, Some("insufficient_quota"), "prepaid"));

@@ -148,13 +148,19 @@ pub struct Ask<'a> {
 }
 
 /// Build the pure decision's view of an account at `now`.
-pub fn view<'c>(cfg: &'c QuotaConfig, acct: &AccountState, ask: &Ask<'_>, now: DateTime<Utc>) -> AccountView<'c> {
+pub fn view<'c>(
+    cfg: &'c QuotaConfig,
+    acct: &AccountState,
+    ask: &Ask<'_>,
+    now: DateTime<Utc>,
+) -> AccountView<'c> {
     let (start, end) = period(cfg, acct, now);
     let plan = acct.plan.as_ref().and_then(|(name, _)| cfg.plans.get(name));
     let feature_quota = ask.feature.and_then(|f| {
         let limit = cfg.quota(f, tier(acct))?;
         let (from, to) = window::rolling_window(now);
-        let used = acct.usage.get(&("feature".to_string(), f.to_string())).map_or(0, |b| b.sum(from, to).events);
+        let used =
+            acct.usage.get(&("feature".to_string(), f.to_string())).map_or(0, |b| b.sum(from, to).events);
         Some((u64::try_from(used).unwrap_or(0), limit))
     });
     let mut spend_caps = Vec::new();

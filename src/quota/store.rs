@@ -2,9 +2,9 @@
 //! plans and plan changes, spend limits.
 
 use super::window::{HOUR_SECS, floor_hour};
+use crate::event::Status;
 use crate::ledger::ops::{Amount, LedgerError, Posted, Posting, claim, finish, hash_payload, post};
 use crate::pipeline::ValidItem;
-use crate::event::Status;
 use chrono::{DateTime, Utc};
 use serde::{Deserialize, Serialize};
 use sqlx::{PgPool, Postgres, Transaction};
@@ -14,7 +14,10 @@ type BucketKey<'a> = (&'a str, &'static str, &'a str, i64);
 
 /// Add the batch's new events to the hourly buckets (same transaction as the debits, so
 /// a replayed event, which is not new, is never counted twice).
-pub(crate) async fn count_usage(tx: &mut Transaction<'_, Postgres>, new_events: &[ValidItem]) -> Result<(), sqlx::Error> {
+pub(crate) async fn count_usage(
+    tx: &mut Transaction<'_, Postgres>,
+    new_events: &[ValidItem],
+) -> Result<(), sqlx::Error> {
     let mut buckets: BTreeMap<BucketKey<'_>, (i64, i64)> = BTreeMap::new();
     for v in new_events {
         let e = &v.event;
@@ -242,7 +245,10 @@ pub async fn change_plan(pool: &PgPool, req: &PlanChangeRequest<'_>) -> Result<P
         super::config::Cycle::Anchored30d => super::window::anchored_cycle(anchor, req.now),
     };
     let (direction, amount) = match old {
-        Some(o) if new.rank > o.rank => ("upgrade", Amount::Delta(prorate(new.allocation_units - o.allocation_units, req.now, start, end))),
+        Some(o) if new.rank > o.rank => (
+            "upgrade",
+            Amount::Delta(prorate(new.allocation_units - o.allocation_units, req.now, start, end)),
+        ),
         Some(_) => ("downgrade", Amount::CapBalanceAt(new.allocation_units)),
         None => ("initial", Amount::Delta(new.allocation_units)),
     };
@@ -309,7 +315,12 @@ pub async fn current_plan(pool: &PgPool, account: &str) -> Result<Option<String>
 
 /// Put an account on a quota tier that is not a credit plan (Reeve's free / pro /
 /// enterprise): no allocation, so no ledger entry; the tier only selects quotas.
-pub async fn set_tier(pool: &PgPool, account: &str, tier: &str, now: DateTime<Utc>) -> Result<(), sqlx::Error> {
+pub async fn set_tier(
+    pool: &PgPool,
+    account: &str,
+    tier: &str,
+    now: DateTime<Utc>,
+) -> Result<(), sqlx::Error> {
     sqlx::query("INSERT INTO accounts (account_id) VALUES ($1) ON CONFLICT DO NOTHING")
         .bind(account)
         .execute(pool)
@@ -326,7 +337,10 @@ pub async fn set_tier(pool: &PgPool, account: &str, tier: &str, now: DateTime<Ut
     Ok(())
 }
 
-async fn current_anchor(tx: &mut Transaction<'_, Postgres>, account: &str) -> Result<Option<DateTime<Utc>>, sqlx::Error> {
+async fn current_anchor(
+    tx: &mut Transaction<'_, Postgres>,
+    account: &str,
+) -> Result<Option<DateTime<Utc>>, sqlx::Error> {
     let row: Option<(DateTime<Utc>,)> =
         sqlx::query_as("SELECT period_anchor FROM account_plans WHERE account_id = $1 FOR UPDATE")
             .bind(account)

@@ -113,7 +113,10 @@ mod tests {
 
     #[test]
     fn calendar_months_reset_on_the_first_utc() {
-        assert_eq!(calendar_month(t("2026-12-31T23:59:59Z")), (t("2026-12-01T00:00:00Z"), t("2027-01-01T00:00:00Z")));
+        assert_eq!(
+            calendar_month(t("2026-12-31T23:59:59Z")),
+            (t("2026-12-01T00:00:00Z"), t("2027-01-01T00:00:00Z"))
+        );
         assert_eq!(calendar_month(t("2027-01-01T00:00:00Z")).0, t("2027-01-01T00:00:00Z"));
         assert_eq!(calendar_month(t("2028-02-15T00:00:00Z")).1, t("2028-03-01T00:00:00Z"));
     }

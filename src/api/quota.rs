@@ -1,0 +1,303 @@
+//! Quota, limit and plan endpoints: `POST /v1/authorize` (the gateway's fast path),
+//! `GET /v1/accounts/{id}/quotas`, `GET|PUT /v1/accounts/{id}/limits`,
+//! `POST /v1/accounts/{id}/plan`, and the plan and burn-rate part of the balance.
+//!
+//! Authorize and quota reads are answered from the in-memory [`QuotaState`] (no database
+//! round trip); see `quota::state` for how it is kept current across instances.
+
+use super::auth::{Caller, Capability};
+use super::extract::{ApiJson, ApiPath};
+use super::{ApiError, AppState};
+use crate::money;
+use crate::quota::decide::{self, OverageResult};
+use crate::quota::state::{self, AccountState, Ask};
+use crate::quota::{store, window};
+use axum::Json;
+use axum::extract::State;
+use axum::http::StatusCode;
+use axum::response::{IntoResponse, Response};
+use chrono::{DateTime, Duration, Utc};
+use rust_decimal::Decimal;
+use serde::{Deserialize, Serialize};
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct AuthorizeRequest {
+    pub account_id: String,
+    pub api_key_id: Option<String>,
+    pub project_id: Option<String>,
+    pub feature: Option<String>,
+    pub model: Option<String>,
+    /// Estimated cost, USD decimal string (exact), or `estimated_cost_units`.
+    pub estimated_cost_usd: Option<String>,
+    pub estimated_cost_units: Option<i64>,
+}
+
+#[derive(Debug, Serialize)]
+struct AuthorizeResponse {
+    allowed: bool,
+    message: String,
+    overage: OverageResult,
+}
+
+fn check_id(field: &str, v: &str) -> Result<(), ApiError> {
+    super::extract::body_id(field, v)
+}
+
+fn estimate_units(req: &AuthorizeRequest) -> Result<i64, ApiError> {
+    match (&req.estimated_cost_usd, req.estimated_cost_units) {
+        (Some(_), Some(_)) => {
+            Err(ApiError::unprocessable("invalid_request", "give estimated_cost_usd or _units, not both"))
+        }
+        (Some(usd), None) => {
+            let d = crate::event::parse_usd("estimated_cost_usd", usd)
+                .map_err(|e| ApiError::unprocessable("invalid_request", e.to_string()))?;
+            money::usd_to_units(d)
+                .ok_or_else(|| ApiError::unprocessable("invalid_request", "estimate out of range"))
+        }
+        (None, Some(u)) if u >= 0 => Ok(u),
+        (None, Some(_)) => {
+            Err(ApiError::unprocessable("invalid_request", "estimated_cost_units must not be negative"))
+        }
+        (None, None) => Ok(0),
+    }
+}
+
+pub async fn authorize(
+    State(state): State<AppState>,
+    caller: Caller,
+    ApiJson(req): ApiJson<AuthorizeRequest>,
+) -> Result<Response, ApiError> {
+    check_id("account_id", &req.account_id)?;
+    for (field, v) in
+        [("api_key_id", &req.api_key_id), ("project_id", &req.project_id), ("feature", &req.feature)]
+    {
+        if let Some(v) = v {
+            check_id(field, v)?;
+        }
+    }
+    caller.check(&req.account_id, Capability::Gateway)?;
+    let estimate = estimate_units(&req)?;
+    let ask = Ask {
+        api_key_id: req.api_key_id.as_deref(),
+        project_id: req.project_id.as_deref(),
+        feature: req.feature.as_deref(),
+    };
+    let cfg = &state.quota_config;
+    let now = Utc::now();
+    let d = state.quota.with_account(&req.account_id, |acct| {
+        decide::decide(&state::view(cfg, acct, &ask, now), ask.feature, estimate)
+    });
+    if d.allowed {
+        let body = AuthorizeResponse { allowed: true, message: d.message, overage: d.overage };
+        return Ok(Json(body).into_response());
+    }
+    let status = StatusCode::from_u16(d.status).unwrap_or(StatusCode::PAYMENT_REQUIRED);
+    let body = serde_json::json!({
+        "allowed": false,
+        "error": {"code": d.code.unwrap_or("refused"), "message": d.message},
+        "overage": d.overage,
+    });
+    Ok((status, Json(body)).into_response())
+}
+
+#[derive(Debug, Serialize)]
+struct FeatureUsage {
+    used: i64,
+    limit: Option<u64>,
+    remaining: Option<u64>,
+}
+
+pub async fn quotas(
+    State(state): State<AppState>,
+    caller: Caller,
+    ApiPath(id): ApiPath<String>,
+) -> Result<Json<serde_json::Value>, ApiError> {
+    super::extract::path_account_id(&id)?;
+    // Builders read quotas; so do gateways, which gate calls on them (Reeve's tier gate).
+    caller
+        .check(&id, Capability::Usage)
+        .or_else(|e| caller.check(&id, Capability::Gateway).map_err(|_| e))?;
+    let now = Utc::now();
+    let (from, to) = window::rolling_window(now);
+    let cfg = &state.quota_config;
+    let body = state.quota.with_account(&id, |acct| {
+        let tier = state::tier(acct).to_string();
+        let mut usage = serde_json::Map::new();
+        for feature in cfg.quotas.keys() {
+            let used = acct
+                .usage
+                .get(&("feature".to_string(), feature.clone()))
+                .map_or(0, |b| b.sum(from, to).events);
+            let limit = cfg.quota(feature, &tier);
+            let remaining = limit.map(|l| l.saturating_sub(u64::try_from(used).unwrap_or(0)));
+            let v = serde_json::to_value(FeatureUsage { used, limit, remaining }).expect("serializes");
+            usage.insert(feature.clone(), v);
+        }
+        serde_json::json!({
+            "account_id": id,
+            "tier": tier,
+            "usage": usage,
+            "period_start": ts(from),
+            "period_end": ts(to),
+        })
+    });
+    Ok(Json(body))
+}
+
+fn ts(epoch_secs: i64) -> DateTime<Utc> {
+    DateTime::<Utc>::from_timestamp(epoch_secs, 0).expect("in range")
+}
+
+/// Plan allocation and burn-rate fields of the balance response.
+pub fn plan_and_burn(
+    state: &AppState,
+    acct: &AccountState,
+    effective_units: i64,
+    now: DateTime<Utc>,
+) -> serde_json::Value {
+    let cfg = &state.quota_config;
+    let (start, end) = state::period(cfg, acct, now);
+    let consumed = state::spent(acct, "account", "", start, end).cost_units;
+    let week =
+        state::spent(acct, "account", "", now - Duration::days(7), now + Duration::hours(1)).cost_units;
+    let daily_burn = Decimal::from(week) / Decimal::from(7);
+    let plan = acct.plan.as_ref().and_then(|(name, _)| cfg.plans.get(name));
+    let remaining = plan.map_or(effective_units, |p| p.allocation_units - consumed);
+    let projected_days = (daily_burn > Decimal::ZERO).then(|| {
+        (Decimal::from(remaining.max(0)) / daily_burn).round_dp_with_strategy(1, money::ROUNDING).to_string()
+    });
+    let plan_json = plan.map(|p| {
+        let percent = if p.allocation_units > 0 {
+            (Decimal::from(consumed) * Decimal::from(100) / Decimal::from(p.allocation_units))
+                .round_dp_with_strategy(2, money::ROUNDING)
+                .to_string()
+        } else {
+            "0".into()
+        };
+        serde_json::json!({
+            "plan": p.name,
+            "policy": p.policy.as_str(),
+            "allocated_units": p.allocation_units,
+            "consumed_units": consumed,
+            "remaining_units": p.allocation_units - consumed,
+            "usage_percent": percent,
+        })
+    });
+    serde_json::json!({
+        "plan": plan_json,
+        "period_start": start,
+        "period_end": end,
+        "period_consumed_units": consumed,
+        "daily_burn_units": daily_burn.round_dp_with_strategy(0, money::ROUNDING).to_string(),
+        "projected_days_remaining": projected_days,
+    })
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct LimitRequest {
+    /// `account`, `project` or `api_key`.
+    pub scope: String,
+    #[serde(default)]
+    pub scope_id: String,
+    /// Monthly cap, USD decimal string; `null` removes the cap.
+    pub monthly_limit_usd: Option<String>,
+}
+
+pub async fn put_limit(
+    State(state): State<AppState>,
+    caller: Caller,
+    ApiPath(id): ApiPath<String>,
+    ApiJson(req): ApiJson<LimitRequest>,
+) -> Result<Json<serde_json::Value>, ApiError> {
+    super::extract::path_account_id(&id)?;
+    caller.check(&id, Capability::Billing)?;
+    let units = match &req.monthly_limit_usd {
+        None => None,
+        Some(s) => {
+            let d = crate::event::parse_usd("monthly_limit_usd", s)
+                .map_err(|e| ApiError::unprocessable("invalid_request", e.to_string()))?;
+            Some(
+                crate::ledger::config::exact_units(d)
+                    .map_err(|e| ApiError::unprocessable("invalid_request", e))?,
+            )
+        }
+    };
+    store::set_limit(&state.pool, &id, &req.scope, &req.scope_id, units)
+        .await
+        .map_err(super::stripe::ledger_error)?;
+    state.quota.refresh(&state.pool).await.map_err(ApiError::internal)?;
+    get_limits(State(state), caller, ApiPath(id)).await
+}
+
+pub async fn get_limits(
+    State(state): State<AppState>,
+    caller: Caller,
+    ApiPath(id): ApiPath<String>,
+) -> Result<Json<serde_json::Value>, ApiError> {
+    super::extract::path_account_id(&id)?;
+    caller.check(&id, Capability::Billing)?;
+    let now = Utc::now();
+    let cfg = &state.quota_config;
+    let limits = state.quota.with_account(&id, |acct| {
+        let (start, end) = state::period(cfg, acct, now);
+        let mut out: Vec<serde_json::Value> = acct
+            .limits
+            .iter()
+            .filter(|(_, cap)| **cap < i64::MAX)
+            .map(|((scope, scope_id), cap)| {
+                let spent = state::spent(acct, scope, scope_id, start, end).cost_units;
+                serde_json::json!({"scope": scope, "scope_id": scope_id, "monthly_limit_units": cap,
+                    "spent_units": spent, "remaining_units": cap - spent,
+                    "period_start": start, "period_end": end})
+            })
+            .collect();
+        out.sort_by(|a, b| a.to_string().cmp(&b.to_string()));
+        out
+    });
+    Ok(Json(serde_json::json!({"account_id": id, "limits": limits})))
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct PlanRequest {
+    pub plan: String,
+    pub idempotency_key: Option<String>,
+}
+
+pub async fn change_plan(
+    State(state): State<AppState>,
+    caller: Caller,
+    ApiPath(id): ApiPath<String>,
+    ApiJson(req): ApiJson<PlanRequest>,
+) -> Result<Json<store::PlanChange>, ApiError> {
+    super::extract::path_account_id(&id)?;
+    caller.check(&id, Capability::Billing)?;
+    let cfg = &state.quota_config;
+    let new = cfg
+        .plans
+        .get(&req.plan)
+        .ok_or_else(|| ApiError::unprocessable("unknown_plan", format!("no plan {}", req.plan)))?;
+    let current = store::current_plan(&state.pool, &id).await.map_err(ApiError::internal)?;
+    let old = current.as_deref().and_then(|name| cfg.plans.get(name));
+    let key = req
+        .idempotency_key
+        .unwrap_or_else(|| format!("plan:{id}:{}:{}", current.as_deref().unwrap_or("none"), new.name));
+    let change = store::change_plan(
+        &state.pool,
+        &store::PlanChangeRequest {
+            account_id: &id,
+            new_plan: new,
+            old_plan: old,
+            idempotency_key: &key,
+            created_by: &format!("token:{}", caller.token_id()),
+            now: Utc::now(),
+            cycle: cfg.cycle,
+        },
+    )
+    .await
+    .map_err(super::stripe::ledger_error)?;
+    state.quota.refresh(&state.pool).await.map_err(ApiError::internal)?;
+    Ok(Json(change))
+}

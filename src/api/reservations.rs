@@ -1,0 +1,173 @@
+//! Reservations over HTTP (`ledger::reservations`): hold an amount before a call, settle
+//! it with the actual cost, or release it. Capability: `Gateway`.
+//!
+//! - `POST /v1/reservations` -> 201, or 402 `insufficient_quota` when the effective
+//!   balance (balance - reserved - pending) does not cover the hold. Idempotent by
+//!   `reservation_id` (generated when absent; send your own to retry safely). Reservation
+//!   ids are global: use unique ones (UUIDs).
+//! - `POST /v1/reservations/{id}/settle` -> 200 (`settling` until the usage event that
+//!   names the reservation arrives: the debit always comes from that event).
+//! - `POST /v1/reservations/{id}/release` -> 200 (`released`; repeating it is harmless).
+//!
+//! A reservation of an account the caller cannot see is 404 `reservation_not_found`, as
+//! for one that does not exist.
+
+use super::auth::{Caller, Capability};
+use super::extract::{ApiJson, ApiPath, ExactDecimal, body_id};
+use super::{ApiError, AppState};
+use crate::ledger::config::exact_units;
+use crate::ledger::ops::LedgerError;
+use crate::ledger::reservations::{self, Reservation, ReserveRequest};
+use crate::money::units_to_usd_string;
+use axum::Json;
+use axum::extract::State;
+use axum::http::StatusCode;
+use chrono::{DateTime, Utc};
+use serde::{Deserialize, Serialize};
+
+/// Longest hold: 7 days, as the catalog's `reservations.ttl_secs` allows.
+pub const TTL_SECS_MAX: u32 = 7 * 86_400;
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ReserveBody {
+    account_id: String,
+    reservation_id: Option<String>,
+    amount_usd: Option<ExactDecimal>,
+    amount_units: Option<i64>,
+    ttl_secs: Option<u32>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct SettleBody {
+    actual_usd: Option<ExactDecimal>,
+    actual_units: Option<i64>,
+}
+
+#[derive(Debug, Serialize)]
+pub struct ReservationView {
+    pub reservation_id: String,
+    pub account_id: String,
+    /// active, settling, settled, released or expired.
+    pub status: String,
+    pub amount: String,
+    pub amount_units: i64,
+    /// The reported actual cost while `settling`, waiting for the usage event.
+    pub pending_units: i64,
+    pub actual_units: Option<i64>,
+    pub expires_at: DateTime<Utc>,
+    pub created_at: DateTime<Utc>,
+}
+
+impl From<Reservation> for ReservationView {
+    fn from(r: Reservation) -> ReservationView {
+        ReservationView {
+            reservation_id: r.reservation_id,
+            account_id: r.account_id,
+            status: r.status,
+            amount: units_to_usd_string(r.amount_units),
+            amount_units: r.amount_units,
+            pending_units: r.pending_units,
+            actual_units: r.actual_units,
+            expires_at: r.expires_at,
+            created_at: r.created_at,
+        }
+    }
+}
+
+pub async fn reserve(
+    State(state): State<AppState>,
+    caller: Caller,
+    ApiJson(body): ApiJson<ReserveBody>,
+) -> Result<(StatusCode, Json<ReservationView>), ApiError> {
+    body_id("account_id", &body.account_id)?;
+    caller.check(&body.account_id, Capability::Gateway)?;
+    let reservation_id = match body.reservation_id {
+        Some(id) => {
+            body_id("reservation_id", &id)?;
+            id
+        }
+        None => format!("res_{}", uuid::Uuid::new_v4().simple()),
+    };
+    let amount_units = one_amount("amount", body.amount_usd, body.amount_units)?;
+    if amount_units <= 0 {
+        return Err(ApiError::unprocessable("invalid_amount", "amount must be positive"));
+    }
+    let ttl_secs = body.ttl_secs.unwrap_or(state.ledger_config.reservations.ttl_secs);
+    if !(1..=TTL_SECS_MAX).contains(&ttl_secs) {
+        return Err(ApiError::unprocessable(
+            "invalid_ttl",
+            format!("ttl_secs must be within 1..={TTL_SECS_MAX}"),
+        ));
+    }
+    let req = ReserveRequest { account_id: body.account_id, reservation_id, amount_units, ttl_secs };
+    let r = reservations::reserve(&state.pool, &req).await.map_err(reservation_error)?;
+    Ok((StatusCode::CREATED, Json(r.into())))
+}
+
+pub async fn settle(
+    State(state): State<AppState>,
+    caller: Caller,
+    ApiPath(id): ApiPath<String>,
+    ApiJson(body): ApiJson<SettleBody>,
+) -> Result<Json<ReservationView>, ApiError> {
+    visible(&state, &caller, &id).await?;
+    let actual_units = one_amount("actual", body.actual_usd, body.actual_units)?;
+    if actual_units < 0 {
+        return Err(ApiError::unprocessable("invalid_amount", "actual cost must not be negative"));
+    }
+    let r = reservations::settle(&state.pool, &id, actual_units).await.map_err(reservation_error)?;
+    Ok(Json(r.into()))
+}
+
+pub async fn release(
+    State(state): State<AppState>,
+    caller: Caller,
+    ApiPath(id): ApiPath<String>,
+) -> Result<Json<ReservationView>, ApiError> {
+    visible(&state, &caller, &id).await?;
+    let r = reservations::release(&state.pool, &id).await.map_err(reservation_error)?;
+    Ok(Json(r.into()))
+}
+
+/// The role first (403 says nothing about the reservation), then existence and scope
+/// together (one 404 for both).
+async fn visible(state: &AppState, caller: &Caller, id: &str) -> Result<(), ApiError> {
+    caller.require(Capability::Gateway)?;
+    if id.is_empty() || id.len() > super::extract::ID_LEN_MAX {
+        return Err(ApiError::bad_request("invalid_reservation_id", "reservation id must be 1..=128 bytes"));
+    }
+    let found = reservations::get(&state.pool, id).await.map_err(reservation_error)?;
+    match found {
+        Some(r) if caller.can_see(&r.account_id) => Ok(()),
+        _ => Err(not_found(id)),
+    }
+}
+
+fn not_found(id: &str) -> ApiError {
+    ApiError::not_found("reservation_not_found", format!("no reservation {id}"))
+}
+
+/// Exactly one of `<name>_usd` (exact decimal) and `<name>_units`, as internal units.
+fn one_amount(name: &str, usd: Option<ExactDecimal>, units: Option<i64>) -> Result<i64, ApiError> {
+    match (usd, units) {
+        (Some(ExactDecimal(d)), None) => {
+            exact_units(d).map_err(|e| ApiError::unprocessable("invalid_amount", format!("{name}_usd: {e}")))
+        }
+        (None, Some(u)) => Ok(u),
+        _ => Err(ApiError::unprocessable(
+            "invalid_amount",
+            format!("give exactly one of {name}_usd and {name}_units"),
+        )),
+    }
+}
+
+fn reservation_error(e: LedgerError) -> ApiError {
+    match e {
+        LedgerError::NotFound(what) => {
+            ApiError::not_found("reservation_not_found", format!("{what} not found"))
+        }
+        other => super::stripe::ledger_error(other),
+    }
+}

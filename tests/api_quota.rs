@@ -1,0 +1,261 @@
+//! `POST /v1/authorize`, quotas, limits, plan changes and the plan part of balances over
+//! HTTP, against real Postgres: every refusal code with its OverageResult, roles and
+//! cross-account access, malformed input.
+
+mod common;
+
+use chrono::Utc;
+use common::*;
+use std::sync::Arc;
+use tally::api::auth::{NewToken, Role, create_token};
+use tally::api::{self, AppState};
+use tally::event::{RawUsageEvent, UsageEvent};
+use tally::quota::config::QuotaConfig;
+use tally::quota::state::QuotaState;
+use tokio_util::sync::CancellationToken;
+
+/// BroomVA's plans and Reeve's quotas in one configuration.
+const CONFIG: &str = r#"
+[limits]
+cycle = "calendar_month"
+[plans.free]
+rank = 0
+allocation_usd = "0.50"
+overage_policy = "hard_limit"
+[plans.pro]
+rank = 1
+allocation_usd = "50"
+overage_policy = "soft_limit"
+[plans.enterprise]
+rank = 3
+allocation_usd = "0"
+overage_policy = "warn"
+self_serve = false
+[quotas.ad_generations]
+free = 2
+pro = 100
+"#;
+
+struct App {
+    env: TestEnv,
+    base: String,
+    http: reqwest::Client,
+    quota: Arc<QuotaState>,
+    _stop: tokio_util::sync::DropGuard,
+}
+
+async fn spawn_app() -> App {
+    let env = TestEnv::new(1).await;
+    let quota = Arc::new(QuotaState::default());
+    let state = AppState {
+        pool: env.pool.clone(),
+        metrics: metrics_exporter_prometheus::PrometheusBuilder::new().build_recorder().handle(),
+        ledger_config: Arc::new(Default::default()),
+        stripe_webhook_secret: None,
+        auth: Arc::new(tally::api::auth::TokenCache::new(
+            env.pool.clone(),
+            std::time::Duration::from_secs(30),
+        )),
+        clickhouse: env.clickhouse(),
+        quota: quota.clone(),
+        quota_config: Arc::new(QuotaConfig::from_toml_str(CONFIG, "test").unwrap()),
+    };
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let base = format!("http://{}", listener.local_addr().unwrap());
+    let stop = CancellationToken::new();
+    tokio::spawn(api::serve(listener, state, stop.clone()));
+    App { env, base, http: reqwest::Client::new(), quota, _stop: stop.drop_guard() }
+}
+
+impl App {
+    async fn token(&self, account: Option<&str>, role: Role) -> String {
+        let req = NewToken { account_id: account.map(str::to_string), role, name: "t".into() };
+        create_token(&self.env.pool, &req).await.unwrap().token
+    }
+
+    async fn call(
+        &self,
+        method: &str,
+        path: &str,
+        token: Option<&str>,
+        body: Option<&str>,
+    ) -> (u16, serde_json::Value) {
+        let url = format!("{}{path}", self.base);
+        let mut req = match method {
+            "GET" => self.http.get(url),
+            "PUT" => self.http.put(url),
+            _ => self.http.post(url),
+        };
+        if let Some(t) = token {
+            req = req.bearer_auth(t);
+        }
+        if let Some(b) = body {
+            req = req.header("content-type", "application/json").body(b.to_string());
+        }
+        let r = req.send().await.unwrap();
+        let status = r.status().as_u16();
+        (status, r.json().await.unwrap_or(serde_json::Value::Null))
+    }
+
+    async fn authorize(&self, token: &str, body: serde_json::Value) -> (u16, serde_json::Value) {
+        self.call("POST", "/v1/authorize", Some(token), Some(&body.to_string())).await
+    }
+}
+
+fn call(id: &str, account: &str, feature: Option<&str>, millions: i64) -> UsageEvent {
+    UsageEvent::parse(RawUsageEvent {
+        event_id: Some(id.into()),
+        occurred_at: Some(Utc::now().to_rfc3339()),
+        account_id: Some(account.into()),
+        api_key_id: Some("key-1".into()),
+        provider: Some("xai".into()),
+        model: Some("grok-4-1-fast".into()),
+        modality: Some("chat".into()),
+        feature: feature.map(str::to_string),
+        status: Some("success".into()),
+        input_tokens: Some(millions * 1_000_000),
+        ..Default::default()
+    })
+    .unwrap()
+}
+
+#[tokio::test]
+async fn authorize_answers_every_code_with_an_overage_result() {
+    let app = spawn_app().await;
+    let gw = app.token(None, Role::Service).await;
+    // Prepaid, never funded: 402 insufficient_quota.
+    let (s, b) = app.authorize(&gw, serde_json::json!({"account_id": "acct-p"})).await;
+    assert_eq!(
+        (s, b["error"]["code"].as_str(), b["overage"]["policy"].as_str()),
+        (402, Some("insufficient_quota"), Some("prepaid"))
+    );
+    // Free plan ($0.50, hard limit), $0.44 used: $0.06 exactly is allowed, one unit more is not.
+    let owner = app.token(Some("acct-f"), Role::Owner).await;
+    let (s, _) = app.call("POST", "/v1/accounts/acct-f/plan", Some(&owner), Some(r#"{"plan":"free"}"#)).await;
+    assert_eq!(s, 200);
+    apply_usage(
+        &app.env,
+        vec![call("f1", "acct-f", Some("ad_generations"), 1), call("f2", "acct-f", None, 1)],
+        0,
+    )
+    .await;
+    app.quota.refresh(&app.env.pool).await.unwrap();
+    let ask = |units: i64| serde_json::json!({"account_id": "acct-f", "estimated_cost_units": units});
+    let (s, b) = app.authorize(&gw, ask(6_000_000)).await;
+    assert_eq!((s, b["allowed"].as_bool()), (200, Some(true)), "{b}");
+    let (s, b) = app.authorize(&gw, ask(6_000_001)).await;
+    assert_eq!((s, b["error"]["code"].as_str()), (402, Some("credits_exhausted")), "{b}");
+    let o = &b["overage"];
+    assert_eq!(
+        (o["in_overage"].as_bool(), o["overage_amount"].as_i64(), o["blocked"].as_bool()),
+        (Some(true), Some(1), Some(true))
+    );
+    assert_eq!(o["policy"], "hard_limit");
+    // Quota: free tier allows 2 ad_generations; 1 used -> allowed; 2 used -> 429.
+    let q =
+        serde_json::json!({"account_id": "acct-f", "feature": "ad_generations", "estimated_cost_usd": "0"});
+    assert_eq!(app.authorize(&gw, q.clone()).await.0, 200);
+    apply_usage(&app.env, vec![call("f3", "acct-f", Some("ad_generations"), 0)], 2).await;
+    app.quota.refresh(&app.env.pool).await.unwrap();
+    let (s, b) = app.authorize(&gw, q).await;
+    assert_eq!((s, b["error"]["code"].as_str()), (429, Some("quota_exceeded")));
+    // Spend cap on the API key: 429 spend_limit_exceeded.
+    let banker = app.token(Some("acct-f"), Role::Bankroller).await;
+    let cap = r#"{"scope":"api_key","scope_id":"key-1","monthly_limit_usd":"0.44"}"#;
+    let (s, b) = app.call("PUT", "/v1/accounts/acct-f/limits", Some(&banker), Some(cap)).await;
+    assert_eq!((s, b["limits"][0]["spent_units"].as_i64()), (200, Some(44_000_000)), "{b}");
+    let (s, b) = app
+        .authorize(
+            &gw,
+            serde_json::json!({"account_id": "acct-f", "api_key_id": "key-1", "estimated_cost_units": 1}),
+        )
+        .await;
+    assert_eq!((s, b["error"]["code"].as_str()), (429, Some("spend_limit_exceeded")), "{b}");
+}
+
+#[tokio::test]
+async fn quotas_limits_plans_and_balance_over_http() {
+    let app = spawn_app().await;
+    let owner = app.token(Some("acct-q"), Role::Owner).await;
+    let builder = app.token(Some("acct-q"), Role::Builder).await;
+    let banker = app.token(Some("acct-q"), Role::Bankroller).await;
+    let other = app.token(Some("acct-other"), Role::Owner).await;
+    apply_usage(&app.env, vec![call("q1", "acct-q", Some("ad_generations"), 1)], 0).await;
+    app.quota.refresh(&app.env.pool).await.unwrap();
+    // Reeve's shape.
+    let (s, b) = app.call("GET", "/v1/accounts/acct-q/quotas", Some(&builder), None).await;
+    assert_eq!(s, 200);
+    assert_eq!(b["tier"], "free");
+    assert_eq!(b["usage"]["ad_generations"], serde_json::json!({"used": 1, "limit": 2, "remaining": 1}));
+    assert!(b["period_start"].is_string() && b["period_end"].is_string());
+    // Roles: builder cannot see billing; bankroller cannot see usage; no token; other account.
+    assert_eq!(app.call("GET", "/v1/accounts/acct-q/balance", Some(&builder), None).await.0, 403);
+    assert_eq!(app.call("GET", "/v1/accounts/acct-q/quotas", Some(&banker), None).await.0, 403);
+    assert_eq!(app.call("GET", "/v1/accounts/acct-q/limits", Some(&builder), None).await.0, 403);
+    assert_eq!(
+        app.call("POST", "/v1/accounts/acct-q/plan", Some(&builder), Some(r#"{"plan":"pro"}"#)).await.0,
+        403
+    );
+    assert_eq!(
+        app.call("POST", "/v1/authorize", Some(&builder), Some(r#"{"account_id":"acct-q"}"#)).await.0,
+        403
+    );
+    assert_eq!(app.call("GET", "/v1/accounts/acct-q/quotas", None, None).await.0, 401);
+    assert_eq!(app.call("GET", "/v1/accounts/acct-q/quotas", Some("tly_bogus"), None).await.0, 401);
+    let (s, b) = app.call("GET", "/v1/accounts/acct-q/quotas", Some(&other), None).await;
+    assert_eq!((s, b["error"]["code"].as_str()), (404, Some("account_not_found")));
+    assert_eq!(
+        app.call("POST", "/v1/authorize", Some(&other), Some(r#"{"account_id":"acct-q"}"#)).await.0,
+        404
+    );
+    // Plans: free -> pro (upgrade), enterprise refused, unknown plan, then the balance shows the plan.
+    let (s, b) =
+        app.call("POST", "/v1/accounts/acct-q/plan", Some(&banker), Some(r#"{"plan":"free"}"#)).await;
+    assert_eq!((s, b["direction"].as_str()), (200, Some("initial")));
+    let (s, b) = app.call("POST", "/v1/accounts/acct-q/plan", Some(&owner), Some(r#"{"plan":"pro"}"#)).await;
+    assert_eq!((s, b["direction"].as_str()), (200, Some("upgrade")), "{b}");
+    let (s, b) =
+        app.call("POST", "/v1/accounts/acct-q/plan", Some(&owner), Some(r#"{"plan":"enterprise"}"#)).await;
+    assert_eq!((s, b["error"]["code"].as_str()), (403, Some("plan_change_not_allowed")));
+    let (s, b) = app.call("POST", "/v1/accounts/acct-q/plan", Some(&owner), Some(r#"{"plan":"gold"}"#)).await;
+    assert_eq!((s, b["error"]["code"].as_str()), (422, Some("unknown_plan")));
+    let (s, b) = app.call("GET", "/v1/accounts/acct-q/balance", Some(&banker), None).await;
+    assert_eq!(s, 200);
+    assert_eq!(
+        (b["plan"]["plan"].as_str(), b["plan"]["consumed_units"].as_i64()),
+        (Some("pro"), Some(22_000_000)),
+        "{b}"
+    );
+    assert_eq!(b["plan"]["usage_percent"], "0.44");
+    assert!(b["projected_days_remaining"].is_string(), "a burn rate exists: {b}");
+}
+
+#[tokio::test]
+async fn malformed_requests_are_json_4xx_never_500() {
+    let app = spawn_app().await;
+    let gw = app.token(None, Role::Service).await;
+    let cases: &[(&str, &str, &str, u16)] = &[
+        ("POST", "/v1/authorize", "{not json", 400),
+        ("POST", "/v1/authorize", r#"{"account_id": 7}"#, 422),
+        ("POST", "/v1/authorize", r#"{"account_id": "a", "colour": "red"}"#, 422),
+        ("POST", "/v1/authorize", r#"{"account_id": ""}"#, 422),
+        ("POST", "/v1/authorize", r#"{"account_id": "a", "estimated_cost_units": -1}"#, 422),
+        ("POST", "/v1/authorize", r#"{"account_id": "a", "estimated_cost_usd": "1e3"}"#, 422),
+        (
+            "POST",
+            "/v1/authorize",
+            r#"{"account_id": "a", "estimated_cost_usd": "1", "estimated_cost_units": 1}"#,
+            422,
+        ),
+        ("PUT", "/v1/accounts/a/limits", r#"{"scope": "planet", "monthly_limit_usd": "1"}"#, 422),
+        ("PUT", "/v1/accounts/a/limits", r#"{"scope": "account", "monthly_limit_usd": "-1"}"#, 422),
+        ("POST", "/v1/accounts/a/plan", r#"{}"#, 422),
+    ];
+    let owner = app.token(Some("a"), Role::Owner).await;
+    for (method, path, body, want) in cases {
+        let token = if path.starts_with("/v1/authorize") { &gw } else { &owner };
+        let (s, b) = app.call(method, path, Some(token), Some(body)).await;
+        assert_eq!(s, *want, "{method} {path} {body}: {b}");
+        assert!(b["error"]["code"].is_string(), "{method} {path} {body}: JSON error body, got {b}");
+    }
+}

@@ -1,0 +1,108 @@
+//! Two `tally run` instances in one consumer group, each owning some partitions: both
+//! answer `authorize`, quotas and balances correctly for every account, from memory.
+
+mod common;
+
+use common::*;
+use std::time::Duration;
+use tally::api::auth::{NewToken, Role, create_token};
+use tally::event::{RawUsageEvent, UsageEvent};
+
+const ACCOUNTS: usize = 12;
+
+fn feature_call(id: usize, account: usize) -> UsageEvent {
+    UsageEvent::parse(RawUsageEvent {
+        event_id: Some(format!("inst-{id}")),
+        occurred_at: Some(chrono::Utc::now().to_rfc3339()),
+        account_id: Some(format!("acct-{account}")),
+        provider: Some("platform".into()),
+        model: Some("ad_generations".into()),
+        modality: Some("feature".into()),
+        feature: Some("ad_generations".into()),
+        status: Some("success".into()),
+        ..Default::default()
+    })
+    .unwrap()
+}
+
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn every_instance_answers_for_every_account() {
+    let env = TestEnv::new(6).await;
+    // Account i makes i calls of a feature whose free quota is 10 (demo catalog): accounts
+    // 10 and 11 are at or over it, the others under.
+    let mut messages = Vec::new();
+    let mut n = 0;
+    for account in 0..ACCOUNTS {
+        for _ in 0..account {
+            let e = feature_call(n, account);
+            n += 1;
+            messages.push(tally::simulate::Message {
+                key: e.account_id.clone(),
+                payload: tally::codec::encode(&e.to_raw()),
+                partition: None,
+                kind: tally::simulate::Kind::Valid(Box::new(e)),
+            });
+        }
+    }
+    produce(&env.topic, &messages).await;
+    let token =
+        create_token(&env.pool, &NewToken { account_id: None, role: Role::Service, name: "gw".into() })
+            .await
+            .unwrap()
+            .token;
+    let ports = [free_port(), free_port()];
+    let mut runs: Vec<_> = ports.iter().map(|p| env.spawn_run("examples/demo.toml", *p, &[])).collect();
+    env.wait_for("all events", Duration::from_secs(120), || async {
+        env.count("SELECT count(*) FROM processed_events").await == n as i64
+    })
+    .await;
+    // Both members got partitions (a group of two over six partitions).
+    let owners = env.count("SELECT count(DISTINCT partition) FROM consumer_offsets").await;
+    assert!(owners >= 2, "events spread over partitions: {owners}");
+    let http = reqwest::Client::new();
+    for port in ports {
+        let base = format!("http://127.0.0.1:{port}");
+        // Memory catches up within the refresh interval; poll briefly for the last account.
+        env.wait_for("state refreshed", Duration::from_secs(10), || async {
+            quota_used(&http, &base, &token, ACCOUNTS - 1).await == Some(ACCOUNTS as i64 - 1)
+        })
+        .await;
+        for account in 0..ACCOUNTS {
+            assert_eq!(quota_used(&http, &base, &token, account).await, Some(account as i64), "port {port}");
+            let r = http
+                .post(format!("{base}/v1/authorize"))
+                .bearer_auth(&token)
+                .json(&serde_json::json!({"account_id": format!("acct-{account}"), "feature": "ad_generations"}))
+                .send()
+                .await
+                .unwrap();
+            let status = r.status().as_u16();
+            let body: serde_json::Value = r.json().await.unwrap();
+            if account >= 10 {
+                assert_eq!((status, body["error"]["code"].as_str()), (429, Some("quota_exceeded")), "{body}");
+            } else {
+                // Under quota, but the wallet is empty (or negative after $0.02 calls): the
+                // prepaid refusal, not the quota one.
+                assert_eq!(
+                    (status, body["error"]["code"].as_str()),
+                    (402, Some("insufficient_quota")),
+                    "{body}"
+                );
+            }
+        }
+    }
+    for run in &mut runs {
+        terminate(run);
+    }
+}
+
+async fn quota_used(http: &reqwest::Client, base: &str, token: &str, account: usize) -> Option<i64> {
+    let r =
+        http.get(format!("{base}/v1/accounts/acct-{account}/quotas")).bearer_auth(token).send().await.ok()?;
+    let body: serde_json::Value = r.json().await.ok()?;
+    body["usage"]["ad_generations"]["used"].as_i64()
+}

@@ -94,7 +94,10 @@ impl App {
         }
         let r = req.send().await.unwrap();
         let status = r.status().as_u16();
-        (status, r.json().await.unwrap_or(serde_json::Value::Null))
+        let json = r.json().await.unwrap_or(serde_json::Value::Null);
+        // Every answer must be what schemas/openapi.yaml documents.
+        common::spec::check_response(method, path, status, &json);
+        (status, json)
     }
 
     async fn authorize(&self, token: &str, body: serde_json::Value) -> (u16, serde_json::Value) {

@@ -158,6 +158,21 @@ async fn spend_limits_per_account_project_and_key_reset_on_the_first() {
     let d = decide_now(&env.pool, &cfg, a, None, 5_000_000).await;
     assert!(!d.allowed && d.message.starts_with("account"));
     assert!(store::set_limit(&env.pool, a, "planet", "x", Some(1)).await.is_err());
+    // API deductions (Reeve) are spend too: a $0.05 deduction counts against the caps.
+    let b = "acct-deduct";
+    fund(&env, b).await;
+    store::set_limit(&env.pool, b, "account", "", Some(10_000_000)).await.unwrap();
+    let deduction = ledger::deductions::DeductionRequest {
+        account_id: b.into(),
+        amount_units: 5_000_000,
+        idempotency_key: "d1".into(),
+        description: "llm call".into(),
+        created_by: None,
+    };
+    ledger::deductions::deduct(&env.pool, &deduction).await.unwrap();
+    ledger::deductions::deduct(&env.pool, &deduction).await.unwrap(); // a replay: counted once
+    assert!(decide_now(&env.pool, &cfg, b, None, 5_000_000).await.allowed, "exactly at the $0.10 cap");
+    assert_eq!(decide_now(&env.pool, &cfg, b, None, 5_000_001).await.code, Some("spend_limit_exceeded"));
 }
 
 async fn change(

@@ -61,6 +61,8 @@ pub fn router(state: AppState) -> Router {
         .route("/v1/accounts/{id}/limits", get(quota::get_limits).put(quota::put_limit))
         .route("/v1/accounts/{id}/plan", post(quota::change_plan))
         .fallback(not_found)
+        // axum answers a wrong method with an empty 405: answer it in the JSON error shape.
+        .method_not_allowed_fallback(method_not_allowed)
         .layer(middleware::from_fn(track))
         .with_state(state)
 }
@@ -126,4 +128,12 @@ async fn balance(
 
 async fn not_found() -> ApiError {
     ApiError::not_found("route_not_found", "no such route")
+}
+
+async fn method_not_allowed() -> ApiError {
+    ApiError::new(
+        axum::http::StatusCode::METHOD_NOT_ALLOWED,
+        "method_not_allowed",
+        "method not allowed on this route",
+    )
 }

@@ -48,17 +48,7 @@ pub async fn record_pending(
         tx.rollback().await?;
         return Ok(o);
     }
-    sqlx::query(
-        "INSERT INTO topup_orders (order_id, account_id, source, paid_units, credited_units, status)
-         VALUES ($1, $2, $3, $4, $5, 'pending')",
-    )
-    .bind(&req.order_id)
-    .bind(&req.account_id)
-    .bind(req.source)
-    .bind(paid)
-    .bind(credited)
-    .execute(&mut *tx)
-    .await?;
+    insert_pending(&mut tx, req, paid, credited).await?;
     tx.commit().await?;
     Ok(TopupResult {
         order_id: req.order_id.clone(),
@@ -93,19 +83,7 @@ pub async fn complete(
                 _ => {}
             }
         }
-        None => {
-            sqlx::query(
-                "INSERT INTO topup_orders (order_id, account_id, source, paid_units, credited_units, status)
-                 VALUES ($1, $2, $3, $4, $5, 'pending')",
-            )
-            .bind(&req.order_id)
-            .bind(&req.account_id)
-            .bind(req.source)
-            .bind(paid)
-            .bind(credited)
-            .execute(&mut *tx)
-            .await?;
-        }
+        None => insert_pending(&mut tx, req, paid, credited).await?,
     }
     // The order keeps the credit computed when it was first recorded (tiers may change).
     let credited = existing.as_ref().map_or(credited, |o| o.credited_units);
@@ -164,6 +142,27 @@ pub async fn fail(pool: &PgPool, order_id: &str) -> Result<(), LedgerError> {
             None => Err(LedgerError::NotFound(format!("order {order_id}"))),
         };
     }
+    Ok(())
+}
+
+/// A new order, pending until its payment succeeds.
+async fn insert_pending(
+    tx: &mut sqlx::Transaction<'_, sqlx::Postgres>,
+    req: &TopupRequest,
+    paid: i64,
+    credited: i64,
+) -> Result<(), LedgerError> {
+    sqlx::query(
+        "INSERT INTO topup_orders (order_id, account_id, source, paid_units, credited_units, status)
+         VALUES ($1, $2, $3, $4, $5, 'pending')",
+    )
+    .bind(&req.order_id)
+    .bind(&req.account_id)
+    .bind(req.source)
+    .bind(paid)
+    .bind(credited)
+    .execute(&mut **tx)
+    .await?;
     Ok(())
 }
 

@@ -33,6 +33,14 @@ pub(crate) async fn count_usage(
             add(&mut buckets, at, "feature", f);
         }
     }
+    upsert(tx, &buckets).await
+}
+
+/// Add bucket increments (events, cost) to `usage_hourly`.
+async fn upsert(
+    tx: &mut Transaction<'_, Postgres>,
+    buckets: &BTreeMap<BucketKey<'_>, (i64, i64)>,
+) -> Result<(), sqlx::Error> {
     if buckets.is_empty() {
         return Ok(());
     }
@@ -59,6 +67,21 @@ pub(crate) async fn count_usage(
     .execute(&mut **tx)
     .await?;
     Ok(())
+}
+
+/// Deductions reported through the API (Reeve) are spend too: add them to the account's
+/// bucket of the hour they were recorded, in the deduction's transaction, so spend caps
+/// and plan consumption see them. They name no project, key or feature.
+pub(crate) async fn count_deductions(
+    tx: &mut Transaction<'_, Postgres>,
+    deductions: &[(&str, i64)],
+    at: DateTime<Utc>,
+) -> Result<(), sqlx::Error> {
+    let mut buckets: BTreeMap<BucketKey<'_>, (i64, i64)> = BTreeMap::new();
+    for (account, units) in deductions {
+        add(&mut buckets, (account, floor_hour(at), *units), "account", "");
+    }
+    upsert(tx, &buckets).await
 }
 
 /// One event into one bucket: (account, hour, cost) x (kind, key).

@@ -2,6 +2,8 @@
 //! isolation: a fresh Postgres database, ClickHouse database, topics and consumer group.
 #![allow(dead_code)]
 
+pub mod spec;
+
 use rdkafka::Message;
 use rdkafka::consumer::{BaseConsumer, Consumer};
 use rdkafka::producer::FutureRecord;

@@ -52,6 +52,7 @@ async fn main() {
         catalog: Arc::new(catalog),
         future_skew: chrono::Duration::seconds(300),
         age_max: chrono::Duration::days(400),
+        cost_units_max: tally::pipeline::reader::EVENT_COST_UNITS_MAX_DEFAULT,
     };
     let now = Utc::now();
     let items: Vec<_> = (0..debits)

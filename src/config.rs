@@ -69,6 +69,10 @@ pub struct RunSettings {
     /// Events older than this are dead-lettered (`out_of_range`).
     #[arg(long, env = "TALLY_EVENT_AGE_DAYS_MAX", default_value_t = 400)]
     pub event_age_days_max: u32,
+    /// Largest cost one event may bill, USD; costlier events are dead-lettered
+    /// (`cost_out_of_range`).
+    #[arg(long, env = "TALLY_EVENT_COST_USD_MAX", default_value = "100000")]
+    pub event_cost_usd_max: rust_decimal::Decimal,
     /// Postgres pool size.
     #[arg(long, env = "TALLY_PG_CONNECTIONS_MAX", default_value_t = 8)]
     pub pg_connections_max: u32,
@@ -100,6 +104,13 @@ impl RunSettings {
             return Err("session_timeout_ms must exceed batch_wait_ms".into());
         }
         Ok(())
+    }
+
+    pub fn event_cost_units_max(&self) -> anyhow::Result<i64> {
+        let units = crate::money::usd_to_units(self.event_cost_usd_max)
+            .filter(|u| *u > 0 && *u <= 1_000_000_000 * crate::money::UNITS_PER_USD)
+            .ok_or_else(|| anyhow::anyhow!("event_cost_usd_max must be within (0, 1e9] USD"))?;
+        Ok(units)
     }
 
     pub fn batch_wait(&self) -> Duration {

@@ -631,6 +631,7 @@ async fn apply_and_log(env: &TestEnv, events: &[UsageEvent]) -> HashMap<String, 
         catalog: Arc::new(Catalog::load(&repo().join("examples/demo.toml")).unwrap()),
         future_skew: chrono::Duration::seconds(300),
         age_max: chrono::Duration::days(400),
+        cost_units_max: tally::pipeline::reader::EVENT_COST_UNITS_MAX_DEFAULT,
     };
     let items: Vec<Item> = events
         .iter()

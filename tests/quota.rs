@@ -48,8 +48,6 @@ fn spend(id: &str, account: &str, millions: i64, at: DateTime<Utc>) -> UsageEven
     .unwrap()
 }
 
-const MILLION_UNITS: i64 = 22_000_000; // $0.22
-
 fn config(name: &str) -> QuotaConfig {
     QuotaConfig::load(&repo().join("examples").join(name)).unwrap()
 }

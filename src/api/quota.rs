@@ -253,7 +253,7 @@ pub async fn get_limits(
                     "period_start": start, "period_end": end})
             })
             .collect();
-        out.sort_by(|a, b| a.to_string().cmp(&b.to_string()));
+        out.sort_by_key(|a| a.to_string());
         out
     });
     Ok(Json(serde_json::json!({"account_id": id, "limits": limits})))

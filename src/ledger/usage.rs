@@ -222,7 +222,7 @@ async fn post_debits(
         let bal = balances.get_mut(v.event.account_id.as_str()).expect("locked above");
         let amount = -v.charge.cost_units;
         *bal = bal.checked_add(amount).expect("a balance within i64 range");
-        applied.debited_units += v.charge.cost_units;
+        applied.debited_units = applied.debited_units.saturating_add(v.charge.cost_units);
         rows.push(super::NewEntry {
             account_id: &v.event.account_id,
             kind: "consume",

@@ -21,7 +21,16 @@ pub struct Transformer {
     pub catalog: Arc<Catalog>,
     pub future_skew: ChronoDuration,
     pub age_max: ChronoDuration,
+    /// Largest cost one event may bill, internal units. Beyond it (or when the price does
+    /// not fit the unit at all) the event is dead-lettered `cost_out_of_range` for a human
+    /// to look at, never billed blindly nor dropped: one call costing more than this is a
+    /// gateway bug or an attack, and bounding it keeps every ledger sum far from overflow.
+    pub cost_units_max: i64,
 }
+
+/// Default per-event cost ceiling: $100,000 (1e13 units). A batch of 50,000 such events
+/// still sums to 5e17 units, far below i64::MAX (9.2e18).
+pub const EVENT_COST_UNITS_MAX_DEFAULT: i64 = 100_000 * crate::money::UNITS_PER_USD;
 
 impl Transformer {
     pub fn transform(&self, pos: SourcePos, key: Option<&[u8]>, payload: &[u8], now: DateTime<Utc>) -> Item {
@@ -53,6 +62,17 @@ impl Transformer {
             return dead("out_of_range", reason, event_id);
         }
         let charge = self.catalog.price(&event);
+        if charge.reason == crate::pricing::ChargeReason::CostOverflow
+            || charge.cost_units > self.cost_units_max
+        {
+            let reason = format!(
+                "cost {} USD is above the per-event maximum {} USD ({})",
+                crate::money::units_to_usd(charge.cost_units),
+                crate::money::units_to_usd(self.cost_units_max),
+                charge.reason.as_str()
+            );
+            return dead("cost_out_of_range", reason, event_id);
+        }
         let payload_hash = payload_hash(&event);
         Item::Valid(Box::new(ValidItem { pos, event, charge, payload_hash }))
     }
@@ -116,5 +136,49 @@ impl Reader {
             *handled += 1;
         }
         Ok((batch, false))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::event::RawUsageEvent;
+
+    fn transformer() -> Transformer {
+        let path = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("examples/demo.toml");
+        Transformer {
+            catalog: Arc::new(Catalog::load(&path).unwrap()),
+            future_skew: ChronoDuration::seconds(300),
+            age_max: ChronoDuration::days(400),
+            cost_units_max: EVENT_COST_UNITS_MAX_DEFAULT,
+        }
+    }
+
+    fn images(n: i64) -> Vec<u8> {
+        codec::encode(&RawUsageEvent {
+            event_id: Some("e".into()),
+            occurred_at: Some(Utc::now().to_rfc3339()),
+            account_id: Some("a".into()),
+            provider: Some("openai".into()),
+            model: Some("gpt-image-1".into()),
+            modality: Some("image".into()),
+            status: Some("success".into()),
+            resolution: Some("720p".into()),
+            images: Some(n),
+            ..Default::default()
+        })
+    }
+
+    #[test]
+    fn absurd_costs_are_dead_lettered_not_billed() {
+        let t = transformer();
+        let pos = SourcePos { partition: 0, offset: 0 };
+        // 1e12 images x $0.042 = $42 billion: within i64 units, far above the ceiling.
+        match t.transform(pos.clone(), None, &images(1_000_000_000_000), Utc::now()) {
+            Item::Dead(d) => assert_eq!(d.code, "cost_out_of_range", "{}", d.reason),
+            Item::Valid(v) => panic!("billed {}", v.charge.cost_units),
+        }
+        // 2,000,000 images x $0.042 x 1.10 (openai markup) = $92,400: under the ceiling, billed.
+        assert!(matches!(t.transform(pos, None, &images(2_000_000), Utc::now()), Item::Valid(_)));
     }
 }

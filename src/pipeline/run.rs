@@ -78,6 +78,7 @@ pub async fn run(
             catalog: Arc::new(catalog),
             future_skew: chrono::Duration::seconds(i64::from(settings.future_skew_secs_max)),
             age_max: chrono::Duration::days(i64::from(settings.event_age_days_max)),
+            cost_units_max: settings.event_cost_units_max()?,
         },
         batch_events_max: settings.batch_events_max,
         batch_wait: settings.batch_wait(),

@@ -64,11 +64,11 @@ pub struct Decision {
 pub fn decide(account: &AccountView<'_>, feature: Option<&str>, estimate_units: i64) -> Decision {
     let estimate = estimate_units.max(0);
     let overage = overage(account, estimate);
-    if let (Some(feature), Some((used, limit))) = (feature, account.feature_quota) {
-        if used + 1 > limit {
-            let msg = format!("quota for {feature} is used up: {used} of {limit} calls in the last 30 days");
-            return refuse(429, "quota_exceeded", msg, overage);
-        }
+    if let (Some(feature), Some((used, limit))) = (feature, account.feature_quota)
+        && used + 1 > limit
+    {
+        let msg = format!("quota for {feature} is used up: {used} of {limit} calls in the last 30 days");
+        return refuse(429, "quota_exceeded", msg, overage);
     }
     for (scope, spent, cap) in &account.spend_caps {
         if spent.saturating_add(estimate) > *cap {

@@ -165,10 +165,10 @@ pub fn view<'c>(
     });
     let mut spend_caps = Vec::new();
     let mut cap = |scope: &'static str, kind: &str, id: &str| {
-        if let Some(limit) = acct.limits.get(&(kind.to_string(), id.to_string())).copied() {
-            if limit < i64::MAX {
-                spend_caps.push((scope, spent(acct, kind, id, start, end).cost_units, limit));
-            }
+        if let Some(limit) = acct.limits.get(&(kind.to_string(), id.to_string())).copied()
+            && limit < i64::MAX
+        {
+            spend_caps.push((scope, spent(acct, kind, id, start, end).cost_units, limit));
         }
     };
     cap("account", "account", "");

@@ -239,6 +239,7 @@ pub async fn apply_usage(
         catalog: std::sync::Arc::new(catalog),
         future_skew: chrono::Duration::seconds(300),
         age_max: chrono::Duration::days(400),
+        cost_units_max: tally::pipeline::reader::EVENT_COST_UNITS_MAX_DEFAULT,
     };
     let items = events
         .iter()

@@ -27,7 +27,6 @@ pub fn secs(d: Duration) -> String {
 pub struct Tally {
     pub child: Child,
     pub name: String,
-    pub group: String,
     pub http_port: u16,
     pub spawned: Instant,
     pub log: PathBuf,
@@ -56,12 +55,13 @@ impl Tally {
             .args(["--config", repo().join(CATALOG).to_str().expect("utf-8 path")])
             .args(["--http-addr", &format!("127.0.0.1:{http_port}")])
             .env("RUST_LOG", "warn")
+            .env("RUST_BACKTRACE", "0")
             .envs(envs.iter().copied())
             .stdout(Stdio::null())
             .stderr(Stdio::from(file))
             .spawn()
             .expect("spawn tally run");
-        Tally { child, name: name.into(), group: group.into(), http_port, spawned: Instant::now(), log }
+        Tally { child, name: name.into(), http_port, spawned: Instant::now(), log }
     }
 
     pub fn pid(&self) -> u32 {
@@ -86,7 +86,11 @@ impl Tally {
         let started = Instant::now();
         while started.elapsed() < Duration::from_secs(60) {
             if let Some(s) = self.exited() {
-                return if s.success() { Ok(()) } else { Err(format!("{} exited with {s} after SIGTERM", self.name)) };
+                return if s.success() {
+                    Ok(())
+                } else {
+                    Err(format!("{} exited with {s} after SIGTERM", self.name))
+                };
             }
             std::thread::sleep(Duration::from_millis(50));
         }
@@ -94,11 +98,16 @@ impl Tally {
         Err(format!("{} did not stop within 60 s of SIGTERM", self.name))
     }
 
-    /// The last lines of its log, for failure messages.
+    /// For failure messages: the last panic in its log (and the line after it), else the
+    /// last lines.
     pub fn log_tail(&self) -> String {
         let text = std::fs::read_to_string(&self.log).unwrap_or_default();
-        let lines: Vec<&str> = text.lines().collect();
-        lines[lines.len().saturating_sub(6)..].join("\n    ")
+        let lines: Vec<&str> = text.lines().filter(|l| !l.trim().is_empty()).collect();
+        let from = match lines.iter().rposition(|l| l.contains("panicked at")) {
+            Some(i) => i,
+            None => lines.len().saturating_sub(4),
+        };
+        lines[from..lines.len().min(from + 4)].join("\n    ")
     }
 
     /// Resident set size, KiB (from /proc).
@@ -249,6 +258,38 @@ async fn send_chunk(producer: &FutureProducer, topic: &str, chunk: &[Out], book:
     }
 }
 
+/// Produce one message; true once acknowledged (retried until then, for 2 minutes).
+pub async fn send_one(producer: &FutureProducer, topic: &str, m: &Out) -> bool {
+    let started = Instant::now();
+    while started.elapsed() < Duration::from_secs(120) {
+        let mut r = FutureRecord::to(topic).key(&m.key).payload(&m.payload);
+        if let Some(p) = m.partition {
+            r = r.partition(p);
+        }
+        if producer.send(r, Duration::from_secs(60)).await.is_ok() {
+            return true;
+        }
+    }
+    false
+}
+
+/// Time until `event_id` is applied (in processed_events), polling every 50 ms.
+pub async fn wait_billed(env: &TestEnv, event_id: &str, limit: Duration) -> Option<Duration> {
+    let started = Instant::now();
+    while started.elapsed() < limit {
+        let n: Option<(i64,)> = sqlx::query_as("SELECT count(*) FROM processed_events WHERE event_id = $1")
+            .bind(event_id)
+            .fetch_one(&env.pool)
+            .await
+            .ok();
+        if n.is_some_and(|(n,)| n > 0) {
+            return Some(started.elapsed());
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    None
+}
+
 pub fn producer() -> FutureProducer {
     tally::kafka::producer(&BROKERS).expect("producer")
 }
@@ -257,13 +298,14 @@ pub fn producer() -> FutureProducer {
 
 /// The group's stored next offsets (Postgres truth), or `None` while Postgres is away.
 pub async fn offsets(env: &TestEnv, group: &str) -> Option<BTreeMap<i32, i64>> {
-    let rows: Vec<(i32, i64)> =
-        sqlx::query_as("SELECT partition, next_offset FROM consumer_offsets WHERE group_id = $1 AND topic = $2")
-            .bind(group)
-            .bind(&env.topic)
-            .fetch_all(&env.pool)
-            .await
-            .ok()?;
+    let rows: Vec<(i32, i64)> = sqlx::query_as(
+        "SELECT partition, next_offset FROM consumer_offsets WHERE group_id = $1 AND topic = $2",
+    )
+    .bind(group)
+    .bind(&env.topic)
+    .fetch_all(&env.pool)
+    .await
+    .ok()?;
     Some(rows.into_iter().collect())
 }
 

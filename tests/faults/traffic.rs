@@ -78,12 +78,13 @@ pub fn bad_messages(book: &mut Book) -> Vec<Out> {
         out.push(book.bad("k", frame[..cut].to_vec(), None, "truncated frame"));
     }
     let mut n = 0;
-    let mut raw_bad = |book: &mut Book, what: &'static str, code: &'static str, f: &dyn Fn(&mut RawUsageEvent)| {
-        n += 1;
-        let mut raw = chat_event(format!("faults-bad-{n}"), "acct-0002", now).to_raw();
-        f(&mut raw);
-        out.push(book.bad("acct-0002", tally::codec::encode(&raw), Some(code), what));
-    };
+    let mut raw_bad =
+        |book: &mut Book, what: &'static str, code: &'static str, f: &dyn Fn(&mut RawUsageEvent)| {
+            n += 1;
+            let mut raw = chat_event(format!("faults-bad-{n}"), "acct-0002", now).to_raw();
+            f(&mut raw);
+            out.push(book.bad("acct-0002", tally::codec::encode(&raw), Some(code), what));
+        };
     let inv = "invalid_event";
     raw_bad(book, "negative count", inv, &|r| r.output_tokens = Some(-1));
     raw_bad(book, "cached > input", inv, &|r| r.cached_input_tokens = Some(5_000));
@@ -97,7 +98,6 @@ pub fn bad_messages(book: &mut Book) -> Vec<Out> {
     raw_bad(book, "200-byte event id", inv, &|r| r.event_id = Some("x".repeat(200)));
     raw_bad(book, "200-byte account id", inv, &|r| r.account_id = Some("a".repeat(200)));
     raw_bad(book, "http status 999", inv, &|r| r.http_status = Some(999));
-    raw_bad(book, "time not RFC 3339", inv, &|r| r.occurred_at = Some("yesterday".into()));
     let at = |d: ChronoDuration| Some((now + d).to_rfc3339());
     let oor = "out_of_range";
     raw_bad(book, "1 day in the future", oor, &|r| r.occurred_at = at(ChronoDuration::days(1)));
@@ -113,8 +113,16 @@ pub fn bad_messages(book: &mut Book) -> Vec<Out> {
 pub fn edge_events(book: &mut Book, catalog: &Catalog) -> (Vec<Out>, Vec<String>) {
     let now = now_micros();
     let mut out = vec![
-        book.valid(&chat_event("faults-edge-future".into(), "acct-0003", now + ChronoDuration::seconds(120)), catalog, None),
-        book.valid(&chat_event("faults-edge-old".into(), "acct-0003", now - ChronoDuration::days(399)), catalog, None),
+        book.valid(
+            &chat_event("faults-edge-future".into(), "acct-0003", now + ChronoDuration::seconds(120)),
+            catalog,
+            None,
+        ),
+        book.valid(
+            &chat_event("faults-edge-old".into(), "acct-0003", now - ChronoDuration::days(399)),
+            catalog,
+            None,
+        ),
     ];
     let accounts: Vec<String> = (0..5).map(|i| format!("acct-never-seen-{i}")).collect();
     for (i, a) in accounts.iter().enumerate() {
@@ -148,13 +156,15 @@ pub fn absurd_events(book: &mut Book, catalog: &Catalog) -> Vec<Out> {
         e.counts = Counts { video_seconds: seconds, video_clips: 1, ..Counts::default() };
         e
     };
-    // 1e12 s x $0.15 = $1.5e11 = 1.5e19 units > i64::MAX (9.22e18).
-    // 6e11 s x $0.15 = $9e10 = 9e18 units: fits once, not twice.
+    // Seconds whose price is ~90% of i64::MAX units: fits once, not twice.
+    let per_second = catalog.price(&video("probe", "probe", 1_000_000)).cost_units / 1_000_000;
+    let near_max = (i64::MAX / 10 * 9 / per_second) as u64;
+    assert!(near_max <= tally::event::COUNT_MAX as u64, "a legal count");
     let events = [
         video("faults-absurd-overflow", "acct-absurd-1", tally::event::COUNT_MAX as u64),
-        video("faults-absurd-a1", "acct-absurd-2", 600_000_000_000),
-        video("faults-absurd-a2", "acct-absurd-2", 600_000_000_000),
-        video("faults-absurd-b1", "acct-absurd-3", 600_000_000_000),
+        video("faults-absurd-a1", "acct-absurd-2", near_max),
+        video("faults-absurd-a2", "acct-absurd-2", near_max),
+        video("faults-absurd-b1", "acct-absurd-3", near_max),
     ];
     events.iter().map(|e| book.absurd(e, catalog)).collect()
 }

@@ -2,8 +2,8 @@
 //! on the real stack (tansu broker, Postgres, ClickHouse) while it injects, one scenario
 //! each: (1) kill -9 of `tally run` at random moments, (2) a member of a two-member group
 //! killed, (3) Postgres restarted (fast and crash), (4) ClickHouse down, (5) the broker
-//! paused, (6) duplicates days apart (emulated: see `scenarios::duplicates`), (7) bad input
-//! and unknown accounts, (7b) absurd but legal costs. Scenario 0 first proves the checks
+//! paused, (6) duplicates days apart (emulated: see `data::duplicates`), (7) bad input
+//! and unknown accounts, (7b) absurd but legal costs, (7c) a balance driven past i64. Scenario 0 first proves the checks
 //! are not vacuous (it tampers with the stores and requires every check to notice).
 //!
 //! After every scenario it checks, against totals computed from what it produced: ledger
@@ -48,6 +48,8 @@ mod common;
 mod book;
 #[path = "faults/check.rs"]
 mod check;
+#[path = "faults/data.rs"]
+mod data;
 #[path = "faults/ops.rs"]
 mod ops;
 #[path = "faults/scenarios.rs"]
@@ -58,7 +60,7 @@ mod traffic;
 use scenarios::{Cfg, Row};
 use std::time::{Duration, Instant};
 
-const ALL: [&str; 9] = ["0", "1", "2", "3", "4", "5", "6", "7", "7b"];
+const ALL: [&str; 10] = ["0", "1", "2", "3", "4", "5", "6", "7", "7b", "7c"];
 
 fn var<T: std::str::FromStr>(name: &str, default: T) -> T {
     match std::env::var(name) {
@@ -93,15 +95,16 @@ async fn run(cfg: &Cfg, list: &[String]) -> Vec<Row> {
     let mut rows = Vec::new();
     for s in list {
         let row = match s.as_str() {
-            "0" => scenarios::self_test(cfg).await,
+            "0" => data::self_test(cfg).await,
             "1" => scenarios::kills(cfg).await,
             "2" => scenarios::failover(cfg).await,
             "3" => scenarios::postgres_restart(cfg).await,
             "4" => scenarios::clickhouse_outage(cfg).await,
             "5" => scenarios::broker_pause(cfg).await,
-            "6" => scenarios::duplicates(cfg).await,
-            "7" => scenarios::bad_input(cfg).await,
-            "7b" => scenarios::absurd(cfg).await,
+            "6" => data::duplicates(cfg).await,
+            "7" => data::bad_input(cfg).await,
+            "7b" => data::absurd(cfg).await,
+            "7c" => data::balance_overflow(cfg).await,
             _ => unreachable!("checked in config()"),
         };
         ops::say(format!(

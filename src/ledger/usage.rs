@@ -7,7 +7,7 @@
 use crate::pipeline::{Batch, DeadItem, Item, ValidItem};
 use chrono::{DateTime, Utc};
 use sqlx::{Postgres, Transaction};
-use std::collections::{BTreeMap, HashMap, hash_map::Entry};
+use std::collections::{BTreeMap, HashMap, HashSet, hash_map::Entry};
 
 /// What a batch did, for the side effects and the metrics.
 #[derive(Debug, Default)]
@@ -41,8 +41,11 @@ pub async fn apply(
     let mut applied = Applied::default();
     let fresh = drop_applied(batch, &stored, &mut applied);
     let candidates = dedup_in_batch(fresh, &mut applied);
-    let new_events = insert_processed(tx, topic, candidates, &mut applied).await?;
-    post_debits(tx, &new_events, &mut applied).await?;
+    let mut new_events = insert_processed(tx, topic, candidates, &mut applied).await?;
+    let refused = post_debits(tx, &new_events, &mut applied).await?;
+    if !refused.is_empty() {
+        reject_unbillable(tx, &mut new_events, &refused, &mut applied).await?;
+    }
     crate::quota::store::count_usage(tx, &new_events).await?;
     record_dead_letters(tx, topic, &applied.dead).await?;
     advance_offsets(tx, group, topic, batch, &stored, &mut applied).await?;
@@ -203,15 +206,20 @@ async fn classify_known(
 
 /// One `consume` entry per charged new event, with running `balance_after_units`; close
 /// the reservations the events name; queue auto-reload requests for accounts that crossed.
+///
+/// Returns the ids of events whose debit would take the balance beyond the `i64` unit
+/// range: those are not billed here but dead-lettered by the caller (`balance_out_of_range`),
+/// so one absurd account can never stall the pipeline.
 async fn post_debits(
     tx: &mut Transaction<'_, Postgres>,
     new_events: &[ValidItem],
     applied: &mut Applied,
-) -> Result<(), sqlx::Error> {
+) -> Result<HashSet<String>, sqlx::Error> {
+    let mut refused = HashSet::new();
     let touched: Vec<&ValidItem> =
         new_events.iter().filter(|v| v.charge.cost_units > 0 || v.event.reservation_id.is_some()).collect();
     if touched.is_empty() {
-        return Ok(());
+        return Ok(refused);
     }
     let mut accounts: Vec<&str> = touched.iter().map(|v| v.event.account_id.as_str()).collect();
     accounts.sort_unstable();
@@ -221,7 +229,11 @@ async fn post_debits(
     for v in touched.iter().filter(|v| v.charge.cost_units > 0) {
         let bal = balances.get_mut(v.event.account_id.as_str()).expect("locked above");
         let amount = -v.charge.cost_units;
-        *bal = bal.checked_add(amount).expect("a balance within i64 range");
+        let Some(after) = bal.checked_add(amount) else {
+            refused.insert(v.event.event_id.clone());
+            continue;
+        };
+        *bal = after;
         applied.debited_units = applied.debited_units.saturating_add(v.charge.cost_units);
         rows.push(super::NewEntry {
             account_id: &v.event.account_id,
@@ -241,6 +253,7 @@ async fn post_debits(
     let last_ids = if rows.is_empty() { HashMap::new() } else { rows.insert(tx).await? };
     let settlements: Vec<(&str, &str, i64, &str)> = touched
         .iter()
+        .filter(|v| !refused.contains(&v.event.event_id))
         .filter_map(|v| {
             let e = &v.event;
             e.reservation_id
@@ -251,7 +264,39 @@ async fn post_debits(
     applied.reservations_settled += super::reservations::settle_from_events(tx, &settlements).await?;
     let deducted = (!last_ids.is_empty()).then(Utc::now);
     super::store_balances(tx, &balances, &last_ids, None, deducted).await?;
-    super::auto_reload::check(tx, &balances).await
+    super::auto_reload::check(tx, &balances).await?;
+    Ok(refused)
+}
+
+/// Events that could not be billed (balance beyond the unit range): out of the dedup store
+/// and the usage log, into the dead letters, so a human decides and nothing is lost.
+async fn reject_unbillable(
+    tx: &mut Transaction<'_, Postgres>,
+    new_events: &mut Vec<ValidItem>,
+    refused: &HashSet<String>,
+    applied: &mut Applied,
+) -> Result<(), sqlx::Error> {
+    let ids: Vec<&str> = refused.iter().map(String::as_str).collect();
+    sqlx::query("DELETE FROM processed_events WHERE event_id = ANY($1)")
+        .bind(&ids)
+        .execute(&mut **tx)
+        .await?;
+    for v in new_events.iter().filter(|v| refused.contains(&v.event.event_id)) {
+        applied.dead.push(DeadItem {
+            pos: v.pos.clone(),
+            code: "balance_out_of_range",
+            reason: format!(
+                "debiting {} USD would take account {} beyond the ledger's range",
+                crate::money::units_to_usd(v.charge.cost_units),
+                v.event.account_id
+            ),
+            event_id: Some(v.event.event_id.clone()),
+            key: None,
+            payload: crate::codec::encode(&v.event.to_raw()),
+        });
+    }
+    new_events.retain(|v| !refused.contains(&v.event.event_id));
+    Ok(())
 }
 
 async fn record_dead_letters(

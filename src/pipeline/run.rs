@@ -100,8 +100,8 @@ pub async fn run(
             .is_ok_and(|v| v == "1"),
     };
     tracing::info!(group = %settings.group, topic = %settings.topics.topic, "tally run started");
-    let reader = tokio::spawn(reader.run());
-    let writer = tokio::spawn(writer.run());
+    let mut reader = tokio::spawn(reader.run());
+    let mut writer = tokio::spawn(writer.run());
     let lag = super::lag::LagMonitor {
         consumer: consumer.clone(),
         pool: pool.clone(),
@@ -109,9 +109,21 @@ pub async fn run(
         topic: settings.topics.topic.clone(),
     };
     let lag = tokio::spawn(lag.run(shutdown.clone()));
-    let reader_result = reader.await.context("reader task")?;
-    // Whatever stopped the reader, the writer still drains what it was given.
-    let writer_result = writer.await.context("writer task")?;
+    // Normally the reader stops first (shutdown) and the writer drains what it was given.
+    // If the writer dies first (an error or a panic), stop everything and exit non-zero so
+    // a supervisor restarts us: a live process without a writer would keep its partitions
+    // and commit nothing.
+    let (reader_result, writer_result) = tokio::select! {
+        r = &mut reader => (r, writer.await),
+        w = &mut writer => {
+            tracing::error!("writer stopped: shutting down");
+            shutdown.cancel();
+            abort.cancel();
+            (reader.await, w)
+        }
+    };
+    let reader_result = reader_result.context("reader task")?;
+    let writer_result = writer_result.context("writer task")?;
     lag.abort();
     consumer.unsubscribe();
     http_stop.cancel();

@@ -231,7 +231,7 @@ pub async fn check(
         v.fail(format!("{stray} event ids accepted that must have been rejected"));
     }
     check_clickhouse(env, &stores.ch, &expected_ids, &stores.dead_absurd, &mut v).await;
-    let total: i64 = out.charged.values().sum();
+    let total: i128 = out.charged.values().map(|s| i128::from(*s)).sum();
     check_balances(env, &out.charged, total, &mut v).await;
     if let Some(accounts) = auto_created {
         check_auto_created(env, accounts, &mut v).await;
@@ -273,7 +273,8 @@ fn check_valid<'b>(book: &'b Book, want: &Expected, stores: &Stores, out: &mut O
             continue;
         }
         out.billable.insert(e.id.as_str());
-        *out.charged.entry(e.account.as_str()).or_default() += e.cost_units;
+        let sum = out.charged.entry(e.account.as_str()).or_default();
+        *sum = sum.saturating_add(e.cost_units);
         let wrong = |d: &&Debits| d.amounts.iter().any(|a| *a != e.cost_units) || d.account != e.account;
         if let Some(d) = debit.filter(wrong) {
             v.fail(format!(
@@ -292,30 +293,33 @@ fn check_absurd<'b>(
     out: &mut Outcome<'b>,
     v: &mut Verdict,
 ) {
+    let mut wrong: Vec<String> = Vec::new();
     for &i in &want.absurd {
         let e = &book.events[i as usize];
         let dead = stores.dead_absurd.contains(e.id.as_str());
         match (stores.ledger.get(e.id.as_str()), dead) {
-            (Some(_), true) => v.fail(format!("absurd event {} both billed and dead-lettered", e.id)),
+            (Some(_), true) => wrong.push(format!("{} both billed and dead-lettered", e.id)),
             (None, false) => {
                 out.lost.insert(i);
-                v.fail(format!(
-                    "absurd event {} (cost {}, overflow {}) neither billed nor dead-lettered",
-                    e.id, e.cost_units, e.overflow
-                ));
+                wrong.push(format!("{} (cost {}) neither billed nor dead-lettered", e.id, e.cost_units));
             }
             (Some(d), false) if e.overflow || d.amounts != [e.cost_units] => {
-                v.fail(format!(
-                    "absurd event {} billed {:?}, exact price {} (overflow {})",
+                wrong.push(format!(
+                    "{} billed {:?}, exact price {} (overflow {})",
                     e.id, d.amounts, e.cost_units, e.overflow
                 ));
             }
             (Some(_), false) => {
                 out.billable.insert(e.id.as_str());
-                *out.charged.entry(e.account.as_str()).or_default() += e.cost_units;
+                let sum = out.charged.entry(e.account.as_str()).or_default();
+                *sum = sum.saturating_add(e.cost_units);
             }
             (None, true) => {}
         }
+    }
+    if !wrong.is_empty() {
+        wrong.sort();
+        v.fail(format!("{} absurd events mishandled, e.g. {:?}", wrong.len(), &wrong[..wrong.len().min(4)]));
     }
 }
 
@@ -403,7 +407,7 @@ async fn check_clickhouse(
 
 /// Per account: the journal's debits and the balance projection equal the independent
 /// sums; `ledger verify` passes and agrees on the total.
-async fn check_balances(env: &TestEnv, charged: &HashMap<&str, i64>, total: i64, v: &mut Verdict) {
+async fn check_balances(env: &TestEnv, charged: &HashMap<&str, i64>, total: i128, v: &mut Verdict) {
     let journal: Vec<(String, i64)> = sqlx::query_as(
         "SELECT account_id, (-sum(amount_units))::bigint FROM ledger_entries WHERE kind = 'consume' GROUP BY account_id",
     )
@@ -426,7 +430,7 @@ async fn check_balances(env: &TestEnv, charged: &HashMap<&str, i64>, total: i64,
         v.fail("account_balances differ from the expected per-account sums".into());
     }
     match tally::ledger::verify(&env.pool).await {
-        Ok(r) if r.total_units == -total => {}
+        Ok(r) if i128::from(r.total_units) == -total => {}
         Ok(r) => v.fail(format!("ledger verify total {} != expected {}", r.total_units, -total)),
         Err(e) => v.fail(format!("ledger verify failed: {e}")),
     }

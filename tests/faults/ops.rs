@@ -27,7 +27,10 @@ pub fn secs(d: Duration) -> String {
 pub struct Tally {
     pub child: Child,
     pub name: String,
+    pub group: String,
     pub http_port: u16,
+    /// Extra environment (settings) it was started with; a respawn reuses them.
+    pub envs: Vec<(String, String)>,
     pub spawned: Instant,
     pub log: PathBuf,
 }
@@ -61,7 +64,14 @@ impl Tally {
             .stderr(Stdio::from(file))
             .spawn()
             .expect("spawn tally run");
-        Tally { child, name: name.into(), http_port, spawned: Instant::now(), log }
+        let envs = envs.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect();
+        Tally { child, name: name.into(), group: group.into(), http_port, envs, spawned: Instant::now(), log }
+    }
+
+    /// A new process with the same group and settings (after this one died).
+    pub fn respawn(&self, env: &TestEnv, name: &str) -> Tally {
+        let envs: Vec<(&str, &str)> = self.envs.iter().map(|(k, v)| (k.as_str(), v.as_str())).collect();
+        Tally::spawn(env, name, &self.group, 0, &envs)
     }
 
     pub fn pid(&self) -> u32 {

@@ -1,8 +1,11 @@
-//! The scenarios. Each owns a fresh `TestEnv` (database, ClickHouse database, topics,
-//! group), drives simulator traffic while it injects its fault, waits until the group's
-//! stored offsets cover the whole topic, stops Tally gracefully and runs every check.
+//! The scenarios that break processes and servers (1-5), and what every scenario shares.
+//! Each owns a fresh `TestEnv` (database, ClickHouse database, topics, group), drives
+//! simulator traffic while it injects its fault, waits until the group's stored offsets
+//! cover the whole topic, stops Tally gracefully and runs every check. The scenarios
+//! about the data itself (duplicates, bad input, absurd costs, the self-test) are in
+//! `data.rs`.
 
-use super::book::{Book, Out};
+use super::book::Book;
 use super::check::{self, TopicMsg, Verdict};
 use super::ops::{
     self, Recovery, Restore, Tally, feed, free_port, offsets, progress, say, secs, stack, wait_progress,
@@ -17,7 +20,7 @@ use std::time::{Duration, Instant};
 use tally::pricing::Catalog;
 
 const ABORT_HOOK: &str = "TALLY_FAULT_ABORT_AFTER_CLICKHOUSE_INSERT";
-const PARTITIONS: i32 = 6;
+pub(crate) const PARTITIONS: i32 = 6;
 
 /// Sizes and durations (see `faults.rs` for the variables and the CI defaults).
 #[derive(Debug, Clone)]
@@ -51,18 +54,18 @@ impl Row {
 }
 
 /// What every scenario shares.
-struct Scene {
-    env: TestEnv,
-    book: Book,
-    catalog: Arc<Catalog>,
-    producer: rdkafka::producer::FutureProducer,
-    errors: Vec<String>,
+pub(crate) struct Scene {
+    pub env: TestEnv,
+    pub book: Book,
+    pub catalog: Arc<Catalog>,
+    pub producer: rdkafka::producer::FutureProducer,
+    pub errors: Vec<String>,
     crashes: u32,
-    started: Instant,
+    pub started: Instant,
 }
 
 impl Scene {
-    async fn new(name: &str) -> Scene {
+    pub async fn new(name: &str) -> Scene {
         let env = TestEnv::new(PARTITIONS).await;
         say(format!("{name}: env {} (logs in {})", env.id, ops::log_dir(&env).display()));
         Scene {
@@ -76,7 +79,7 @@ impl Scene {
         }
     }
 
-    fn spawn(&self, name: &str) -> Tally {
+    pub fn spawn(&self, name: &str) -> Tally {
         Tally::spawn(&self.env, name, &self.env.group, 0, &[])
     }
 
@@ -89,7 +92,7 @@ impl Scene {
 
     /// Wait until `group` has applied the whole topic, restarting any run that dies on its
     /// own (a crash: reported, and given up after 3). Returns the read-back topic.
-    async fn finish(&mut self, runs: &mut [Tally], group: &str, limit: Duration) -> Vec<TopicMsg> {
+    pub async fn finish(&mut self, runs: &mut [Tally], group: &str, limit: Duration) -> Vec<TopicMsg> {
         let msgs = self.readback().await;
         let ends = check::ends(&msgs);
         let started = Instant::now();
@@ -102,7 +105,7 @@ impl Scene {
                     self.crashes += 1;
                     self.errors.push(format!("{} crashed ({status}):\n    {}", run.name, run.log_tail()));
                     let name = format!("{}-after-crash-{}", run.name, self.crashes);
-                    *run = Tally::spawn(&self.env, &name, group, 0, &[]);
+                    *run = run.respawn(&self.env, &name);
                 }
             }
             if self.crashes >= 3 {
@@ -126,7 +129,7 @@ impl Scene {
         }
     }
 
-    fn stop(&mut self, runs: &mut [Tally]) {
+    pub fn stop(&mut self, runs: &mut [Tally]) {
         for run in runs {
             if let Err(e) = run.terminate() {
                 self.errors.push(e);
@@ -134,7 +137,7 @@ impl Scene {
         }
     }
 
-    async fn row(
+    pub async fn row(
         mut self,
         name: &str,
         faults: String,
@@ -159,7 +162,7 @@ impl Scene {
     }
 }
 
-fn rate(count: usize, window: Duration) -> Option<f64> {
+pub(crate) fn rate(count: usize, window: Duration) -> Option<f64> {
     Some(count as f64 / window.as_secs_f64())
 }
 
@@ -227,7 +230,7 @@ pub async fn kills(cfg: &Cfg) -> Row {
     let msgs = sc.finish(std::slice::from_mut(&mut run), &group, cfg.wait_limit).await;
     sc.stop(std::slice::from_mut(&mut run));
     let faults = format!(
-        "{} kill -9 ({} right after a commit) + {} aborts between ClickHouse insert and COMMIT",
+        "{} kill -9 ({} right after a commit) + {} abort(s) between ClickHouse insert and COMMIT",
         log.kills, log.after_commit, log.aborts
     );
     let mut row = sc.row(&name, faults, &msgs, None).await;
@@ -522,243 +525,4 @@ pub async fn broker_pause(cfg: &Cfg) -> Row {
     let mut row = sc.row(&name, faults, &msgs, None).await;
     row.recovery = recovery;
     row
-}
-
-// ------------------------------------------------------------------------ 6: duplicates
-
-/// Emulated: the passage of 40 days. Phase A's events really are 40-43 days old (event
-/// time, accepted: the window is 400 days); after they are applied, Tally is killed and
-/// `processed_events.processed_at` is moved back to their event time (ledger_entries are
-/// append-only and never touched). A new process then receives copies of them on other
-/// partitions, among fresh traffic with its own duplicates, and finally a redeploy under a
-/// new consumer group re-reads the entire topic: only the event-id store stands between
-/// those copies and a second debit.
-pub async fn duplicates(cfg: &Cfg) -> Row {
-    let name = "6 duplicates, 40 days apart".to_string();
-    let mut sc = Scene::new(&name).await;
-    let n = cfg.scenario_events;
-    let old = tally::simulate::SimulateOptions {
-        now: chrono::Utc::now() - chrono::Duration::days(40),
-        ..sim_opts(cfg.seed + 6, 0.10, 0.0)
-    };
-    let mut kept: Vec<Out> = Vec::new();
-    let mut phase_a = simulated(old, sc.catalog.clone());
-    let mut keep = |book: &mut Book| {
-        let out = phase_a(book);
-        if kept.len() < 2_000 && kept.len() * 4 < n {
-            kept.push(out.clone());
-        }
-        out
-    };
-    let mut run = sc.spawn("phase-a");
-    feed(&sc.producer, &sc.env.topic, n / 2, None, &mut sc.book, &mut keep).await;
-    let group = sc.env.group.clone();
-    sc.finish(std::slice::from_mut(&mut run), &group, cfg.wait_limit).await;
-    run.kill9();
-    let aged = age_dedup_store(&sc.env).await;
-    let resend = resend_elsewhere(&sc.env, kept).await;
-    let mut recovery = Recovery::default();
-    let restart_from = progress(&sc.env, &group).await.unwrap_or(0);
-    let mut run = sc.spawn("phase-c");
-    let mut phase_c = simulated(sim_opts(cfg.seed + 60, 0.05, 0.01), sc.catalog.clone());
-    let mut it = resend.clone().into_iter();
-    let mut mixed = |book: &mut Book| it.next().unwrap_or_else(|| phase_c(book));
-    let (env, book, producer) = (&sc.env, &mut sc.book, &sc.producer);
-    let (_, restarted) = tokio::join!(
-        feed(
-            producer,
-            &env.topic,
-            resend.len() + n / 2,
-            rate(n / 2, Duration::from_secs(8)),
-            book,
-            &mut mixed
-        ),
-        wait_progress(env, &group, restart_from, Duration::from_secs(120)),
-    );
-    recovery.push(restarted);
-    sc.finish(std::slice::from_mut(&mut run), &group, cfg.wait_limit).await;
-    sc.stop(std::slice::from_mut(&mut run));
-    let redeploy = format!("{group}-redeploy");
-    let mut run = Tally::spawn(&sc.env, "redeploy", &redeploy, 0, &[]);
-    recovery.push(wait_progress(&sc.env, &redeploy, 0, Duration::from_secs(120)).await);
-    let msgs = sc.finish(std::slice::from_mut(&mut run), &redeploy, cfg.wait_limit).await;
-    sc.stop(std::slice::from_mut(&mut run));
-    let faults = format!(
-        "10% dups (half cross-partition), {aged} ids aged 40 days + kill -9, {} resent on other partitions, \
-         full replay under a new group",
-        resend.len()
-    );
-    let mut row = sc.row(&name, faults, &msgs, None).await;
-    row.recovery = recovery;
-    row
-}
-
-/// Backdate the dedup store to the events' own time (40+ days ago). Returns rows aged.
-async fn age_dedup_store(env: &TestEnv) -> u64 {
-    sqlx::query("UPDATE processed_events SET processed_at = occurred_at + interval '1 minute'")
-        .execute(&env.pool)
-        .await
-        .expect("age processed_events")
-        .rows_affected()
-}
-
-/// The kept messages again, each on a partition other than the one it was applied from.
-async fn resend_elsewhere(env: &TestEnv, kept: Vec<Out>) -> Vec<Out> {
-    let rows: Vec<(String, i32)> = sqlx::query_as("SELECT event_id, source_partition FROM processed_events")
-        .fetch_all(&env.pool)
-        .await
-        .expect("source partitions");
-    let from: std::collections::HashMap<String, i32> = rows.into_iter().collect();
-    kept.into_iter()
-        .filter_map(|mut m| {
-            let raw = tally::codec::decode(&m.payload).ok()?;
-            let p = *from.get(raw.event_id.as_deref()?)?;
-            m.partition = Some((p + 1 + (m.payload.len() as i32 % (PARTITIONS - 1))) % PARTITIONS);
-            Some(m)
-        })
-        .collect()
-}
-
-// ------------------------------------------------------------------------ 7: bad input
-
-pub async fn bad_input(cfg: &Cfg) -> Row {
-    let name = "7 malformed + out-of-range".to_string();
-    let mut sc = Scene::new(&name).await;
-    // The simulator's accounts exist; only acct-never-seen-* must be auto-created.
-    sqlx::query("INSERT INTO accounts (account_id) SELECT 'acct-' || lpad(i::text, 4, '0') FROM generate_series(0, 199) AS i")
-        .execute(&sc.env.pool)
-        .await
-        .expect("accounts");
-    let mut specials = traffic::bad_messages(&mut sc.book);
-    let bad_count = specials.len();
-    let (edges, new_accounts) = traffic::edge_events(&mut sc.book, &sc.catalog);
-    specials.extend(edges.iter().cloned());
-    let n = cfg.scenario_events.max(specials.len() * 10);
-    let every = n / specials.len();
-    let mut sim = simulated(sim_opts(cfg.seed + 7, 0.03, 0.05), sc.catalog.clone());
-    let mut queue = specials.clone().into_iter();
-    let mut i = 0usize;
-    let mut mixed = |book: &mut Book| {
-        i += 1;
-        if i.is_multiple_of(every) { queue.next().unwrap_or_else(|| sim(book)) } else { sim(book) }
-    };
-    let mut run = sc.spawn("phase-1");
-    feed(&sc.producer, &sc.env.topic, n, None, &mut sc.book, &mut mixed).await;
-    let group = sc.env.group.clone();
-    sc.finish(std::slice::from_mut(&mut run), &group, cfg.wait_limit).await;
-    // Phase 2, after phase 1 is applied: id conflicts and exact repeats.
-    let charged: Vec<(String, String)> = sc
-        .book
-        .events
-        .iter()
-        .filter(|e| e.cost_units > 0 && e.id.starts_with("evt-"))
-        .take(20)
-        .map(|e| (e.id.clone(), e.account.clone()))
-        .collect();
-    let mut late: Vec<Out> =
-        charged.iter().map(|(id, a)| traffic::conflict_of(&mut sc.book, id, a)).collect();
-    late.extend(edges);
-    let count = late.len();
-    let mut it = late.into_iter();
-    feed(&sc.producer, &sc.env.topic, count, None, &mut sc.book, &mut |_| it.next().expect("counted")).await;
-    let msgs = sc.finish(std::slice::from_mut(&mut run), &group, cfg.wait_limit).await;
-    sc.stop(std::slice::from_mut(&mut run));
-    let faults = format!(
-        "{bad_count} hand-made bad messages + 5% simulator malformations, 2 window-edge events, {} events of {} \
-         unknown accounts (pre-created: the simulator's 200), {} id conflicts",
-        specials.len() - bad_count - 2,
-        new_accounts.len(),
-        charged.len()
-    );
-    let auto: HashSet<String> = new_accounts.into_iter().collect();
-    sc.row(&name, faults, &msgs, Some(&auto)).await
-}
-
-/// Absurd but legal counts: a cost beyond i64 units, and costs near i64::MAX whose sum
-/// overflows a balance and a batch total. Tally must dead-letter or bill each exactly,
-/// and keep running.
-pub async fn absurd(cfg: &Cfg) -> Row {
-    let name = "7b absurd costs".to_string();
-    let mut sc = Scene::new(&name).await;
-    let specials = traffic::absurd_events(&mut sc.book, &sc.catalog);
-    let count = specials.len() + 2_000;
-    let mut it = specials.into_iter();
-    let mut sim = simulated(sim_opts(cfg.seed + 70, 0.0, 0.0), sc.catalog.clone());
-    let mut run = sc.spawn("run");
-    feed(&sc.producer, &sc.env.topic, count, None, &mut sc.book, &mut |b| {
-        it.next().unwrap_or_else(|| sim(b))
-    })
-    .await;
-    let group = sc.env.group.clone();
-    let msgs =
-        sc.finish(std::slice::from_mut(&mut run), &group, cfg.wait_limit.min(Duration::from_secs(60))).await;
-    sc.stop(std::slice::from_mut(&mut run));
-    let faults =
-        "1 event priced beyond i64 units, 3 near i64::MAX (2 on one account), then 2,000 normal".to_string();
-    sc.row(&name, faults, &msgs, None).await
-}
-
-// ------------------------------------------------------------------------ 0: self-test
-
-/// The checks must not be vacuous: after a clean run, tamper with each store the way a
-/// bug would (drop a dedup row, append a second debit, insert a usage row twice, lose a
-/// dead-letter record) and require every check to notice. The table shows the clean
-/// run; the note lists what the tampered re-check caught.
-pub async fn self_test(cfg: &Cfg) -> Row {
-    let name = "0 harness self-test".to_string();
-    let mut sc = Scene::new(&name).await;
-    let mut sim = simulated(sim_opts(cfg.seed + 100, 0.03, 0.02), sc.catalog.clone());
-    let mut run = sc.spawn("run");
-    feed(&sc.producer, &sc.env.topic, 2_000, None, &mut sc.book, &mut sim).await;
-    let group = sc.env.group.clone();
-    let msgs = sc.finish(std::slice::from_mut(&mut run), &group, cfg.wait_limit).await;
-    sc.stop(std::slice::from_mut(&mut run));
-    let clean = check::check(&sc.env, &sc.book, &msgs, None).await;
-    tamper(&sc.env).await;
-    let t = check::check(&sc.env, &sc.book, &msgs, None).await;
-    let caught = |what: &str| t.errors.iter().any(|e| e.contains(what));
-    let detections = [
-        ("a dedup row dropped -> lost", t.lost >= 1),
-        ("a second debit -> double-billed", t.double_billed >= 1),
-        ("a second debit -> ledger verify fails", caught("ledger verify failed")),
-        ("a usage row inserted twice", t.ch_extra_rows >= 1),
-        ("a dead-letter record lost", caught("dead_letters table")),
-    ];
-    for (what, ok) in &detections {
-        if !ok {
-            sc.errors.push(format!("self-test: the checks missed {what}: {:?}", t.errors));
-        }
-    }
-    let found: Vec<&str> = detections.iter().filter(|(_, ok)| *ok).map(|(w, _)| *w).collect();
-    let mut verdict = clean;
-    verdict.errors.append(&mut sc.errors);
-    Row {
-        name,
-        events: sc.book.acked,
-        faults: "none; then 4 tamperings of the stores, each must be detected".into(),
-        verdict,
-        notes: vec![format!("detected after tampering: {}", found.join("; "))],
-        wall: sc.started.elapsed(),
-        ..Row::default()
-    }
-}
-
-async fn tamper(env: &TestEnv) {
-    let statements = [
-        "DELETE FROM processed_events WHERE event_id = (SELECT min(event_id) FROM processed_events)",
-        "INSERT INTO ledger_entries (account_id, kind, amount_units, balance_after_units, idempotency_key,
-                                     payload_hash, event_id, occurred_at)
-         SELECT account_id, kind, amount_units, balance_after_units, 'selftest:' || idempotency_key,
-                payload_hash, event_id, occurred_at
-         FROM ledger_entries WHERE kind = 'consume' ORDER BY entry_id LIMIT 1",
-        "DELETE FROM dead_letters WHERE ctid = (SELECT min(ctid) FROM dead_letters)",
-    ];
-    for sql in statements {
-        sqlx::query(sql).execute(&env.pool).await.unwrap_or_else(|e| panic!("self-test {sql}: {e}"));
-    }
-    env.clickhouse()
-        .query("INSERT INTO usage_log SELECT * FROM usage_log LIMIT 1")
-        .execute()
-        .await
-        .expect("self-test: duplicate a usage row");
 }

@@ -142,6 +142,24 @@ pub fn conflict_of(book: &mut Book, id: &str, account: &str) -> Out {
     book.conflict(&e)
 }
 
+/// `n` video events for one account, each priced just under `cap_usd` (legal counts).
+pub fn near_cap_events(book: &mut Book, catalog: &Catalog, cap_usd: i64, n: usize) -> Vec<Out> {
+    let now = now_micros();
+    let video = |id: String, seconds: u64| {
+        let mut e = chat_event(id, "acct-absurd-balance", now);
+        e.provider = "google".into();
+        e.model = "veo-3".into();
+        e.modality = Modality::Video;
+        e.resolution = Some("1080p".into());
+        e.counts = Counts { video_seconds: seconds, video_clips: 1, ..Counts::default() };
+        e
+    };
+    let per_second = catalog.price(&video("probe".into(), 1_000_000)).cost_units / 1_000_000;
+    let cap_units = cap_usd * 100_000_000;
+    let seconds = (cap_units / 100 * 99 / per_second) as u64;
+    (0..n).map(|i| book.absurd(&video(format!("faults-near-cap-{i}"), seconds), catalog)).collect()
+}
+
 /// Legal counts (each <= COUNT_MAX), absurd costs: one whose price does not fit i64 units
 /// (priced `cost_overflow`), and pairs near i64::MAX units each, so one account's balance
 /// and one batch's debit sum overflow i64.

@@ -142,17 +142,55 @@ struct EventIdRow {
     event_id: String,
 }
 
+/// Largest IN-list text one existence query carries. ClickHouse refuses query text beyond
+/// `max_query_size` (262,144 bytes by default, 18.16 and current alike); ids and accounts
+/// are sent as literals, so the suspects are split into chunks whose literals stay well
+/// under it whatever the id length or batch size.
+pub const EXISTENCE_QUERY_LITERAL_BYTES_MAX: usize = 64 * 1024;
+
 /// Which of these events already have a row. Only used on the rare replay path (see
-/// `ledger::usage::mark_clickhouse_sent`), so a scan bounded by event time is acceptable.
+/// `ledger::usage`: reclaimed events), so a scan bounded by event time is acceptable.
+/// One query per chunk of at most [`EXISTENCE_QUERY_LITERAL_BYTES_MAX`] bytes of literals.
 pub async fn existing_event_ids(
     client: &Client,
     items: &[&ValidItem],
 ) -> Result<std::collections::HashSet<String>, clickhouse::error::Error> {
-    if items.is_empty() {
-        return Ok(Default::default());
+    let mut present = std::collections::HashSet::new();
+    for chunk in literal_chunks(items, EXISTENCE_QUERY_LITERAL_BYTES_MAX) {
+        present.extend(existing_in_chunk(client, chunk).await?);
     }
+    Ok(present)
+}
+
+/// Split `items` into consecutive chunks whose quoted id + account literals (plus
+/// separators) add up to at most `bytes_max`; an item larger than that alone is its own
+/// chunk (ids are at most 128 bytes, far below the limit).
+fn literal_chunks<'a, 'b>(items: &'a [&'b ValidItem], bytes_max: usize) -> Vec<&'a [&'b ValidItem]> {
+    let mut chunks = Vec::new();
+    let (mut start, mut bytes) = (0usize, 0usize);
+    for (i, v) in items.iter().enumerate() {
+        // Worst case every byte is escaped (x2), plus quotes and a comma for each literal.
+        let cost = 2 * (v.event.event_id.len() + v.event.account_id.len()) + 6;
+        if i > start && bytes + cost > bytes_max {
+            chunks.push(&items[start..i]);
+            (start, bytes) = (i, 0);
+        }
+        bytes += cost;
+    }
+    if start < items.len() {
+        chunks.push(&items[start..]);
+    }
+    chunks
+}
+
+async fn existing_in_chunk(
+    client: &Client,
+    items: &[&ValidItem],
+) -> Result<Vec<String>, clickhouse::error::Error> {
     let ids: Vec<&str> = items.iter().map(|v| v.event.event_id.as_str()).collect();
-    let accounts: Vec<&str> = items.iter().map(|v| v.event.account_id.as_str()).collect();
+    let mut accounts: Vec<&str> = items.iter().map(|v| v.event.account_id.as_str()).collect();
+    accounts.sort_unstable();
+    accounts.dedup();
     let from = items.iter().map(|v| epoch_secs(v.event.occurred_at)).min().unwrap_or(0);
     let to = items.iter().map(|v| epoch_secs(v.event.occurred_at)).max().unwrap_or(0);
     let rows: Vec<EventIdRow> = client

@@ -27,7 +27,10 @@ pub fn consumer(brokers: &str, group: &str, session_timeout_ms: u32) -> anyhow::
         // group for up to 10 minutes of not polling.
         .set("max.poll.interval.ms", "600000")
         .set("fetch.wait.max.ms", "100")
-        .set("queued.max.messages.kbytes", "65536")
+        // Bound the prefetch queue (ARCHITECTURE.md, Memory): 16 MiB is ~80,000 messages
+        // of ~200 B, several batches ahead of the writer; the 64 MiB default only grows RSS.
+        .set("queued.max.messages.kbytes", "16384")
+        .set("queued.min.messages", "20000")
         .set("partition.assignment.strategy", "range")
         .set("client.id", format!("tally-{group}"))
         .create()?;

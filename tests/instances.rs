@@ -106,3 +106,66 @@ async fn quota_used(http: &reqwest::Client, base: &str, token: &str, account: us
     let body: serde_json::Value = r.json().await.ok()?;
     body["usage"]["ad_generations"]["used"].as_i64()
 }
+
+#[derive(Debug, clickhouse::Row, serde::Deserialize)]
+struct RowCount {
+    rows: u64,
+    ids: u64,
+}
+
+/// Scale-out with the largest statements Tally can build: 64-character event ids and the
+/// maximum `batch_events_max`. A crashed attempt (fault hook: abort after the ClickHouse
+/// insert, before COMMIT) leaves ClickHouse holding uncommitted rows, so every instance
+/// must ask ClickHouse which of a batch's events it already has. That question is sent in
+/// chunks below ClickHouse's `max_query_size`; one 50,000-id literal would be refused
+/// (`Code: 62`) and retried forever, so neither instance would make progress.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn two_instances_with_long_ids_and_maximum_batches_make_progress() {
+    const EVENTS: usize = 60_000;
+    let env = TestEnv::new(6).await;
+    let messages: Vec<_> = (0..EVENTS)
+        .map(|n| {
+            let mut e = feature_call(n, n % 200);
+            e.event_id = format!("evt_{n:060x}");
+            assert_eq!(e.event_id.len(), 64);
+            tally::simulate::Message {
+                key: e.account_id.clone(),
+                payload: tally::codec::encode(&e.to_raw()),
+                partition: None,
+                kind: tally::simulate::Kind::Valid(Box::new(e)),
+            }
+        })
+        .collect();
+    produce(&env.topic, &messages).await;
+    // Duplicates collapse in ClickHouse's background merges: stop them, so any duplicate
+    // row stays visible to the count below.
+    env.clickhouse().query("SYSTEM STOP MERGES usage_log").execute().await.expect("stop merges");
+    let big = ["--batch-events-max", "50000", "--batch-wait-ms", "3000"];
+    let fault = [("TALLY_FAULT_ABORT_AFTER_CLICKHOUSE_INSERT", "1")];
+    let mut crashed = env.spawn_run_env("examples/demo.toml", 0, &big, &fault);
+    let status = wait_exit(&mut crashed, Duration::from_secs(120));
+    assert!(!status.success(), "the fault hook aborts the process");
+    // Its event ids were claimed (a short transaction of their own), but no debit and
+    // no consumer progress was committed.
+    assert_eq!(env.count("SELECT count(*) FROM ledger_entries").await, 0, "no debit committed");
+    assert_eq!(env.count("SELECT COALESCE(sum(next_offset), 0)::bigint FROM consumer_offsets").await, 0, "no progress");
+
+    let mut runs: Vec<_> = (0..2).map(|_| env.spawn_run("examples/demo.toml", 0, &big)).collect();
+    env.wait_for("every event committed by two instances", Duration::from_secs(300), || async {
+        env.count("SELECT count(*) FROM processed_events").await == EVENTS as i64
+    })
+    .await;
+    for run in &mut runs {
+        terminate(run);
+    }
+    let ch: RowCount = env
+        .clickhouse()
+        .query("SELECT count() AS rows, uniqExact(event_id) AS ids FROM usage_log")
+        .fetch_one()
+        .await
+        .expect("clickhouse count");
+    assert_eq!(ch.ids, EVENTS as u64, "every event reached the usage log");
+    assert_eq!(ch.rows, ch.ids, "and none twice, even before merges");
+    let debits = env.count("SELECT count(*) FROM ledger_entries WHERE kind = 'consume'").await;
+    assert_eq!(debits, EVENTS as i64, "one debit per event");
+}

@@ -192,7 +192,10 @@ async fn crash_between_clickhouse_insert_and_commit_leaves_no_duplicate_rows() {
     assert!(!status.success(), "the fault hook aborts the process");
     let before = raw_rows(&env).await;
     assert!(before.rows > 0, "the aborted attempt reached ClickHouse");
-    assert_eq!(env.count("SELECT count(*) FROM processed_events").await, 0, "and never committed");
+    // Its event ids were claimed (a short transaction of their own), but no debit and
+    // no consumer progress was committed.
+    assert_eq!(env.count("SELECT count(*) FROM ledger_entries").await, 0, "no debit committed");
+    assert_eq!(env.count("SELECT COALESCE(sum(next_offset), 0)::bigint FROM consumer_offsets").await, 0, "no progress");
 
     let mut run = env.spawn_run(CATALOG, 0, &["--batch-events-max", "1000"]);
     let distinct = want.distinct.len() as i64;

@@ -189,7 +189,7 @@ pub(crate) async fn store_balances(
                                      ELSE COALESCE($4, b.last_purchase_at) END,
              last_deduction_at = CASE WHEN u.l IS NULL THEN b.last_deduction_at
                                       ELSE COALESCE($5, b.last_deduction_at) END,
-             updated_at = clock_timestamp()
+             updated_at = clock_timestamp(), changed_xid = pg_current_xact_id()
          FROM UNNEST($1::text[], $2::bigint[], $3::bigint[]) AS u(a, v, l)
          WHERE b.account_id = u.a",
     )

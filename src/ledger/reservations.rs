@@ -194,7 +194,8 @@ async fn set_projection(
 ) -> Result<(), LedgerError> {
     assert!(reserved >= 0 && pending >= 0, "holds never go negative ({reserved}, {pending})");
     sqlx::query(
-        "UPDATE account_balances SET reserved_units = $2, pending_units = $3, updated_at = clock_timestamp()
+        "UPDATE account_balances SET reserved_units = $2, pending_units = $3, updated_at = clock_timestamp(),
+             changed_xid = pg_current_xact_id()
          WHERE account_id = $1",
     )
     .bind(account)
@@ -291,7 +292,7 @@ pub(crate) async fn settle_from_events(
                  WHERE r.account_id = b.account_id AND r.status = 'active'), 0),
              pending_units = COALESCE((SELECT sum(pending_units) FROM reservations r
                  WHERE r.account_id = b.account_id AND r.status = 'settling'), 0),
-             updated_at = clock_timestamp()
+             updated_at = clock_timestamp(), changed_xid = pg_current_xact_id()
          WHERE b.account_id = ANY($1)",
     )
     .bind(&touched)

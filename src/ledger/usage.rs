@@ -1,12 +1,24 @@
-//! Applying a batch of consumed messages to the ledger, inside one transaction.
+//! Applying a batch of consumed messages to the ledger, in two transactions.
 //!
-//! The caller opens the transaction, calls [`apply`], performs the side effects that must
-//! precede COMMIT (ClickHouse insert, dead-letter produce) using the returned
-//! [`Applied`], then commits. See `pipeline` for why this order is exactly-once.
+//! 1. [`claim`], a short transaction of its own: every valid event id of the batch is
+//!    claimed in the dedup store (`processed_events`) by its source position, or found
+//!    there (a replay, a duplicate from another partition, or an id conflict). COMMIT.
+//! 2. [`apply_claimed`], in the caller's transaction: lock the batch's partition offsets,
+//!    drop what is below them, then debit, count and dead-letter exactly the events this
+//!    position owns. The caller performs the side effects that must precede COMMIT
+//!    (ClickHouse insert, dead-letter produce) using the returned [`Applied`], then commits.
+//!
+//! Why two: a claim blocks every other transaction that claims the same id until it
+//! commits. Claims committed on their own hold that lock for a few milliseconds, so two
+//! instances that see the same event on two partitions (a gateway retry) no longer wait
+//! for each other's ClickHouse insert. A claim without its debit (a crash between the two)
+//! is harmless: the claimed position is re-read by its partition's owner (its offset was
+//! never advanced), finds its own claim ("reclaimed") and applies it; a copy on another
+//! partition finds someone else's claim and is a duplicate. See `pipeline` for the rest.
 
 use crate::pipeline::{Batch, DeadItem, Item, ValidItem};
 use chrono::{DateTime, Utc};
-use sqlx::{Postgres, Transaction};
+use sqlx::{PgConnection, Postgres, Transaction};
 use std::collections::{BTreeMap, HashMap, HashSet, hash_map::Entry};
 
 /// What a batch did, for the side effects and the metrics.
@@ -14,6 +26,9 @@ use std::collections::{BTreeMap, HashMap, HashSet, hash_map::Entry};
 pub struct Applied {
     /// Events applied for the first time: these go to ClickHouse.
     pub new_events: Vec<ValidItem>,
+    /// Ids among `new_events` claimed by an earlier attempt that did not commit: only
+    /// these may already have a ClickHouse row (inserted before that attempt died).
+    pub reclaimed: HashSet<String>,
     /// Dead letters to publish (decode failures and id conflicts).
     pub dead: Vec<DeadItem>,
     /// Same id, same payload, already applied (replays, gateway retries).
@@ -28,25 +43,67 @@ pub struct Applied {
     pub stored_offsets: HashMap<i32, i64>,
     /// Offsets to hint to Kafka after COMMIT: partition -> next offset.
     pub next_offsets: BTreeMap<i32, i64>,
+    /// The `state_changes` row with this batch's bucket increments (none if no new
+    /// event): the writer applies it to its own memory after COMMIT.
+    pub usage_change: Option<crate::quota::store::ChangeRef>,
 }
 
-/// Apply `batch` from `topic` for consumer group `group`. Runs inside `tx`.
+/// What the dedup store says about one message of a batch (by batch index).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Claim {
+    /// Not a valid event (dead-lettered by the reader).
+    Invalid,
+    /// This position holds the id's claim: new, or claimed by an earlier attempt at the
+    /// same position that never committed (`reclaimed`).
+    Own { reclaimed: bool },
+    /// Claimed by another position (or earlier in this batch) with the same payload.
+    Duplicate,
+    /// Claimed by another position (or earlier in this batch) with another payload.
+    Conflict,
+}
+
+/// The claims of one batch, index for index.
+#[derive(Debug, Default)]
+pub struct Claims {
+    pub by_item: Vec<Claim>,
+}
+
+/// Claim the batch's event ids in their own transaction (see the module doc).
+pub async fn claim(pool: &sqlx::PgPool, group: &str, topic: &str, batch: &Batch) -> Result<Claims, sqlx::Error> {
+    let mut tx = pool.begin().await?;
+    let claims = claim_in(&mut tx, group, topic, batch).await?;
+    tx.commit().await?;
+    Ok(claims)
+}
+
+/// Claim and apply in one transaction (tests, benches, tools: no concurrency concerns).
 pub async fn apply(
     tx: &mut Transaction<'_, Postgres>,
     group: &str,
     topic: &str,
     batch: &Batch,
 ) -> Result<Applied, sqlx::Error> {
+    let claims = claim_in(tx, group, topic, batch).await?;
+    apply_claimed(tx, group, topic, batch, &claims).await
+}
+
+/// Apply `batch` from `topic` for consumer group `group`, given its claims. Runs inside `tx`.
+pub async fn apply_claimed(
+    tx: &mut Transaction<'_, Postgres>,
+    group: &str,
+    topic: &str,
+    batch: &Batch,
+    claims: &Claims,
+) -> Result<Applied, sqlx::Error> {
+    assert_eq!(claims.by_item.len(), batch.items.len(), "one claim per message");
     let stored = lock_offsets(tx, group, topic, batch).await?;
     let mut applied = Applied::default();
-    let fresh = drop_applied(batch, &stored, &mut applied);
-    let candidates = dedup_in_batch(fresh, &mut applied);
-    let mut new_events = insert_processed(tx, topic, candidates, &mut applied).await?;
+    let mut new_events = sort_by_claim(batch, claims, &stored, &mut applied);
     let refused = post_debits(tx, &new_events, &mut applied).await?;
     if !refused.is_empty() {
         reject_unbillable(tx, &mut new_events, &refused, &mut applied).await?;
     }
-    crate::quota::store::count_usage(tx, &new_events).await?;
+    applied.usage_change = crate::quota::store::count_usage(tx, &new_events).await?;
     record_dead_letters(tx, topic, &applied.dead).await?;
     advance_offsets(tx, group, topic, batch, &stored, &mut applied).await?;
     applied.new_events = new_events;
@@ -88,39 +145,55 @@ async fn lock_offsets(
     Ok(rows.into_iter().collect())
 }
 
-/// Keep only messages at or above their partition's stored offset.
-fn drop_applied<'b>(batch: &'b Batch, stored: &HashMap<i32, i64>, applied: &mut Applied) -> Vec<&'b Item> {
-    let mut fresh = Vec::with_capacity(batch.items.len());
-    for item in &batch.items {
+/// Messages at or above their partition's stored offset, by claim: own claims become the
+/// batch's new events (batch order), the rest duplicates or dead letters.
+fn sort_by_claim(
+    batch: &Batch,
+    claims: &Claims,
+    stored: &HashMap<i32, i64>,
+    applied: &mut Applied,
+) -> Vec<ValidItem> {
+    let mut new_events = Vec::with_capacity(batch.items.len());
+    for (item, claim) in batch.items.iter().zip(&claims.by_item) {
         let pos = item.pos();
         if pos.offset < stored[&pos.partition] {
             applied.skipped_applied += 1;
-        } else {
-            fresh.push(item);
+            continue;
+        }
+        match (item, *claim) {
+            (Item::Dead(d), _) => applied.dead.push(d.clone()),
+            (Item::Valid(v), Claim::Own { reclaimed }) => {
+                if reclaimed {
+                    applied.reclaimed.insert(v.event.event_id.clone());
+                }
+                new_events.push((**v).clone());
+            }
+            (Item::Valid(_), Claim::Duplicate) => applied.duplicates += 1,
+            (Item::Valid(v), Claim::Conflict) => applied.dead.push(conflict(v)),
+            (Item::Valid(v), Claim::Invalid) => unreachable!("a valid item {} is claimed", v.event.event_id),
         }
     }
-    fresh
+    new_events
 }
 
-/// Within the batch: first occurrence of an id wins; an identical repeat is a duplicate,
-/// a different payload under the same id is a conflict (dead-lettered).
-fn dedup_in_batch<'b>(fresh: Vec<&'b Item>, applied: &mut Applied) -> Vec<&'b ValidItem> {
-    let mut seen: HashMap<&str, [u8; 32]> = HashMap::with_capacity(fresh.len());
-    let mut out = Vec::with_capacity(fresh.len());
-    for item in fresh {
-        match item {
-            Item::Dead(d) => applied.dead.push(d.clone()),
-            Item::Valid(v) => match seen.entry(v.event.event_id.as_str()) {
-                Entry::Vacant(e) => {
-                    e.insert(v.payload_hash);
-                    out.push(&**v);
-                }
-                Entry::Occupied(e) if *e.get() == v.payload_hash => applied.duplicates += 1,
-                Entry::Occupied(_) => applied.dead.push(conflict(v)),
-            },
+/// Within the batch the first occurrence of an id is the one claimed; an identical repeat
+/// is a duplicate, a different payload under the same id a conflict. Returns the first
+/// occurrences (batch indexes) and fills in the repeats' claims.
+fn first_occurrences(batch: &Batch, by_item: &mut [Claim]) -> Vec<usize> {
+    let mut seen: HashMap<&str, [u8; 32]> = HashMap::with_capacity(batch.items.len());
+    let mut firsts = Vec::with_capacity(batch.items.len());
+    for (i, item) in batch.items.iter().enumerate() {
+        let Item::Valid(v) = item else { continue };
+        match seen.entry(v.event.event_id.as_str()) {
+            Entry::Vacant(e) => {
+                e.insert(v.payload_hash);
+                firsts.push(i);
+            }
+            Entry::Occupied(e) if *e.get() == v.payload_hash => by_item[i] = Claim::Duplicate,
+            Entry::Occupied(_) => by_item[i] = Claim::Conflict,
         }
     }
-    out
+    firsts
 }
 
 fn conflict(v: &ValidItem) -> DeadItem {
@@ -134,30 +207,36 @@ fn conflict(v: &ValidItem) -> DeadItem {
     }
 }
 
-/// Insert into the dedup store; return the items that were not there before.
-async fn insert_processed(
-    tx: &mut Transaction<'_, Postgres>,
-    topic: &str,
-    candidates: Vec<&ValidItem>,
-    applied: &mut Applied,
-) -> Result<Vec<ValidItem>, sqlx::Error> {
-    if candidates.is_empty() {
-        return Ok(Vec::new());
+/// Claim the batch's first occurrences in the dedup store; classify those already there.
+async fn claim_in(conn: &mut PgConnection, group: &str, topic: &str, batch: &Batch) -> Result<Claims, sqlx::Error> {
+    let mut by_item = vec![Claim::Invalid; batch.items.len()];
+    let mut firsts = first_occurrences(batch, &mut by_item);
+    if firsts.is_empty() {
+        return Ok(Claims { by_item });
     }
-    let ids: Vec<&str> = candidates.iter().map(|v| v.event.event_id.as_str()).collect();
-    let hashes: Vec<&[u8]> = candidates.iter().map(|v| &v.payload_hash[..]).collect();
-    let accounts: Vec<&str> = candidates.iter().map(|v| v.event.account_id.as_str()).collect();
-    let costs: Vec<i64> = candidates.iter().map(|v| v.charge.cost_units).collect();
-    let times: Vec<DateTime<Utc>> = candidates.iter().map(|v| v.event.occurred_at).collect();
-    let parts: Vec<i32> = candidates.iter().map(|v| v.pos.partition).collect();
-    let offsets: Vec<i64> = candidates.iter().map(|v| v.pos.offset).collect();
+    let valid = |i: usize| match &batch.items[i] {
+        Item::Valid(v) => &**v,
+        Item::Dead(_) => unreachable!("first occurrences are valid items"),
+    };
+    // Claim in event-id order: two instances claiming the same ids (a duplicate on
+    // another partition) then wait for each other in one order and never deadlock.
+    firsts.sort_unstable_by(|a, b| valid(*a).event.event_id.cmp(&valid(*b).event.event_id));
+    let items: Vec<&ValidItem> = firsts.iter().map(|i| valid(*i)).collect();
+    let ids: Vec<&str> = items.iter().map(|v| v.event.event_id.as_str()).collect();
+    let hashes: Vec<&[u8]> = items.iter().map(|v| &v.payload_hash[..]).collect();
+    let accounts: Vec<&str> = items.iter().map(|v| v.event.account_id.as_str()).collect();
+    let costs: Vec<i64> = items.iter().map(|v| v.charge.cost_units).collect();
+    let times: Vec<DateTime<Utc>> = items.iter().map(|v| v.event.occurred_at).collect();
+    let parts: Vec<i32> = items.iter().map(|v| v.pos.partition).collect();
+    let offsets: Vec<i64> = items.iter().map(|v| v.pos.offset).collect();
     let inserted: Vec<(String,)> = sqlx::query_as(
         "INSERT INTO processed_events
            (event_id, payload_hash, account_id, cost_units, occurred_at,
-            source_topic, source_partition, source_offset)
-         SELECT e, h, a, c, t, $8, p, o
+            source_topic, source_partition, source_offset, source_group)
+         SELECT e, h, a, c, t, $8, p, o, $9
          FROM UNNEST($1::text[], $2::bytea[], $3::text[], $4::bigint[], $5::timestamptz[],
-                     $6::int[], $7::bigint[]) AS u(e, h, a, c, t, p, o)
+                     $6::int[], $7::bigint[]) WITH ORDINALITY AS u(e, h, a, c, t, p, o, n)
+         ORDER BY n
          ON CONFLICT (event_id) DO NOTHING
          RETURNING event_id",
     )
@@ -169,39 +248,96 @@ async fn insert_processed(
     .bind(&parts)
     .bind(&offsets)
     .bind(topic)
-    .fetch_all(&mut **tx)
+    .bind(group)
+    .fetch_all(&mut *conn)
     .await?;
-    let new_ids: std::collections::HashSet<String> = inserted.into_iter().map(|(id,)| id).collect();
-    let known: Vec<&ValidItem> =
-        candidates.iter().copied().filter(|v| !new_ids.contains(&v.event.event_id)).collect();
-    classify_known(tx, known, applied).await?;
-    Ok(candidates.into_iter().filter(|v| new_ids.contains(&v.event.event_id)).cloned().collect())
+    let new_ids: HashSet<String> = inserted.into_iter().map(|(id,)| id).collect();
+    let known: Vec<&str> = ids.iter().copied().filter(|id| !new_ids.contains(*id)).collect();
+    let stored = known_claims(conn, &known).await?;
+    let mut taken_over: Vec<(&str, &str)> = Vec::new();
+    for (i, v) in firsts.iter().zip(&items) {
+        let c = stored.get(&v.event.event_id).map(|c| (c, c.position() == (topic, v.pos.partition, v.pos.offset)));
+        by_item[*i] = match c {
+            None => Claim::Own { reclaimed: false },
+            // This very message, claimed by an attempt of this group that never committed.
+            Some((c, true)) if c.group.as_deref() == Some(group) => Claim::Own { reclaimed: true },
+            // This very message, claimed by another consumer group (a redeploy under a new
+            // group re-reads the topic) that never applied it (killed before its batch
+            // committed): take the claim over. Applied by it: a duplicate.
+            Some((c, true)) if !c.applied => {
+                taken_over.push((v.event.event_id.as_str(), c.group.as_deref().unwrap_or("")));
+                Claim::Own { reclaimed: true }
+            }
+            // Another copy: the claim's own position is (or will be) applied by its group.
+            Some((c, _)) if c.hash[..] == v.payload_hash[..] => Claim::Duplicate,
+            Some(_) => Claim::Conflict,
+        };
+    }
+    take_over(conn, group, &taken_over).await?;
+    Ok(Claims { by_item })
 }
 
-/// Ids seen in an earlier batch: a replay if the payload matches, else a conflict.
-async fn classify_known(
-    tx: &mut Transaction<'_, Postgres>,
-    known: Vec<&ValidItem>,
-    applied: &mut Applied,
-) -> Result<(), sqlx::Error> {
-    if known.is_empty() {
+/// A claim found in the dedup store.
+struct StoredClaim {
+    hash: Vec<u8>,
+    /// Consumer group that claimed it (`None`: written before claims existed, when the
+    /// dedup row and the debit were one transaction, so it is applied).
+    group: Option<String>,
+    topic: String,
+    partition: i32,
+    offset: i64,
+    /// Its group's stored offset is past it: the batch that claimed it committed.
+    applied: bool,
+}
+
+impl StoredClaim {
+    fn position(&self) -> (&str, i32, i64) {
+        (self.topic.as_str(), self.partition, self.offset)
+    }
+}
+
+/// Move claims of messages that another group claimed and never applied to `group`.
+async fn take_over(conn: &mut PgConnection, group: &str, ids: &[(&str, &str)]) -> Result<(), sqlx::Error> {
+    if ids.is_empty() {
         return Ok(());
     }
-    let ids: Vec<&str> = known.iter().map(|v| v.event.event_id.as_str()).collect();
-    let rows: Vec<(String, Vec<u8>)> =
-        sqlx::query_as("SELECT event_id, payload_hash FROM processed_events WHERE event_id = ANY($1)")
-            .bind(&ids)
-            .fetch_all(&mut **tx)
-            .await?;
-    let hashes: HashMap<String, Vec<u8>> = rows.into_iter().collect();
-    for v in known {
-        match hashes.get(&v.event.event_id) {
-            Some(h) if h[..] == v.payload_hash[..] => applied.duplicates += 1,
-            Some(_) => applied.dead.push(conflict(v)),
-            None => unreachable!("ON CONFLICT skipped {} so the row exists", v.event.event_id),
-        }
-    }
+    let (events, previous): (Vec<&str>, Vec<&str>) = ids.iter().copied().unzip();
+    sqlx::query(
+        "UPDATE processed_events p SET source_group = $1
+         FROM UNNEST($2::text[], $3::text[]) AS u(e, g)
+         WHERE p.event_id = u.e AND COALESCE(p.source_group, '') = u.g",
+    )
+    .bind(group)
+    .bind(&events)
+    .bind(&previous)
+    .execute(&mut *conn)
+    .await?;
     Ok(())
+}
+
+/// Ids already in the dedup store: hash, claiming group and position, applied or not.
+async fn known_claims(conn: &mut PgConnection, ids: &[&str]) -> Result<HashMap<String, StoredClaim>, sqlx::Error> {
+    if ids.is_empty() {
+        return Ok(HashMap::new());
+    }
+    type Row = (String, Vec<u8>, Option<String>, String, i32, i64, bool);
+    let rows: Vec<Row> = sqlx::query_as(
+        "SELECT p.event_id, p.payload_hash, p.source_group, p.source_topic, p.source_partition,
+                p.source_offset, (p.source_group IS NULL OR COALESCE(o.next_offset > p.source_offset, false))
+         FROM processed_events p
+         LEFT JOIN consumer_offsets o
+           ON o.group_id = p.source_group AND o.topic = p.source_topic AND o.partition = p.source_partition
+         WHERE p.event_id = ANY($1)",
+    )
+    .bind(ids)
+    .fetch_all(&mut *conn)
+    .await?;
+    Ok(rows
+        .into_iter()
+        .map(|(id, hash, group, topic, partition, offset, applied)| {
+            (id, StoredClaim { hash, group, topic, partition, offset, applied })
+        })
+        .collect())
 }
 
 /// One `consume` entry per charged new event, with running `balance_after_units`; close
@@ -359,78 +495,4 @@ async fn advance_offsets(
     .await?;
     applied.next_offsets = next;
     Ok(())
-}
-
-/// May ClickHouse hold rows of events Postgres has not committed? True while some
-/// partition's send watermark is ahead of its committed offset: a crashed (or, with several
-/// instances, an in-flight) attempt may have inserted rows for any event id, and a
-/// duplicate of such an event can arrive on *another* partition. `sent_before` are this
-/// batch's partitions' watermarks before it raised them; `stored` their committed offsets.
-pub async fn clickhouse_may_hold_uncommitted(
-    tx: &mut Transaction<'_, Postgres>,
-    group: &str,
-    topic: &str,
-    sent_before: &HashMap<i32, i64>,
-    stored: &HashMap<i32, i64>,
-) -> Result<bool, sqlx::Error> {
-    if sent_before.iter().any(|(p, sent)| *sent > stored.get(p).copied().unwrap_or(0)) {
-        return Ok(true);
-    }
-    let mine: Vec<i32> = sent_before.keys().copied().chain(stored.keys().copied()).collect();
-    let (others,): (bool,) = sqlx::query_as(
-        "SELECT EXISTS (SELECT 1 FROM clickhouse_sent s
-             LEFT JOIN consumer_offsets o USING (group_id, topic, partition)
-             WHERE s.group_id = $1 AND s.topic = $2 AND NOT (s.partition = ANY($3))
-               AND s.sent_upto > COALESCE(o.next_offset, 0))",
-    )
-    .bind(group)
-    .bind(topic)
-    .bind(&mine)
-    .fetch_one(&mut **tx)
-    .await?;
-    Ok(others)
-}
-
-/// Raise the ClickHouse send watermark of the batch's partitions to past its last offset,
-/// in its own committed transaction (it must be durable before the insert), and return
-/// the previous watermarks. Offsets below a previous watermark may already be in
-/// ClickHouse from an attempt whose Postgres commit never happened.
-pub async fn mark_clickhouse_sent(
-    pool: &sqlx::PgPool,
-    group: &str,
-    topic: &str,
-    batch: &Batch,
-) -> Result<HashMap<i32, i64>, sqlx::Error> {
-    let mut upto: BTreeMap<i32, i64> = BTreeMap::new();
-    for item in &batch.items {
-        let pos = item.pos();
-        let e = upto.entry(pos.partition).or_insert(0);
-        *e = (*e).max(pos.offset + 1);
-    }
-    let parts: Vec<i32> = upto.keys().copied().collect();
-    let offsets: Vec<i64> = upto.values().copied().collect();
-    let mut tx = pool.begin().await?;
-    let prior: Vec<(i32, i64)> = sqlx::query_as(
-        "SELECT partition, sent_upto FROM clickhouse_sent
-         WHERE group_id = $1 AND topic = $2 AND partition = ANY($3) ORDER BY partition FOR UPDATE",
-    )
-    .bind(group)
-    .bind(topic)
-    .bind(&parts)
-    .fetch_all(&mut *tx)
-    .await?;
-    sqlx::query(
-        "INSERT INTO clickhouse_sent (group_id, topic, partition, sent_upto)
-         SELECT $1, $2, p, o FROM UNNEST($3::int[], $4::bigint[]) AS u(p, o)
-         ON CONFLICT (group_id, topic, partition)
-         DO UPDATE SET sent_upto = GREATEST(clickhouse_sent.sent_upto, EXCLUDED.sent_upto)",
-    )
-    .bind(group)
-    .bind(topic)
-    .bind(&parts)
-    .bind(&offsets)
-    .execute(&mut *tx)
-    .await?;
-    tx.commit().await?;
-    Ok(prior.into_iter().collect())
 }

@@ -19,6 +19,10 @@ use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 
 const DRAIN_TIMEOUT: Duration = Duration::from_secs(30);
+/// How often housekeeping folds `state_changes` into `usage_hourly`.
+const FOLD_INTERVAL: Duration = Duration::from_secs(5);
+/// How often housekeeping deletes `state_changes` rows past their retention.
+const CHANGES_PRUNE_INTERVAL: Duration = Duration::from_secs(300);
 
 pub async fn run(
     settings: RunSettings,
@@ -95,6 +99,7 @@ pub async fn run(
         topic: settings.topics.topic.clone(),
         dlq_topic: settings.topics.dlq_topic.clone(),
         input: rx,
+        state: quota_state.clone(),
         abort: abort.clone(),
         fault_abort_after_clickhouse_insert: std::env::var("TALLY_FAULT_ABORT_AFTER_CLICKHOUSE_INSERT")
             .is_ok_and(|v| v == "1"),
@@ -166,6 +171,8 @@ async fn housekeeping(
 ) {
     let mut tick = tokio::time::interval(Duration::from_secs(1));
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let mut last_prune = std::time::Instant::now();
+    let mut last_fold = std::time::Instant::now();
     loop {
         tokio::select! {
             _ = stop.cancelled() => return,
@@ -176,6 +183,27 @@ async fn housekeeping(
         }
         if let Err(e) = ledger::auto_reload::publish_pending(&pool, &producer, &auto_reload_topic).await {
             tracing::warn!(error = %e, "publishing auto-reload requests");
+        }
+        if last_fold.elapsed() >= FOLD_INTERVAL {
+            last_fold = std::time::Instant::now();
+            // Fold until caught up (each call folds at most FOLD_CHANGES_MAX changes).
+            loop {
+                match crate::quota::store::fold_changes(&pool).await {
+                    Ok(n) if n as i64 == crate::quota::store::FOLD_CHANGES_MAX => continue,
+                    Ok(_) => break,
+                    Err(e) => {
+                        tracing::warn!(error = %e, "folding state changes");
+                        break;
+                    }
+                }
+            }
+        }
+        if last_prune.elapsed() >= CHANGES_PRUNE_INTERVAL {
+            let before = chrono::Utc::now() - crate::quota::state::CHANGES_RETENTION;
+            match crate::quota::store::prune_changes(&pool, before).await {
+                Ok(_) => last_prune = std::time::Instant::now(),
+                Err(e) => tracing::warn!(error = %e, "pruning state changes"),
+            }
         }
     }
 }

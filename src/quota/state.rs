@@ -1,31 +1,54 @@
 //! In-memory quota and balance state, for answering `authorize` and quota reads without a
 //! database round trip.
 //!
-//! **Source of truth and freshness.** Postgres holds the truth: usage buckets are written in
-//! the same transaction as the ledger debits of the events they count, balances with every
-//! ledger change. Every `tally run` instance keeps a full copy of all accounts' state in
-//! memory and refreshes it every `REFRESH_INTERVAL` by reading the rows changed since its
-//! last refresh (`updated_at >= last - OVERLAP`). So an instance answers correctly for
-//! every account, whichever instance consumed the partition (the multi-instance design:
-//! each instance materializes everything, like Kafka Streams' global tables, with Postgres
-//! as the changelog). Staleness is bounded by the refresh interval plus commit latency;
-//! rows carry absolute totals, so re-reading the overlap is harmless. The overlap (60 s)
-//! covers transactions that stamped `updated_at` before committing; a full reload every
-//! `FULL_RELOAD_INTERVAL` is the safety net. On start, the state is restored from
-//! Postgres (the last 40 days of buckets), never rebuilt by hand.
+//! **Source of truth.** Postgres holds the truth: usage buckets are written in the same
+//! transaction as the ledger debits of the events they count, balances with every ledger
+//! change. Every `tally run` instance keeps a copy of all accounts' state in memory (like
+//! Kafka Streams' global tables), so any instance answers for any account.
+//!
+//! **State follows changes, not rows.** At start the state is restored from one snapshot
+//! (`store::read_state` without a cursor). After that the cost of keeping it current is
+//! proportional to what changed:
+//! - the writer that commits a batch applies that batch's bucket increments to its own
+//!   memory right after COMMIT ([`QuotaState::finish_local`]);
+//! - every other change arrives through [`QuotaState::refresh`], which reads, in one
+//!   REPEATABLE READ snapshot, the `state_changes` rows (bucket increments) and the
+//!   balance, plan and cap rows whose xid is at least the xmin of the previous read's
+//!   snapshot. A change not visible to that snapshot was made by a transaction that was
+//!   running or had not started then, so its xid is >= that xmin, whatever the commit
+//!   order: no change is missed. Rows visible before and re-read are either absolute
+//!   (balances, plans, caps: re-applying is harmless) or bucket increments, which are
+//!   applied once per `change_id` (`Meta::applied` remembers the ids a later read may
+//!   still return).
+//! - A writer's own change is skipped by the reader while the writer has it in flight
+//!   (`Meta::local`), so it is applied exactly once, by whichever comes first.
+//! - If a COMMIT's outcome is unknown, or the reads stopped for longer than
+//!   `RESTORE_AFTER` (the changelog is pruned after `CHANGES_RETENTION`), the next refresh
+//!   restores everything from a snapshot instead of reading changes.
+//!
+//! Balances, holds, plans and caps in memory are at most one refresh behind Postgres
+//! (`REFRESH_INTERVAL` plus commit latency); the balance endpoint reads Postgres itself.
+//!
+//! **Readers never wait long.** Accounts live in `SHARDS` maps, each behind its own
+//! `RwLock`; whoever applies changes takes one shard's write lock at a time, for that
+//! shard's share of the change only, so `authorize` stays fast while a batch lands.
 
 use super::config::{Cycle, QuotaConfig};
 use super::decide::AccountView;
-use super::store;
+use super::store::{self, ChangeRef, Increments, StateRead};
 use super::window::{self, Buckets, Totals};
-use chrono::{DateTime, Duration, Utc};
+use chrono::{DateTime, Utc};
 use sqlx::PgPool;
-use std::collections::HashMap;
-use std::sync::RwLock;
+use std::collections::{HashMap, HashSet};
+use std::sync::{Mutex, RwLock};
+use std::time::{Duration, Instant};
 
-pub const REFRESH_INTERVAL: std::time::Duration = std::time::Duration::from_millis(250);
-const OVERLAP: Duration = Duration::seconds(60);
-const FULL_RELOAD_INTERVAL: Duration = Duration::minutes(5);
+pub const REFRESH_INTERVAL: Duration = Duration::from_millis(100);
+/// A reader that could not read for this long restores from a snapshot.
+const RESTORE_AFTER: Duration = Duration::from_secs(3_600);
+/// How long `state_changes` rows are kept (pruned by `tally run`'s housekeeping); well
+/// above `RESTORE_AFTER`, so a running reader never misses a pruned change.
+pub const CHANGES_RETENTION: chrono::Duration = chrono::Duration::hours(24);
 
 #[derive(Debug, Clone, Default)]
 pub struct AccountState {
@@ -41,81 +64,263 @@ pub struct AccountState {
     pub limits: HashMap<(String, String), i64>,
 }
 
+/// Shards of the account map: a writer applying a batch takes one shard's write lock at a
+/// time, so an `authorize` reading another account never waits, and one reading an
+/// account of the same shard waits for that shard's share of the batch only.
+const SHARDS: usize = 64;
+
+type Accounts = HashMap<String, AccountState>;
+
+/// Which bucket changes are counted here (see the module doc). Held while a change is
+/// applied, so deciding and applying are one step; readers never take it.
 #[derive(Default)]
-struct Inner {
-    accounts: HashMap<String, AccountState>,
-    /// Start of the last successful refresh (the next one reads changes since it).
-    refreshed_from: Option<DateTime<Utc>>,
-    last_full: Option<DateTime<Utc>>,
+struct Meta {
+    /// xmin of the snapshot the accounts were restored from: a change with a smaller xid
+    /// committed before it and is already counted.
+    restored_xmin: i64,
+    /// change_id -> xid of bucket changes counted here that a later read may still return
+    /// (xid >= the last read's xmin).
+    applied: HashMap<i64, i64>,
+    /// Changes this process's writer made and will apply itself after COMMIT.
+    local: HashSet<i64>,
 }
 
-/// All accounts' state. `std::sync::RwLock`: readers never hold it across an await.
+/// Where the next refresh reads from.
 #[derive(Default)]
+struct Cursor {
+    /// xmin of the last read's snapshot; `None`: restore from a snapshot.
+    xmin: Option<i64>,
+    read_at: Option<Instant>,
+}
+
+/// All accounts' state. `std::sync` locks: never held across an await, and writers hold
+/// a shard's lock only to apply what was already read, so `authorize` never waits behind
+/// a query.
 pub struct QuotaState {
-    inner: RwLock<Inner>,
+    shards: Box<[RwLock<Accounts>]>,
+    meta: Mutex<Meta>,
+    cursor: tokio::sync::Mutex<Cursor>,
+}
+
+impl Default for QuotaState {
+    fn default() -> Self {
+        QuotaState {
+            shards: (0..SHARDS).map(|_| RwLock::new(Accounts::new())).collect(),
+            meta: Mutex::new(Meta::default()),
+            cursor: tokio::sync::Mutex::new(Cursor::default()),
+        }
+    }
+}
+
+fn shard_of(account_id: &str) -> usize {
+    use std::hash::{Hash, Hasher};
+    let mut h = std::collections::hash_map::DefaultHasher::new();
+    account_id.hash(&mut h);
+    (h.finish() % SHARDS as u64) as usize
 }
 
 impl QuotaState {
-    /// Read changes from Postgres into memory (everything on the first call and every
-    /// `FULL_RELOAD_INTERVAL`).
+    /// Catch up with Postgres: read what changed since the last read (everything on the
+    /// first call, after an unknown commit outcome, or after a long gap).
     pub async fn refresh(&self, pool: &PgPool) -> Result<(), sqlx::Error> {
-        let started = Utc::now();
-        let (since, full) = {
-            let inner = self.inner.read().expect("state lock");
-            match (inner.refreshed_from, inner.last_full) {
-                (Some(from), Some(full)) if started - full < FULL_RELOAD_INTERVAL => (from - OVERLAP, false),
-                _ => (DateTime::<Utc>::UNIX_EPOCH, true),
-            }
+        let mut cursor = self.cursor.lock().await;
+        let since = match (cursor.xmin, cursor.read_at) {
+            (Some(x), Some(at)) if at.elapsed() < RESTORE_AFTER => Some(x),
+            _ => None,
         };
-        let oldest = store::retention_start(started);
-        let buckets = store::buckets_since(pool, since, oldest).await?;
-        let balances = store::balances_since(pool, since).await?;
-        let plans = store::plans_since(pool, since).await?;
-        let limits = store::limits_since(pool, since).await?;
-        let mut inner = self.inner.write().expect("state lock");
-        for b in buckets {
-            let acct = inner.accounts.entry(b.account_id).or_default();
-            let t = Totals { events: b.events, cost_units: b.cost_units };
-            acct.usage.entry((b.kind, b.key)).or_default().set(b.hour.timestamp(), t);
+        let read = store::read_state(pool, since, store::retention_start(Utc::now())).await?;
+        let xmin = read.xmin;
+        if since.is_some() {
+            self.apply_read(read);
+        } else {
+            self.restore(read);
         }
-        for b in balances {
-            let acct = inner.accounts.entry(b.account_id).or_default();
-            acct.balance_units = b.balance_units;
-            acct.reserved_units = b.reserved_units;
-            acct.pending_units = b.pending_units;
-            acct.last_purchase_at = b.last_purchase_at;
-            acct.last_deduction_at = b.last_deduction_at;
-        }
-        for p in plans {
-            inner.accounts.entry(p.account_id).or_default().plan = Some((p.plan, p.period_anchor));
-        }
-        for l in limits {
-            let acct = inner.accounts.entry(l.account_id).or_default();
-            acct.limits.insert((l.scope, l.scope_id), l.monthly_limit_units);
-        }
-        if full {
-            let cutoff = oldest.timestamp();
-            for acct in inner.accounts.values_mut() {
-                acct.usage.values_mut().for_each(|b| b.prune(cutoff));
-                acct.usage.retain(|_, b| !b.is_empty());
-            }
-            inner.last_full = Some(started);
-        }
-        inner.refreshed_from = Some(started);
+        cursor.xmin = Some(xmin);
+        cursor.read_at = Some(Instant::now());
         Ok(())
     }
 
+    /// Replace everything with a full read (keeping the writer's in-flight changes).
+    fn restore(&self, mut read: StateRead) {
+        let mut fresh: Vec<Accounts> = (0..SHARDS).map(|_| Accounts::new()).collect();
+        for b in std::mem::take(&mut read.buckets) {
+            let acct = fresh[shard_of(&b.account_id)].entry(b.account_id).or_default();
+            let t = Totals { events: b.events, cost_units: b.cost_units };
+            acct.usage.entry((b.kind, b.key)).or_default().set(b.hour, t);
+        }
+        // Changes not folded into usage_hourly yet (all of them are in `applied` too when
+        // their xid is at or above the snapshot's xmin).
+        for c in &read.changes {
+            for_change_rows(c, |i| {
+                apply_increment(&mut fresh[shard_of(&c.accounts[i])], &c.accounts[i], &c.kinds[i], &c.keys[i], c.hours[i], Totals { events: c.events[i], cost_units: c.costs[i] });
+            });
+        }
+        for (shard, rows) in fresh.iter_mut().zip(rows_by_shard(&read)) {
+            apply_rows(shard, &read, &rows);
+        }
+        let mut meta = self.meta.lock().expect("state meta lock");
+        meta.restored_xmin = read.xmin;
+        meta.applied = read.changes_included.iter().copied().collect();
+        for (lock, accounts) in self.shards.iter().zip(fresh) {
+            *lock.write().expect("state lock") = accounts;
+        }
+    }
+
+    /// Apply an incremental read: new bucket changes once each, changed rows as they are.
+    fn apply_read(&self, read: StateRead) {
+        let mut meta = self.meta.lock().expect("state meta lock");
+        let mut by_shard: Vec<Vec<(usize, usize)>> = vec![Vec::new(); SHARDS];
+        for (n, c) in read.changes.iter().enumerate() {
+            if meta.local.contains(&c.change_id) || meta.applied.contains_key(&c.change_id) {
+                continue;
+            }
+            for_change_rows(c, |i| by_shard[shard_of(&c.accounts[i])].push((n, i)));
+            meta.applied.insert(c.change_id, c.xid);
+        }
+        let rows = rows_by_shard(&read);
+        for (s, lock) in self.shards.iter().enumerate() {
+            if by_shard[s].is_empty() && rows[s].is_empty() {
+                continue;
+            }
+            let mut shard = lock.write().expect("state lock");
+            for (n, i) in &by_shard[s] {
+                let c = &read.changes[*n];
+                let i = *i;
+                let t = Totals { events: c.events[i], cost_units: c.costs[i] };
+                apply_increment(&mut shard, &c.accounts[i], &c.kinds[i], &c.keys[i], c.hours[i], t);
+            }
+            apply_rows(&mut shard, &read, &rows[s]);
+        }
+        // Reads from now on ask for xid >= read.xmin: older ids can never come back. A
+        // restored id the writer still holds stays until the writer has looked at it.
+        let Meta { applied, local, .. } = &mut *meta;
+        applied.retain(|id, xid| *xid >= read.xmin || local.contains(id));
+    }
+
+    /// The writer wrote `change` in a transaction it is about to commit: the reader must
+    /// leave it to the writer (see the module doc).
+    pub fn begin_local(&self, change: ChangeRef) {
+        self.meta.lock().expect("state meta lock").local.insert(change.change_id);
+    }
+
+    /// The writer's transaction with `change` committed: apply its increments here, now,
+    /// unless a restore already counted it.
+    pub fn finish_local(&self, change: ChangeRef, increments: &Increments<'_>) {
+        let mut meta = self.meta.lock().expect("state meta lock");
+        meta.local.remove(&change.change_id);
+        if change.xid < meta.restored_xmin || meta.applied.contains_key(&change.change_id) {
+            return;
+        }
+        let mut by_shard: Vec<Vec<_>> = vec![Vec::new(); SHARDS];
+        for entry in increments {
+            by_shard[shard_of(entry.0.0)].push(entry);
+        }
+        for (lock, entries) in self.shards.iter().zip(by_shard) {
+            if entries.is_empty() {
+                continue;
+            }
+            let mut shard = lock.write().expect("state lock");
+            for ((account, kind, key, hour), (events, cost_units)) in entries {
+                let t = Totals { events: *events, cost_units: *cost_units };
+                apply_increment(&mut shard, account, kind, key, *hour, t);
+            }
+        }
+        meta.applied.insert(change.change_id, change.xid);
+    }
+
+    /// The writer's transaction with `change` did not commit (`committed_maybe`: or we
+    /// cannot tell, e.g. the connection died during COMMIT; then the next refresh
+    /// restores from a snapshot, which counts the change if it did commit).
+    pub async fn abandon_local(&self, change: ChangeRef, committed_maybe: bool) {
+        if committed_maybe {
+            self.cursor.lock().await.xmin = None;
+        }
+        self.meta.lock().expect("state meta lock").local.remove(&change.change_id);
+    }
+
     pub fn account(&self, account_id: &str) -> Option<AccountState> {
-        self.inner.read().expect("state lock").accounts.get(account_id).cloned()
+        self.shards[shard_of(account_id)].read().expect("state lock").get(account_id).cloned()
     }
 
     /// Run `f` on the account's state (a default, empty state if unknown) without cloning.
     pub fn with_account<R>(&self, account_id: &str, f: impl FnOnce(&AccountState) -> R) -> R {
-        let inner = self.inner.read().expect("state lock");
-        match inner.accounts.get(account_id) {
+        let shard = self.shards[shard_of(account_id)].read().expect("state lock");
+        match shard.get(account_id) {
             Some(a) => f(a),
             None => f(&AccountState::default()),
         }
+    }
+
+    /// Accounts held in memory (metrics, benches).
+    pub fn accounts_len(&self) -> usize {
+        self.shards.iter().map(|s| s.read().expect("state lock").len()).sum()
+    }
+}
+
+fn account_mut<'a>(accounts: &'a mut Accounts, id: &str) -> &'a mut AccountState {
+    if !accounts.contains_key(id) {
+        accounts.insert(id.to_string(), AccountState::default());
+    }
+    accounts.get_mut(id).expect("inserted above")
+}
+
+/// Call `f` with each element index of one `state_changes` row (arrays checked parallel).
+fn for_change_rows(c: &store::ChangeRow, mut f: impl FnMut(usize)) {
+    let n = c.accounts.len();
+    let aligned = [c.kinds.len(), c.keys.len(), c.hours.len(), c.events.len(), c.costs.len()];
+    assert!(aligned.iter().all(|len| *len == n), "state_changes arrays are parallel (change {})", c.change_id);
+    (0..n).for_each(&mut f);
+}
+
+fn apply_increment(accounts: &mut Accounts, account: &str, kind: &str, key: &str, hour: i64, t: Totals) {
+    let acct = account_mut(accounts, account);
+    // Most accounts have a handful of counters: find those without allocating a key.
+    if acct.usage.len() <= 8
+        && let Some((_, b)) = acct.usage.iter_mut().find(|((k, ky), _)| k == kind && ky == key)
+    {
+        return b.add(hour, t);
+    }
+    acct.usage.entry((kind.to_string(), key.to_string())).or_default().add(hour, t);
+}
+
+/// Indexes of one shard's balance, plan and cap rows in a read.
+#[derive(Debug, Default, Clone)]
+struct ShardRows {
+    balances: Vec<usize>,
+    plans: Vec<usize>,
+    limits: Vec<usize>,
+}
+
+impl ShardRows {
+    fn is_empty(&self) -> bool {
+        self.balances.is_empty() && self.plans.is_empty() && self.limits.is_empty()
+    }
+}
+
+fn rows_by_shard(read: &StateRead) -> Vec<ShardRows> {
+    let mut out = vec![ShardRows::default(); SHARDS];
+    read.balances.iter().enumerate().for_each(|(i, b)| out[shard_of(&b.account_id)].balances.push(i));
+    read.plans.iter().enumerate().for_each(|(i, p)| out[shard_of(&p.account_id)].plans.push(i));
+    read.limits.iter().enumerate().for_each(|(i, l)| out[shard_of(&l.account_id)].limits.push(i));
+    out
+}
+
+/// Balances, plans and caps: rows hold absolute values.
+fn apply_rows(accounts: &mut Accounts, read: &StateRead, rows: &ShardRows) {
+    for b in rows.balances.iter().map(|i| &read.balances[*i]) {
+        let acct = account_mut(accounts, &b.account_id);
+        acct.balance_units = b.balance_units;
+        acct.reserved_units = b.reserved_units;
+        acct.pending_units = b.pending_units;
+        acct.last_purchase_at = b.last_purchase_at;
+        acct.last_deduction_at = b.last_deduction_at;
+    }
+    for p in rows.plans.iter().map(|i| &read.plans[*i]) {
+        account_mut(accounts, &p.account_id).plan = Some((p.plan.clone(), p.period_anchor));
+    }
+    for l in rows.limits.iter().map(|i| &read.limits[*i]) {
+        let acct = account_mut(accounts, &l.account_id);
+        acct.limits.insert((l.scope.clone(), l.scope_id.clone()), l.monthly_limit_units);
     }
 }
 

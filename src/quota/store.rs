@@ -12,13 +12,22 @@ use std::collections::BTreeMap;
 
 type BucketKey<'a> = (&'a str, &'static str, &'a str, i64);
 
-/// Add the batch's new events to the hourly buckets (same transaction as the debits, so
-/// a replayed event, which is not new, is never counted twice).
-pub(crate) async fn count_usage(
-    tx: &mut Transaction<'_, Postgres>,
-    new_events: &[ValidItem],
-) -> Result<(), sqlx::Error> {
-    let mut buckets: BTreeMap<BucketKey<'_>, (i64, i64)> = BTreeMap::new();
+/// Bucket increments keyed by (account, kind, key, hour start in epoch seconds), each
+/// (events, cost units). A `BTreeMap` so rows are upserted in key order: concurrent
+/// writers lock bucket rows in the same order and cannot deadlock.
+pub type Increments<'a> = BTreeMap<BucketKey<'a>, (i64, i64)>;
+
+/// One `state_changes` row: its id and the xid of the transaction that wrote it (see
+/// `quota::state` for how instances read them).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ChangeRef {
+    pub change_id: i64,
+    pub xid: i64,
+}
+
+/// What a batch's new events add to the hourly buckets. Pure.
+pub fn usage_increments(new_events: &[ValidItem]) -> Increments<'_> {
+    let mut buckets = Increments::new();
     for v in new_events {
         let e = &v.event;
         let at = (e.account_id.as_str(), floor_hour(e.occurred_at), v.charge.cost_units);
@@ -33,30 +42,38 @@ pub(crate) async fn count_usage(
             add(&mut buckets, at, "feature", f);
         }
     }
-    upsert(tx, &buckets).await
+    buckets
 }
 
-/// Add bucket increments (events, cost) to `usage_hourly`.
-async fn upsert(
+/// Record the batch's new events' bucket increments as one `state_changes` row, in the
+/// same transaction as the debits (so a replayed event, which is not new, is never counted
+/// twice). Returns that row, `None` if nothing was counted. The increments reach
+/// `usage_hourly` later, aggregated, through [`fold_changes`].
+pub(crate) async fn count_usage(
     tx: &mut Transaction<'_, Postgres>,
-    buckets: &BTreeMap<BucketKey<'_>, (i64, i64)>,
-) -> Result<(), sqlx::Error> {
+    new_events: &[ValidItem],
+) -> Result<Option<ChangeRef>, sqlx::Error> {
+    record(tx, &usage_increments(new_events)).await
+}
+
+/// Append bucket increments to the changelog that every instance reads.
+async fn record(
+    tx: &mut Transaction<'_, Postgres>,
+    buckets: &Increments<'_>,
+) -> Result<Option<ChangeRef>, sqlx::Error> {
     if buckets.is_empty() {
-        return Ok(());
+        return Ok(None);
     }
     let accounts: Vec<&str> = buckets.keys().map(|k| k.0).collect();
     let kinds: Vec<&str> = buckets.keys().map(|k| k.1).collect();
     let keys: Vec<&str> = buckets.keys().map(|k| k.2).collect();
-    let hours: Vec<DateTime<Utc>> =
-        buckets.keys().map(|k| DateTime::<Utc>::from_timestamp(k.3, 0).expect("bucket in range")).collect();
+    let hours: Vec<i64> = buckets.keys().map(|k| k.3).collect();
     let events: Vec<i64> = buckets.values().map(|v| v.0).collect();
     let costs: Vec<i64> = buckets.values().map(|v| v.1).collect();
-    sqlx::query(
-        "INSERT INTO usage_hourly AS h (account_id, kind, key, hour, events, cost_units)
-         SELECT * FROM UNNEST($1::text[], $2::text[], $3::text[], $4::timestamptz[], $5::bigint[], $6::bigint[])
-         ON CONFLICT (account_id, kind, key, hour) DO UPDATE
-         SET events = h.events + EXCLUDED.events, cost_units = h.cost_units + EXCLUDED.cost_units,
-             updated_at = clock_timestamp()",
+    let (change_id, xid): (i64, i64) = sqlx::query_as(
+        "INSERT INTO state_changes (accounts, kinds, keys, hours, events, costs)
+         VALUES ($1, $2, $3, $4, $5, $6)
+         RETURNING change_id, xid::text::bigint",
     )
     .bind(&accounts)
     .bind(&kinds)
@@ -64,9 +81,62 @@ async fn upsert(
     .bind(&hours)
     .bind(&events)
     .bind(&costs)
-    .execute(&mut **tx)
+    .fetch_one(&mut **tx)
     .await?;
-    Ok(())
+    Ok(Some(ChangeRef { change_id, xid }))
+}
+
+/// Changes folded per transaction by [`fold_changes`]: at 5,000 events per change and
+/// ~3 buckets per event, 200 changes are at most ~3M increments.
+pub const FOLD_CHANGES_MAX: i64 = 200;
+
+/// Fold unfolded `state_changes` into `usage_hourly`, aggregated (many increments of one
+/// bucket become one upsert), and mark them folded, in one transaction: any snapshot sees
+/// each change either unfolded or counted in `usage_hourly`, never both (the restore reads
+/// both). One instance folds at a time (a transaction-level advisory lock); the others
+/// skip. Off the hot path: `tally run`'s housekeeping calls it every few seconds. Returns
+/// how many changes were folded.
+pub async fn fold_changes(pool: &PgPool) -> Result<u64, sqlx::Error> {
+    /// Advisory lock key of the fold ("tally fold" in ASCII).
+    const FOLD_LOCK: i64 = 0x7461_6c6c_7966_6f6c;
+    let mut tx = pool.begin().await?;
+    let (locked,): (bool,) =
+        sqlx::query_as("SELECT pg_try_advisory_xact_lock($1)").bind(FOLD_LOCK).fetch_one(&mut *tx).await?;
+    if !locked {
+        return Ok(0);
+    }
+    let ids: Vec<(i64,)> = sqlx::query_as(
+        "SELECT change_id FROM state_changes WHERE NOT folded ORDER BY change_id LIMIT $1",
+    )
+    .bind(FOLD_CHANGES_MAX)
+    .fetch_all(&mut *tx)
+    .await?;
+    if ids.is_empty() {
+        return Ok(0);
+    }
+    let ids: Vec<i64> = ids.into_iter().map(|(id,)| id).collect();
+    // Key order: the fold is the only writer of usage_hourly, and sorted upserts keep it
+    // that way cheap to reason about (no lock-order cycles whoever else comes along).
+    sqlx::query(
+        "INSERT INTO usage_hourly AS h (account_id, kind, key, hour, events, cost_units)
+         SELECT u.a, u.k, u.ky, to_timestamp(u.hr), sum(u.ev), sum(u.co)
+         FROM state_changes c,
+              UNNEST(c.accounts, c.kinds, c.keys, c.hours, c.events, c.costs) AS u(a, k, ky, hr, ev, co)
+         WHERE c.change_id = ANY($1)
+         GROUP BY 1, 2, 3, 4 ORDER BY 1, 2, 3, 4
+         ON CONFLICT (account_id, kind, key, hour) DO UPDATE
+         SET events = h.events + EXCLUDED.events, cost_units = h.cost_units + EXCLUDED.cost_units,
+             updated_at = clock_timestamp()",
+    )
+    .bind(&ids)
+    .execute(&mut *tx)
+    .await?;
+    sqlx::query("UPDATE state_changes SET folded = true WHERE change_id = ANY($1)")
+        .bind(&ids)
+        .execute(&mut *tx)
+        .await?;
+    tx.commit().await?;
+    Ok(ids.len() as u64)
 }
 
 /// Deductions reported through the API (Reeve) are spend too: add them to the account's
@@ -77,50 +147,42 @@ pub(crate) async fn count_deductions(
     deductions: &[(&str, i64)],
     at: DateTime<Utc>,
 ) -> Result<(), sqlx::Error> {
-    let mut buckets: BTreeMap<BucketKey<'_>, (i64, i64)> = BTreeMap::new();
+    let mut buckets = Increments::new();
     for (account, units) in deductions {
         add(&mut buckets, (account, floor_hour(at), *units), "account", "");
     }
-    upsert(tx, &buckets).await
+    record(tx, &buckets).await.map(|_| ())
 }
 
 /// One event into one bucket: (account, hour, cost) x (kind, key).
-fn add<'a>(
-    buckets: &mut BTreeMap<BucketKey<'a>, (i64, i64)>,
-    (account, hour, cost): (&'a str, i64, i64),
-    kind: &'static str,
-    key: &'a str,
-) {
+fn add<'a>(buckets: &mut Increments<'a>, (account, hour, cost): (&'a str, i64, i64), kind: &'static str, key: &'a str) {
     let slot = buckets.entry((account, kind, key, hour)).or_default();
     slot.0 += 1;
     slot.1 += cost;
 }
 
-/// One changed bucket, as the in-memory state consumes it.
+/// One bucket with absolute totals (restore at start).
 #[derive(Debug, Clone, sqlx::FromRow)]
 pub struct BucketRow {
     pub account_id: String,
     pub kind: String,
     pub key: String,
-    pub hour: DateTime<Utc>,
+    pub hour: i64,
     pub events: i64,
     pub cost_units: i64,
 }
 
-/// Buckets changed at or after `since` with an hour at or after `oldest_hour`.
-pub async fn buckets_since(
-    pool: &PgPool,
-    since: DateTime<Utc>,
-    oldest_hour: DateTime<Utc>,
-) -> Result<Vec<BucketRow>, sqlx::Error> {
-    sqlx::query_as(
-        "SELECT account_id, kind, key, hour, events, cost_units FROM usage_hourly
-         WHERE updated_at >= $1 AND hour >= $2",
-    )
-    .bind(since)
-    .bind(oldest_hour)
-    .fetch_all(pool)
-    .await
+/// One `state_changes` row: bucket increments, as parallel arrays.
+#[derive(Debug, Clone, sqlx::FromRow)]
+pub struct ChangeRow {
+    pub change_id: i64,
+    pub xid: i64,
+    pub accounts: Vec<String>,
+    pub kinds: Vec<String>,
+    pub keys: Vec<String>,
+    pub hours: Vec<i64>,
+    pub events: Vec<i64>,
+    pub costs: Vec<i64>,
 }
 
 #[derive(Debug, Clone, sqlx::FromRow)]
@@ -133,28 +195,11 @@ pub struct BalanceRow {
     pub last_deduction_at: Option<DateTime<Utc>>,
 }
 
-pub async fn balances_since(pool: &PgPool, since: DateTime<Utc>) -> Result<Vec<BalanceRow>, sqlx::Error> {
-    sqlx::query_as(
-        "SELECT account_id, balance_units, reserved_units, pending_units, last_purchase_at, last_deduction_at
-         FROM account_balances WHERE updated_at >= $1",
-    )
-    .bind(since)
-    .fetch_all(pool)
-    .await
-}
-
 #[derive(Debug, Clone, sqlx::FromRow)]
 pub struct PlanRow {
     pub account_id: String,
     pub plan: String,
     pub period_anchor: DateTime<Utc>,
-}
-
-pub async fn plans_since(pool: &PgPool, since: DateTime<Utc>) -> Result<Vec<PlanRow>, sqlx::Error> {
-    sqlx::query_as("SELECT account_id, plan, period_anchor FROM account_plans WHERE updated_at >= $1")
-        .bind(since)
-        .fetch_all(pool)
-        .await
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, sqlx::FromRow)]
@@ -165,13 +210,95 @@ pub struct LimitRow {
     pub monthly_limit_units: i64,
 }
 
-pub async fn limits_since(pool: &PgPool, since: DateTime<Utc>) -> Result<Vec<LimitRow>, sqlx::Error> {
-    sqlx::query_as(
-        "SELECT account_id, scope, scope_id, monthly_limit_units FROM spend_limits WHERE updated_at >= $1",
+/// Everything the in-memory state holds, read from one snapshot. With `since_xid`
+/// (`Some(xmin of the previous read)`) only what changed since then: bucket changes as
+/// increments, the other tables as changed rows; without it, the whole state (buckets as
+/// absolute totals from `oldest_hour` on) plus the ids of changes already in it.
+#[derive(Debug, Default)]
+pub struct StateRead {
+    /// xmin of this read's snapshot: the next read asks for changes since it.
+    pub xmin: i64,
+    pub buckets: Vec<BucketRow>,
+    pub changes: Vec<ChangeRow>,
+    /// (change_id, xid) of changes already counted in `buckets` (full read only).
+    pub changes_included: Vec<(i64, i64)>,
+    pub balances: Vec<BalanceRow>,
+    pub plans: Vec<PlanRow>,
+    pub limits: Vec<LimitRow>,
+}
+
+/// Read the state (or its changes) in one REPEATABLE READ snapshot, so the xmin and the
+/// rows agree.
+pub async fn read_state(
+    pool: &PgPool,
+    since_xid: Option<i64>,
+    oldest_hour: DateTime<Utc>,
+) -> Result<StateRead, sqlx::Error> {
+    let mut tx = pool.begin().await?;
+    sqlx::query("SET TRANSACTION ISOLATION LEVEL REPEATABLE READ, READ ONLY").execute(&mut *tx).await?;
+    let (xmin,): (i64,) =
+        sqlx::query_as("SELECT pg_snapshot_xmin(pg_current_snapshot())::text::bigint").fetch_one(&mut *tx).await?;
+    // Full read: xid >= 0 selects every row; the changelog is then only listed.
+    let since = since_xid.unwrap_or(0);
+    let mut read = StateRead { xmin, ..StateRead::default() };
+    if since_xid.is_some() {
+        read.changes = sqlx::query_as(
+            "SELECT change_id, xid::text::bigint AS xid, accounts, kinds, keys, hours, events, costs
+             FROM state_changes WHERE xid >= $1::text::xid8 ORDER BY change_id",
+        )
+        .bind(since.to_string())
+        .fetch_all(&mut *tx)
+        .await?;
+    } else {
+        read.buckets = sqlx::query_as(
+            "SELECT account_id, kind, key, extract(epoch FROM hour)::bigint AS hour, events, cost_units
+             FROM usage_hourly WHERE hour >= $1",
+        )
+        .bind(oldest_hour)
+        .fetch_all(&mut *tx)
+        .await?;
+        // Increments not yet folded into usage_hourly count on top of it.
+        read.changes = sqlx::query_as(
+            "SELECT change_id, xid::text::bigint AS xid, accounts, kinds, keys, hours, events, costs
+             FROM state_changes WHERE NOT folded ORDER BY change_id",
+        )
+        .fetch_all(&mut *tx)
+        .await?;
+        read.changes_included =
+            sqlx::query_as("SELECT change_id, xid::text::bigint FROM state_changes WHERE xid >= $1::text::xid8")
+                .bind(xmin.to_string())
+                .fetch_all(&mut *tx)
+                .await?;
+    }
+    read.balances = sqlx::query_as(
+        "SELECT account_id, balance_units, reserved_units, pending_units, last_purchase_at, last_deduction_at
+         FROM account_balances WHERE changed_xid >= $1::text::xid8",
     )
-    .bind(since)
-    .fetch_all(pool)
-    .await
+    .bind(since.to_string())
+    .fetch_all(&mut *tx)
+    .await?;
+    read.plans = sqlx::query_as(
+        "SELECT account_id, plan, period_anchor FROM account_plans WHERE changed_xid >= $1::text::xid8",
+    )
+    .bind(since.to_string())
+    .fetch_all(&mut *tx)
+    .await?;
+    read.limits = sqlx::query_as(
+        "SELECT account_id, scope, scope_id, monthly_limit_units FROM spend_limits
+         WHERE changed_xid >= $1::text::xid8",
+    )
+    .bind(since.to_string())
+    .fetch_all(&mut *tx)
+    .await?;
+    tx.commit().await?;
+    Ok(read)
+}
+
+/// Delete folded changelog rows older than `before` (never an unfolded one). Instances that were not able to read for
+/// longer than the retention restore the whole state instead (see `quota::state`).
+pub async fn prune_changes(pool: &PgPool, before: DateTime<Utc>) -> Result<u64, sqlx::Error> {
+    let done = sqlx::query("DELETE FROM state_changes WHERE folded AND created_at < $1").bind(before).execute(pool).await?;
+    Ok(done.rows_affected())
 }
 
 /// Set (or with `None`, remove) a monthly spend cap. Removal is recorded as a cap of
@@ -203,7 +330,8 @@ pub async fn set_limit(
     sqlx::query(
         "INSERT INTO spend_limits (account_id, scope, scope_id, monthly_limit_units) VALUES ($1, $2, $3, $4)
          ON CONFLICT (account_id, scope, scope_id)
-         DO UPDATE SET monthly_limit_units = $4, updated_at = clock_timestamp()",
+         DO UPDATE SET monthly_limit_units = $4, updated_at = clock_timestamp(),
+                       changed_xid = pg_current_xact_id()",
     )
     .bind(account_id)
     .bind(scope)
@@ -292,7 +420,8 @@ pub async fn change_plan(pool: &PgPool, req: &PlanChangeRequest<'_>) -> Result<P
     .await?;
     sqlx::query(
         "INSERT INTO account_plans (account_id, plan, period_anchor) VALUES ($1, $2, $3)
-         ON CONFLICT (account_id) DO UPDATE SET plan = $2, updated_at = clock_timestamp()",
+         ON CONFLICT (account_id) DO UPDATE SET plan = $2, updated_at = clock_timestamp(),
+                                          changed_xid = pg_current_xact_id()",
     )
     .bind(req.account_id)
     .bind(&new.name)
@@ -350,7 +479,8 @@ pub async fn set_tier(
         .await?;
     sqlx::query(
         "INSERT INTO account_plans (account_id, plan, period_anchor) VALUES ($1, $2, $3)
-         ON CONFLICT (account_id) DO UPDATE SET plan = $2, updated_at = clock_timestamp()",
+         ON CONFLICT (account_id) DO UPDATE SET plan = $2, updated_at = clock_timestamp(),
+                                          changed_xid = pg_current_xact_id()",
     )
     .bind(account)
     .bind(tier)

@@ -19,6 +19,9 @@ use std::collections::BTreeMap;
 pub const HOUR_SECS: i64 = 3_600;
 /// 30 days of hourly buckets.
 pub const WINDOW_HOURS: i64 = 720;
+/// Hours of buckets a counter keeps in memory behind its newest one: 40 days covers the
+/// rolling window, any calendar month and any 30-day cycle.
+pub const SPAN_HOURS_MAX: i64 = 40 * 24;
 
 pub fn floor_hour(t: DateTime<Utc>) -> i64 {
     t.timestamp().div_euclid(HOUR_SECS) * HOUR_SECS
@@ -65,6 +68,20 @@ impl Buckets {
     pub fn set(&mut self, hour: i64, totals: Totals) {
         debug_assert_eq!(hour.rem_euclid(HOUR_SECS), 0, "bucket keys are hour starts");
         self.by_hour.insert(hour, totals);
+    }
+
+    /// Add increments to a bucket (a change another transaction made).
+    pub fn add(&mut self, hour: i64, totals: Totals) {
+        debug_assert_eq!(hour.rem_euclid(HOUR_SECS), 0, "bucket keys are hour starts");
+        let slot = self.by_hour.entry(hour).or_default();
+        slot.events = slot.events.saturating_add(totals.events);
+        slot.cost_units = slot.cost_units.saturating_add(totals.cost_units);
+        // Bound memory without a clock: keep at most `SPAN_HOURS_MAX` behind the newest
+        // bucket (every window and period reads less than that).
+        let newest = self.by_hour.last_key_value().map_or(hour, |(h, _)| *h);
+        if self.by_hour.first_key_value().is_some_and(|(h, _)| *h < newest - SPAN_HOURS_MAX * HOUR_SECS) {
+            self.prune(newest - SPAN_HOURS_MAX * HOUR_SECS);
+        }
     }
 
     /// Sum of buckets with `from <= hour < to`.

@@ -1,0 +1,352 @@
+//! The throughput bench (`scripts/bench`): prints, from one run on this machine, the raw
+//! rates of the components Tally sits on and what `tally run` makes of them. It asserts
+//! nothing about speed (the machine is shared and noisy): compare ratios within one run.
+//!
+//! 1. Preload `BENCH_MESSAGES` (default 1,000,000) simulated messages: `BENCH_ACCOUNTS`
+//!    (2,000) accounts, event times over the last 72 h, 3% duplicates, 0.3% malformed.
+//! 2. Raw component rates, same machine, same minute:
+//!    - broker: a bare consumer group reading the whole topic;
+//!    - Postgres, one connection: 1,000-row `INSERT .. ON CONFLICT DO NOTHING` per commit
+//!      into a table shaped like the dedup store (and the same on two connections);
+//!    - Postgres `COPY` (text) into the same shape;
+//!    - ClickHouse: `RowBinary` insert of the usage-log rows.
+//! 3. `tally run` draining the preloaded topic (one instance, then two in one group, each
+//!    into a fresh database): messages/s from the first commit to the last, CPU seconds
+//!    per 1,000 messages, peak RSS. With `BENCH_BASELINE_BIN=/path/to/tally` the same
+//!    drain also runs with that binary first, for a before/after ratio in one run.
+//!
+//! Env: `BENCH_MESSAGES`, `BENCH_ACCOUNTS`, `BENCH_RAW_ROWS` (rows per raw Postgres /
+//! ClickHouse figure, default 200,000), `BENCH_BASELINE_BIN`, `BENCH_INSTANCES`
+//! (default "1,2").
+//!
+//! `cargo test --all-targets` (the test suite) also runs this binary, without `--bench`
+//! and in the debug profile: it then runs a smoke-sized version (20,000 messages, 5,000
+//! raw rows) so the bench itself stays tested without taking CI's time. Figures from that
+//! run mean nothing.
+
+#[path = "../tests/common/mod.rs"]
+mod common;
+
+use common::*;
+use rdkafka::ClientConfig;
+use rdkafka::consumer::{Consumer, StreamConsumer};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+use tally::analytics::UsageRow;
+use tally::pipeline::reader::Transformer;
+use tally::pipeline::{Item, SourcePos};
+use tally::pricing::Catalog;
+use tally::simulate::{Generator, Kind, SimulateOptions};
+
+const CATALOG: &str = "examples/demo.toml";
+
+fn env_usize(name: &str, default: usize) -> usize {
+    std::env::var(name).ok().and_then(|v| v.parse().ok()).unwrap_or(default)
+}
+
+#[tokio::main]
+async fn main() {
+    let measuring = std::env::args().any(|a| a == "--bench");
+    let (messages_default, raw_default) = if measuring { (1_000_000, 200_000) } else { (20_000, 5_000) };
+    let messages = env_usize("BENCH_MESSAGES", messages_default);
+    let accounts = env_usize("BENCH_ACCOUNTS", 2_000) as u32;
+    let raw_rows = env_usize("BENCH_RAW_ROWS", raw_default);
+    let env = TestEnv::new(6).await;
+    let mut generator = Generator::new(SimulateOptions {
+        seed: 7,
+        accounts,
+        duplicate_share: 0.03,
+        malformed_share: 0.003,
+        spread_days: 3,
+        ..SimulateOptions::default()
+    });
+    let all: Vec<_> = (0..messages).map(|_| generator.next_message()).collect();
+    let distinct = all.iter().filter(|m| matches!(m.kind, Kind::Valid(_))).count() as i64;
+    let malformed = all.iter().filter(|m| matches!(m.kind, Kind::Malformed(_))).count() as i64;
+    let started = Instant::now();
+    produce(&env.topic, &all).await;
+    let produce_rate = messages as f64 / started.elapsed().as_secs_f64();
+    println!(
+        "throughput bench: {messages} messages ({distinct} distinct events, {malformed} malformed), \
+         {accounts} accounts, event times over 72 h"
+    );
+    println!("  produce (acks=all)                        {produce_rate:>10.0} msg/s");
+
+    let consume = bare_consume(&env, messages).await;
+    println!("  raw: broker group consume                 {consume:>10.0} msg/s");
+    let rows = priced_rows(&all, raw_rows);
+    let pg1 = pg_insert_rate(&env, &rows, 1).await;
+    println!("  raw: Postgres 1 conn, 1,000-row upserts   {pg1:>10.0} rows/s");
+    let pg2 = pg_insert_rate(&env, &rows, 2).await;
+    println!("  raw: Postgres 2 conns, 1,000-row upserts  {pg2:>10.0} rows/s");
+    let copy = pg_copy_rate(&env, &rows).await;
+    println!("  raw: Postgres COPY                        {copy:>10.0} rows/s");
+    let ch = clickhouse_rate(&env, &rows).await;
+    println!("  raw: ClickHouse RowBinary insert          {ch:>10.0} rows/s");
+
+    let target = Drain { env: &env, messages: messages as i64, distinct, malformed };
+    let mut runs = Vec::new();
+    if let Ok(baseline) = std::env::var("BENCH_BASELINE_BIN") {
+        runs.push(("baseline", PathBuf::from(baseline), 1));
+    }
+    let instances = std::env::var("BENCH_INSTANCES").unwrap_or_else(|_| "1,2".into());
+    for n in instances.split(',').filter_map(|n| n.trim().parse::<usize>().ok()) {
+        runs.push(("tally", PathBuf::from(env!("CARGO_BIN_EXE_tally")), n));
+    }
+    let mut one_instance = None;
+    for (i, (label, bin, n)) in runs.iter().enumerate() {
+        let r = target.run(bin, *n, i).await;
+        let name = format!("{label} run x{n}");
+        println!(
+            "  {name:<41} {:>10.0} msg/s  ({:.1} s; {:.2} CPU-s per 1,000 msg = {:.1} us/msg; peak RSS {} MB)",
+            r.rate,
+            r.seconds,
+            r.cpu_seconds * 1000.0 / messages as f64,
+            r.cpu_seconds * 1e6 / messages as f64,
+            r.rss_peak_kb / 1024
+        );
+        println!("    ratio to Postgres 1-conn upsert rate    {:>10.3}", r.rate / pg1);
+        if *label == "tally" && *n == 1 {
+            one_instance = Some(r.rate);
+        } else if let (Some(one), "tally") = (one_instance, *label) {
+            println!("    ratio to 1 instance                     {:>10.3}", r.rate / one);
+        }
+    }
+}
+
+async fn bare_consume(env: &TestEnv, messages: usize) -> f64 {
+    let consumer: StreamConsumer = ClientConfig::new()
+        .set("bootstrap.servers", *BROKERS)
+        .set("group.id", format!("bare-{}", env.id))
+        .set("enable.auto.commit", "false")
+        .set("auto.offset.reset", "earliest")
+        .set("session.timeout.ms", "6000")
+        .set("heartbeat.interval.ms", "1000")
+        .create()
+        .expect("consumer");
+    consumer.subscribe(&[env.topic.as_str()]).expect("subscribe");
+    let mut started = None;
+    for _ in 0..messages {
+        let m = consumer.recv().await.expect("recv");
+        started.get_or_insert_with(Instant::now);
+        std::hint::black_box(&m);
+    }
+    messages as f64 / started.expect("read at least one").elapsed().as_secs_f64()
+}
+
+/// Usage-log rows of the first `n` valid messages (cycled if there are fewer).
+fn priced_rows(all: &[tally::simulate::Message], n: usize) -> Vec<UsageRow> {
+    let t = Transformer {
+        catalog: Arc::new(Catalog::load(&repo().join(CATALOG)).expect("catalog")),
+        future_skew: chrono::Duration::seconds(300),
+        age_max: chrono::Duration::days(400),
+        cost_units_max: tally::pipeline::reader::EVENT_COST_UNITS_MAX_DEFAULT,
+    };
+    let now = chrono::Utc::now();
+    let valid: Vec<UsageRow> = all
+        .iter()
+        .enumerate()
+        .filter_map(|(i, m)| match t.transform(SourcePos { partition: 0, offset: i as i64 }, None, &m.payload, now)
+        {
+            Item::Valid(v) => Some(UsageRow::from_item(&v, now)),
+            Item::Dead(_) => None,
+        })
+        .take(n)
+        .collect();
+    (0..n)
+        .map(|i| {
+            let mut r = valid[i % valid.len()].clone();
+            r.event_id = format!("raw-{i}-{}", r.event_id);
+            r
+        })
+        .collect()
+}
+
+const RAW_TABLE: &str = "CREATE TABLE IF NOT EXISTS bench_rows (
+    event_id text PRIMARY KEY, payload_hash bytea NOT NULL, account_id text NOT NULL,
+    cost_units bigint NOT NULL, occurred_at timestamptz NOT NULL)";
+
+/// Batched idempotent inserts, 1,000 rows per transaction, on `connections` connections.
+async fn pg_insert_rate(env: &TestEnv, rows: &[UsageRow], connections: usize) -> f64 {
+    sqlx::query(RAW_TABLE).execute(&env.pool).await.expect("bench table");
+    sqlx::query("TRUNCATE bench_rows").execute(&env.pool).await.expect("truncate");
+    let started = Instant::now();
+    let per = rows.len().div_ceil(connections);
+    let tasks = rows.chunks(per).map(|part| {
+        let pool = env.pool.clone();
+        let part = part.to_vec();
+        tokio::spawn(async move {
+            let hash = vec![7u8; 32];
+            for chunk in part.chunks(1_000) {
+                let ids: Vec<&str> = chunk.iter().map(|r| r.event_id.as_str()).collect();
+                let accounts: Vec<&str> = chunk.iter().map(|r| r.account_id.as_str()).collect();
+                let costs: Vec<i64> = chunk.iter().map(|r| r.cost_units).collect();
+                let times: Vec<i64> = chunk.iter().map(|r| i64::from(r.occurred_at)).collect();
+                let hashes: Vec<&[u8]> = chunk.iter().map(|_| hash.as_slice()).collect();
+                let mut tx = pool.begin().await.expect("begin");
+                sqlx::query(
+                    "INSERT INTO bench_rows SELECT e, h, a, c, to_timestamp(t)
+                     FROM UNNEST($1::text[], $2::bytea[], $3::text[], $4::bigint[], $5::bigint[]) AS u(e, h, a, c, t)
+                     ON CONFLICT DO NOTHING",
+                )
+                .bind(&ids)
+                .bind(&hashes)
+                .bind(&accounts)
+                .bind(&costs)
+                .bind(&times)
+                .execute(&mut *tx)
+                .await
+                .expect("insert");
+                tx.commit().await.expect("commit");
+            }
+        })
+    });
+    for t in tasks.collect::<Vec<_>>() {
+        t.await.expect("insert task");
+    }
+    rows.len() as f64 / started.elapsed().as_secs_f64()
+}
+
+async fn pg_copy_rate(env: &TestEnv, rows: &[UsageRow]) -> f64 {
+    use std::fmt::Write;
+    sqlx::query(RAW_TABLE).execute(&env.pool).await.expect("bench table");
+    sqlx::query("TRUNCATE bench_rows").execute(&env.pool).await.expect("truncate");
+    let hash = "07".repeat(32);
+    let mut text = String::with_capacity(rows.len() * 160);
+    for r in rows {
+        let t = chrono::DateTime::from_timestamp(i64::from(r.occurred_at), 0).expect("time");
+        writeln!(text, "{}\t\\\\x{hash}\t{}\t{}\t{}", r.event_id, r.account_id, r.cost_units, t.to_rfc3339())
+            .expect("write");
+    }
+    let mut conn = env.pool.acquire().await.expect("connection");
+    let started = Instant::now();
+    let mut copy = conn.copy_in_raw("COPY bench_rows FROM STDIN").await.expect("copy");
+    copy.send(text.as_bytes()).await.expect("copy send");
+    let copied = copy.finish().await.expect("copy finish");
+    assert_eq!(copied as usize, rows.len(), "every row copied");
+    rows.len() as f64 / started.elapsed().as_secs_f64()
+}
+
+async fn clickhouse_rate(env: &TestEnv, rows: &[UsageRow]) -> f64 {
+    let ch = env.clickhouse();
+    ch.query("CREATE TABLE IF NOT EXISTS bench_usage_log AS usage_log").execute().await.expect("table");
+    let started = Instant::now();
+    for chunk in rows.chunks(50_000) {
+        let mut insert = ch.insert::<UsageRow>("bench_usage_log").await.expect("insert");
+        for r in chunk {
+            insert.write(r).await.expect("write");
+        }
+        insert.end().await.expect("end");
+    }
+    rows.len() as f64 / started.elapsed().as_secs_f64()
+}
+
+/// The preloaded topic, drained by `tally run` into a fresh database per run.
+struct Drain<'a> {
+    env: &'a TestEnv,
+    messages: i64,
+    distinct: i64,
+    malformed: i64,
+}
+
+struct DrainResult {
+    rate: f64,
+    seconds: f64,
+    cpu_seconds: f64,
+    rss_peak_kb: u64,
+}
+
+impl Drain<'_> {
+    async fn run(&self, bin: &Path, instances: usize, n: usize) -> DrainResult {
+        let db = format!("{}_d{n}", self.env.ch_database);
+        let admin = sqlx::PgPool::connect(&format!("{}/postgres", *PG_SERVER_URL)).await.expect("admin");
+        sqlx::query(&format!("CREATE DATABASE {db}")).execute(&admin).await.expect("create database");
+        admin.close().await;
+        let url = format!("{}/{db}", *PG_SERVER_URL);
+        let group = format!("{}-d{n}", self.env.group);
+        let mut children: Vec<Child> = (0..instances)
+            .map(|_| {
+                Command::new(bin)
+                    .arg("run")
+                    .args(["--brokers", *BROKERS, "--database-url", &url])
+                    .args(["--clickhouse-url", *CH_URL, "--clickhouse-database", &db])
+                    .args(["--topic", &self.env.topic, "--dlq-topic", &self.env.dlq_topic, "--group", &group])
+                    .args(["--config", repo().join(CATALOG).to_str().expect("utf-8 path")])
+                    .args(["--http-addr", "127.0.0.1:0"])
+                    .env("RUST_LOG", "warn")
+                    .stdout(Stdio::null())
+                    .spawn()
+                    .expect("spawn tally run")
+            })
+            .collect();
+        // Wait for the schema, then for the first commit: the rate excludes start-up.
+        let pool = loop {
+            if let Ok(p) = tally::ledger::connect(&url, 2).await {
+                break p;
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        };
+        let consumed = |pool: sqlx::PgPool| async move {
+            sqlx::query_as::<_, (Option<i64>,)>("SELECT sum(next_offset)::bigint FROM consumer_offsets")
+                .fetch_one(&pool)
+                .await
+                .map(|r| r.0.unwrap_or(0))
+                .unwrap_or(0)
+        };
+        let (first_at, first_count) = loop {
+            let c = consumed(pool.clone()).await;
+            if c > 0 {
+                break (Instant::now(), c);
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        };
+        let mut rss_peak_kb = 0;
+        loop {
+            rss_peak_kb = rss_peak_kb.max(children.iter().map(|c| rss_kb(c.id())).sum());
+            if consumed(pool.clone()).await >= self.messages {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        let seconds = first_at.elapsed().as_secs_f64();
+        let cpu_seconds: f64 = children.iter().map(|c| cpu_seconds(c.id())).sum();
+        let rss_peak_kb = rss_peak_kb.max(children.iter().map(|c| hwm_kb(c.id())).max().unwrap_or(0));
+        let processed: (i64,) =
+            sqlx::query_as("SELECT count(*) FROM processed_events").fetch_one(&pool).await.expect("count");
+        let dead: (i64,) = sqlx::query_as("SELECT count(*) FROM dead_letters").fetch_one(&pool).await.expect("count");
+        assert_eq!((processed.0, dead.0), (self.distinct, self.malformed), "every message accounted for");
+        for c in &mut children {
+            terminate(c);
+        }
+        pool.close().await;
+        DrainResult { rate: (self.messages - first_count) as f64 / seconds, seconds, cpu_seconds, rss_peak_kb }
+    }
+}
+
+fn proc_status_kb(pid: u32, field: &str) -> u64 {
+    let s = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap_or_default();
+    s.lines()
+        .find(|l| l.starts_with(field))
+        .and_then(|l| l.split_whitespace().nth(1))
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(0)
+}
+
+fn rss_kb(pid: u32) -> u64 {
+    proc_status_kb(pid, "VmRSS:")
+}
+
+fn hwm_kb(pid: u32) -> u64 {
+    proc_status_kb(pid, "VmHWM:")
+}
+
+/// utime + stime of a live process, seconds.
+fn cpu_seconds(pid: u32) -> f64 {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
+    let after = stat.rsplit_once(')').map_or("", |(_, rest)| rest);
+    let fields: Vec<&str> = after.split_whitespace().collect();
+    let ticks: f64 = [11, 12].iter().filter_map(|i| fields.get(*i)?.parse::<f64>().ok()).sum();
+    ticks / 100.0 // USER_HZ is 100 on Linux
+}

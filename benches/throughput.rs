@@ -15,6 +15,10 @@
 //!    per 1,000 messages, peak RSS. With `BENCH_BASELINE_BIN=/path/to/tally` the same
 //!    drain also runs with that binary first, for a before/after ratio in one run.
 //!
+//! 4. Once more with one instance, and meanwhile `POST /v1/authorize` at a fixed rate
+//!    (`BENCH_AUTHORIZE_RPS`, default 10,000 req/s; 0 skips this run; open loop: latency counts from each
+//!    request's scheduled time, so a stall is not hidden by the generator waiting): p50/p99.
+//!
 //! Env: `BENCH_MESSAGES`, `BENCH_ACCOUNTS`, `BENCH_RAW_ROWS` (rows per raw Postgres /
 //! ClickHouse figure, default 200,000), `BENCH_BASELINE_BIN`, `BENCH_INSTANCES`
 //! (default "1,2").
@@ -86,18 +90,23 @@ async fn main() {
     let ch = clickhouse_rate(&env, &rows).await;
     println!("  raw: ClickHouse RowBinary insert          {ch:>10.0} rows/s");
 
-    let target = Drain { env: &env, messages: messages as i64, distinct, malformed };
+    let authorize_rps = env_usize("BENCH_AUTHORIZE_RPS", if measuring { 10_000 } else { 500 }) as u64;
+    println!("  (runs: baseline if BENCH_BASELINE_BIN, tally x{{BENCH_INSTANCES}}, then tally x1 with authorize at a fixed rate)");
+    let target = Drain { env: &env, messages: messages as i64, distinct, malformed, authorize_rps };
     let mut runs = Vec::new();
     if let Ok(baseline) = std::env::var("BENCH_BASELINE_BIN") {
-        runs.push(("baseline", PathBuf::from(baseline), 1));
+        runs.push(("baseline", PathBuf::from(baseline), 1, false));
     }
     let instances = std::env::var("BENCH_INSTANCES").unwrap_or_else(|_| "1,2".into());
     for n in instances.split(',').filter_map(|n| n.trim().parse::<usize>().ok()) {
-        runs.push(("tally", PathBuf::from(env!("CARGO_BIN_EXE_tally")), n));
+        runs.push(("tally", PathBuf::from(env!("CARGO_BIN_EXE_tally")), n, false));
+    }
+    if authorize_rps > 0 {
+        runs.push(("tally + authorize load", PathBuf::from(env!("CARGO_BIN_EXE_tally")), 1, true));
     }
     let mut one_instance = None;
-    for (i, (label, bin, n)) in runs.iter().enumerate() {
-        let r = target.run(bin, *n, i).await;
+    for (i, (label, bin, n, with_authorize)) in runs.iter().enumerate() {
+        let r = target.run(bin, *n, i, *with_authorize).await;
         let name = format!("{label} run x{n}");
         println!(
             "  {name:<41} {:>10.0} msg/s  ({:.1} s; {:.2} CPU-s per 1,000 msg = {:.1} us/msg; peak RSS {} MB)",
@@ -108,6 +117,12 @@ async fn main() {
             r.rss_peak_kb / 1024
         );
         println!("    ratio to Postgres 1-conn upsert rate    {:>10.3}", r.rate / pg1);
+        if let Some(a) = &r.authorize {
+            println!(
+                "    authorize while draining: {:.0} req/s (target {authorize_rps}), p50 {} us, p99 {} us, max {} us, statuses {:?}",
+                a.rps, a.p50_us, a.p99_us, a.max_us, a.statuses
+            );
+        }
         if *label == "tally" && *n == 1 {
             one_instance = Some(r.rate);
         } else if let (Some(one), "tally") = (one_instance, *label) {
@@ -249,6 +264,8 @@ struct Drain<'a> {
     messages: i64,
     distinct: i64,
     malformed: i64,
+    /// Fixed authorize rate during the 1-instance drain of the current binary.
+    authorize_rps: u64,
 }
 
 struct DrainResult {
@@ -256,25 +273,91 @@ struct DrainResult {
     seconds: f64,
     cpu_seconds: f64,
     rss_peak_kb: u64,
+    authorize: Option<Latency>,
+}
+
+struct Latency {
+    rps: f64,
+    p50_us: u128,
+    p99_us: u128,
+    max_us: u128,
+    statuses: std::collections::BTreeMap<u16, usize>,
+}
+
+/// Open-loop load: `rps` requests per second over 16 keep-alive connections until `stop`;
+/// each request's latency counts from the moment it was due.
+async fn authorize_at_rate(base: String, token: String, rps: u64, stop: tokio_util::sync::CancellationToken) -> Latency {
+    const CONNECTIONS: u64 = 16;
+    let period = Duration::from_secs_f64(CONNECTIONS as f64 / rps.max(1) as f64);
+    let started = Instant::now();
+    let tasks: Vec<_> = (0..CONNECTIONS)
+        .map(|c| {
+            let (base, token, stop) = (base.clone(), token.clone(), stop.clone());
+            tokio::spawn(async move {
+                let http = reqwest::Client::builder().pool_max_idle_per_host(1).build().expect("client");
+                let mut tick = tokio::time::interval(period);
+                tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Burst);
+                let (mut lat, mut statuses) = (Vec::new(), std::collections::BTreeMap::new());
+                for i in 0u64.. {
+                    let due = tokio::select! {
+                        _ = stop.cancelled() => break,
+                        t = tick.tick() => t,
+                    };
+                    let body = serde_json::json!({"account_id": format!("acct-{:04}", (c * 131 + i) % 2000),
+                        "feature": "ad_generations", "estimated_cost_usd": "0.01"});
+                    let Ok(r) = http.post(format!("{base}/v1/authorize")).bearer_auth(&token).json(&body).send().await
+                    else {
+                        *statuses.entry(0).or_insert(0) += 1;
+                        continue;
+                    };
+                    *statuses.entry(r.status().as_u16()).or_insert(0) += 1;
+                    let _ = r.bytes().await;
+                    lat.push(due.elapsed().as_micros());
+                }
+                (lat, statuses)
+            })
+        })
+        .collect();
+    let (mut all, mut statuses) = (Vec::new(), std::collections::BTreeMap::new());
+    for t in tasks {
+        let (lat, st) = t.await.expect("load task");
+        all.extend(lat);
+        for (k, v) in st {
+            *statuses.entry(k).or_insert(0) += v;
+        }
+    }
+    all.sort_unstable();
+    let pct = |p: f64| all.get(((all.len() as f64 * p) as usize).min(all.len().saturating_sub(1))).copied().unwrap_or(0);
+    Latency {
+        rps: all.len() as f64 / started.elapsed().as_secs_f64(),
+        p50_us: pct(0.50),
+        p99_us: pct(0.99),
+        max_us: all.last().copied().unwrap_or(0),
+        statuses,
+    }
 }
 
 impl Drain<'_> {
-    async fn run(&self, bin: &Path, instances: usize, n: usize) -> DrainResult {
+    async fn run(&self, bin: &Path, instances: usize, n: usize, with_authorize: bool) -> DrainResult {
         let db = format!("{}_d{n}", self.env.ch_database);
         let admin = sqlx::PgPool::connect(&format!("{}/postgres", *PG_SERVER_URL)).await.expect("admin");
         sqlx::query(&format!("CREATE DATABASE {db}")).execute(&admin).await.expect("create database");
         admin.close().await;
         let url = format!("{}/{db}", *PG_SERVER_URL);
         let group = format!("{}-d{n}", self.env.group);
-        let mut children: Vec<Child> = (0..instances)
-            .map(|_| {
+        let ports: Vec<u16> = (0..instances)
+            .map(|_| std::net::TcpListener::bind("127.0.0.1:0").expect("port").local_addr().expect("addr").port())
+            .collect();
+        let mut children: Vec<Child> = ports
+            .iter()
+            .map(|port| {
                 Command::new(bin)
                     .arg("run")
                     .args(["--brokers", *BROKERS, "--database-url", &url])
                     .args(["--clickhouse-url", *CH_URL, "--clickhouse-database", &db])
                     .args(["--topic", &self.env.topic, "--dlq-topic", &self.env.dlq_topic, "--group", &group])
                     .args(["--config", repo().join(CATALOG).to_str().expect("utf-8 path")])
-                    .args(["--http-addr", "127.0.0.1:0"])
+                    .args(["--http-addr", &format!("127.0.0.1:{port}")])
                     .env("RUST_LOG", "warn")
                     .stdout(Stdio::null())
                     .spawn()
@@ -302,6 +385,22 @@ impl Drain<'_> {
             }
             tokio::time::sleep(Duration::from_millis(20)).await;
         };
+        // Authorize at a fixed rate while one instance of the current binary drains.
+        let load_stop = tokio_util::sync::CancellationToken::new();
+        let load = with_authorize.then(|| {
+            let (pool, stop, base) = (pool.clone(), load_stop.clone(), format!("http://127.0.0.1:{}", ports[0]));
+            let rps = self.authorize_rps;
+            tokio::spawn(async move {
+                let token = tally::api::auth::create_token(
+                    &pool,
+                    &tally::api::auth::NewToken { account_id: None, role: tally::api::auth::Role::Service, name: "bench".into() },
+                )
+                .await
+                .expect("token")
+                .token;
+                authorize_at_rate(base, token, rps, stop).await
+            })
+        });
         let mut rss_peak_kb = 0;
         loop {
             rss_peak_kb = rss_peak_kb.max(children.iter().map(|c| rss_kb(c.id())).sum());
@@ -311,6 +410,11 @@ impl Drain<'_> {
             tokio::time::sleep(Duration::from_millis(20)).await;
         }
         let seconds = first_at.elapsed().as_secs_f64();
+        load_stop.cancel();
+        let authorize = match load {
+            Some(l) => Some(l.await.expect("authorize load")),
+            None => None,
+        };
         let cpu_seconds: f64 = children.iter().map(|c| cpu_seconds(c.id())).sum();
         let rss_peak_kb = rss_peak_kb.max(children.iter().map(|c| hwm_kb(c.id())).max().unwrap_or(0));
         let processed: (i64,) =
@@ -321,7 +425,7 @@ impl Drain<'_> {
             terminate(c);
         }
         pool.close().await;
-        DrainResult { rate: (self.messages - first_count) as f64 / seconds, seconds, cpu_seconds, rss_peak_kb }
+        DrainResult { rate: (self.messages - first_count) as f64 / seconds, seconds, cpu_seconds, rss_peak_kb, authorize }
     }
 }
 

@@ -334,3 +334,59 @@ async fn operator_cli_topup_adjust_history_balance() {
     let (code, _, err) = tally(&["adjust", "acct-cli", "--by-user", "alice", "--reason", "x"]);
     assert_eq!(code, Some(2), "clap refuses an adjustment without an amount: {err}");
 }
+
+/// One batch of usage messages at explicit (partition, offset) positions, priced with the
+/// demo catalog, as the reader would hand it to the writer.
+fn batch_at(messages: &[(&UsageEvent, i32, i64)]) -> tally::pipeline::Batch {
+    use tally::pipeline::{SourcePos, reader::Transformer};
+    let t = Transformer {
+        catalog: std::sync::Arc::new(tally::pricing::Catalog::load(&repo().join("examples/demo.toml")).unwrap()),
+        future_skew: chrono::Duration::seconds(300),
+        age_max: chrono::Duration::days(400),
+        cost_units_max: tally::pipeline::reader::EVENT_COST_UNITS_MAX_DEFAULT,
+    };
+    let items = messages
+        .iter()
+        .map(|(e, partition, offset)| {
+            let pos = SourcePos { partition: *partition, offset: *offset };
+            t.transform(pos, None, &tally::codec::encode(&e.to_raw()), Utc::now())
+        })
+        .collect();
+    tally::pipeline::Batch { items }
+}
+
+async fn write_claimed(env: &TestEnv, batch: &tally::pipeline::Batch) -> ledger::usage::Applied {
+    let claims = ledger::usage::claim(&env.pool, "g", "t", batch).await.unwrap();
+    let mut tx = env.pool.begin().await.unwrap();
+    let applied = ledger::usage::apply_claimed(&mut tx, "g", "t", batch, &claims).await.unwrap();
+    tx.commit().await.unwrap();
+    applied
+}
+
+/// A claim whose batch never committed belongs to its message, whatever else the batch
+/// that finally applies it holds. Here: the original is claimed and the process dies
+/// before COMMIT; a gateway retry on another partition is applied as a duplicate; after
+/// the restart one batch holds both the re-read retry (below its partition's offset: it
+/// comes first in the batch) and the original. The original must be billed, once.
+#[tokio::test]
+async fn a_claimed_event_is_billed_even_behind_its_rereadable_duplicate() {
+    let env = TestEnv::new(1).await;
+    let x = chat("evt-x", "acct-x", None);
+    // The original at partition 1, offset 10: claimed, never committed (a crash).
+    let original = batch_at(&[(&x, 1, 10)]);
+    ledger::usage::claim(&env.pool, "g", "t", &original).await.unwrap();
+    // The retry at partition 2, offset 7: a duplicate of the claim; partition 2 moves on.
+    let applied = write_claimed(&env, &batch_at(&[(&x, 2, 7)])).await;
+    assert_eq!((applied.new_events.len(), applied.duplicates), (0, 1));
+    // Restart: the retry is re-read (its Kafka offset hint lagged) in front of the original.
+    let applied = write_claimed(&env, &batch_at(&[(&x, 2, 7), (&x, 1, 10)])).await;
+    assert_eq!(applied.skipped_applied, 1, "the retry is below partition 2's offset");
+    assert_eq!(applied.new_events.len(), 1, "the original is applied");
+    assert!(applied.reclaimed.contains("evt-x"), "as its own earlier claim");
+    // And never twice, however often it is read again.
+    let applied = write_claimed(&env, &batch_at(&[(&x, 1, 10), (&x, 2, 7), (&x, 3, 1)])).await;
+    assert_eq!((applied.new_events.len(), applied.skipped_applied, applied.duplicates), (0, 2, 1));
+    let debits = env.count("SELECT count(*) FROM ledger_entries WHERE event_id = 'evt-x'").await;
+    assert_eq!(debits, 1, "billed exactly once");
+    ledger::verify(&env.pool).await.expect("ledger verify passes");
+}

@@ -19,7 +19,7 @@
 use crate::pipeline::{Batch, DeadItem, Item, ValidItem};
 use chrono::{DateTime, Utc};
 use sqlx::{PgConnection, Postgres, Transaction};
-use std::collections::{BTreeMap, HashMap, HashSet, hash_map::Entry};
+use std::collections::{BTreeMap, HashMap, HashSet};
 
 /// What a batch did, for the side effects and the metrics.
 #[derive(Debug, Default)]
@@ -176,24 +176,23 @@ fn sort_by_claim(
     new_events
 }
 
-/// Within the batch the first occurrence of an id is the one claimed; an identical repeat
-/// is a duplicate, a different payload under the same id a conflict. Returns the first
-/// occurrences (batch indexes) and fills in the repeats' claims.
-fn first_occurrences(batch: &Batch, by_item: &mut [Claim]) -> Vec<usize> {
-    let mut seen: HashMap<&str, [u8; 32]> = HashMap::with_capacity(batch.items.len());
-    let mut firsts = Vec::with_capacity(batch.items.len());
+/// Within the batch the first occurrence of an id is the one that tries to claim it.
+/// Returns the first occurrences and the repeats (batch indexes). Repeats are classified
+/// against whoever holds the claim afterwards, not against the first occurrence: the first
+/// may be a re-read copy below its partition's offset (dropped later), while a repeat is
+/// the very message that holds the claim.
+fn first_occurrences(batch: &Batch) -> (Vec<usize>, Vec<usize>) {
+    let mut seen: HashSet<&str> = HashSet::with_capacity(batch.items.len());
+    let (mut firsts, mut repeats) = (Vec::with_capacity(batch.items.len()), Vec::new());
     for (i, item) in batch.items.iter().enumerate() {
         let Item::Valid(v) = item else { continue };
-        match seen.entry(v.event.event_id.as_str()) {
-            Entry::Vacant(e) => {
-                e.insert(v.payload_hash);
-                firsts.push(i);
-            }
-            Entry::Occupied(e) if *e.get() == v.payload_hash => by_item[i] = Claim::Duplicate,
-            Entry::Occupied(_) => by_item[i] = Claim::Conflict,
+        if seen.insert(v.event.event_id.as_str()) {
+            firsts.push(i);
+        } else {
+            repeats.push(i);
         }
     }
-    firsts
+    (firsts, repeats)
 }
 
 fn conflict(v: &ValidItem) -> DeadItem {
@@ -210,7 +209,7 @@ fn conflict(v: &ValidItem) -> DeadItem {
 /// Claim the batch's first occurrences in the dedup store; classify those already there.
 async fn claim_in(conn: &mut PgConnection, group: &str, topic: &str, batch: &Batch) -> Result<Claims, sqlx::Error> {
     let mut by_item = vec![Claim::Invalid; batch.items.len()];
-    let mut firsts = first_occurrences(batch, &mut by_item);
+    let (mut firsts, repeats) = first_occurrences(batch);
     if firsts.is_empty() {
         return Ok(Claims { by_item });
     }
@@ -254,24 +253,41 @@ async fn claim_in(conn: &mut PgConnection, group: &str, topic: &str, batch: &Bat
     let new_ids: HashSet<String> = inserted.into_iter().map(|(id,)| id).collect();
     let known: Vec<&str> = ids.iter().copied().filter(|id| !new_ids.contains(*id)).collect();
     let stored = known_claims(conn, &known).await?;
+    // Who holds each id's claim now: a fresh claim of this batch, or a stored one.
+    let fresh: HashMap<&str, &ValidItem> =
+        items.iter().filter(|v| new_ids.contains(&v.event.event_id)).map(|v| (v.event.event_id.as_str(), *v)).collect();
+    let mut owned: HashSet<(i32, i64)> = HashSet::new();
     let mut taken_over: Vec<(&str, &str)> = Vec::new();
-    for (i, v) in firsts.iter().zip(&items) {
-        let c = stored.get(&v.event.event_id).map(|c| (c, c.position() == (topic, v.pos.partition, v.pos.offset)));
-        by_item[*i] = match c {
-            None => Claim::Own { reclaimed: false },
-            // This very message, claimed by an attempt of this group that never committed.
-            Some((c, true)) if c.group.as_deref() == Some(group) => Claim::Own { reclaimed: true },
+    let mut classify = |i: usize| -> Claim {
+        let v = valid(i);
+        let id = v.event.event_id.as_str();
+        let at = (v.pos.partition, v.pos.offset);
+        let (hash, own_position, holder_group, applied): (&[u8], bool, Option<&str>, bool) = match fresh.get(id) {
+            Some(f) => (&f.payload_hash[..], (f.pos.partition, f.pos.offset) == at, Some(group), false),
+            None => {
+                let c = stored.get(id).expect("ON CONFLICT skipped it, so the row exists");
+                (&c.hash[..], c.position() == (topic, at.0, at.1), c.group.as_deref(), c.applied)
+            }
+        };
+        match (own_position && owned.insert(at), holder_group) {
+            // This very message holds the claim: claimed now, or by an attempt of this
+            // group that never committed (reclaimed).
+            (true, Some(g)) if g == group => Claim::Own { reclaimed: !fresh.contains_key(id) },
             // This very message, claimed by another consumer group (a redeploy under a new
             // group re-reads the topic) that never applied it (killed before its batch
             // committed): take the claim over. Applied by it: a duplicate.
-            Some((c, true)) if !c.applied => {
-                taken_over.push((v.event.event_id.as_str(), c.group.as_deref().unwrap_or("")));
+            (true, _) if !applied => {
+                taken_over.push((id, holder_group.unwrap_or("")));
                 Claim::Own { reclaimed: true }
             }
-            // Another copy: the claim's own position is (or will be) applied by its group.
-            Some((c, _)) if c.hash[..] == v.payload_hash[..] => Claim::Duplicate,
-            Some(_) => Claim::Conflict,
-        };
+            // Another copy (or this message twice in one batch): the claim's own position
+            // is (or will be) applied by its group.
+            _ if hash == &v.payload_hash[..] => Claim::Duplicate,
+            _ => Claim::Conflict,
+        }
+    };
+    for i in firsts.iter().chain(&repeats) {
+        by_item[*i] = classify(*i);
     }
     take_over(conn, group, &taken_over).await?;
     Ok(Claims { by_item })

@@ -90,9 +90,43 @@ pub struct Batch {
 }
 
 /// Canonical hash of an event: SHA-256 over its JSON form (field order is fixed by the
-/// struct definition, so equal events hash equally).
+/// struct definition, so equal events hash equally). The JSON is streamed into the hasher,
+/// never built: the same bytes as `serde_json::to_vec`, without the allocation.
 pub fn payload_hash(event: &UsageEvent) -> [u8; 32] {
     use sha2::{Digest, Sha256};
-    let json = serde_json::to_vec(event).expect("a UsageEvent always serializes");
-    Sha256::digest(&json).into()
+    struct HashWriter(Sha256);
+    impl std::io::Write for HashWriter {
+        fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+            self.0.update(buf);
+            Ok(buf.len())
+        }
+        fn flush(&mut self) -> std::io::Result<()> {
+            Ok(())
+        }
+    }
+    let mut w = HashWriter(Sha256::new());
+    serde_json::to_writer(&mut w, event).expect("a UsageEvent always serializes");
+    w.0.finalize().into()
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn streamed_hash_equals_the_hash_of_the_json_bytes() {
+        use sha2::{Digest, Sha256};
+        let raw = crate::event::RawUsageEvent {
+            event_id: Some("e-1".into()),
+            occurred_at: Some("2026-11-01T00:00:00Z".into()),
+            account_id: Some("a \"quoted\" é".into()),
+            provider: Some("openai".into()),
+            model: Some("gpt-4o".into()),
+            modality: Some("chat".into()),
+            status: Some("success".into()),
+            input_tokens: Some(10),
+            ..Default::default()
+        };
+        let e = crate::event::UsageEvent::parse(raw).expect("valid");
+        let want: [u8; 32] = Sha256::digest(serde_json::to_vec(&e).unwrap()).into();
+        assert_eq!(super::payload_hash(&e), want, "stored hashes of earlier events stay comparable");
+    }
 }

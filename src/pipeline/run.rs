@@ -19,8 +19,10 @@ use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 
 const DRAIN_TIMEOUT: Duration = Duration::from_secs(30);
-/// How often housekeeping folds `state_changes` into `usage_hourly`.
-const FOLD_INTERVAL: Duration = Duration::from_secs(5);
+/// How often housekeeping folds `state_changes` into `usage_hourly`. Longer folds
+/// aggregate more increments per bucket (cheaper in total); the unfolded rest is what a
+/// restarting instance reads on top of `usage_hourly` (about this long of changes).
+const FOLD_INTERVAL: Duration = Duration::from_secs(30);
 /// How often housekeeping deletes `state_changes` rows past their retention.
 const CHANGES_PRUNE_INTERVAL: Duration = Duration::from_secs(300);
 

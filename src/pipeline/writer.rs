@@ -10,7 +10,6 @@ use crate::analytics::{self, UsageRow};
 use crate::ledger::usage::{self, Applied, Claims};
 use crate::metrics as m;
 use crate::quota::state::QuotaState;
-use crate::quota::store::usage_increments;
 use rdkafka::consumer::{CommitMode, Consumer, StreamConsumer};
 use rdkafka::message::{Header, OwnedHeaders};
 use rdkafka::producer::{FutureProducer, FutureRecord};
@@ -117,7 +116,7 @@ impl Writer {
         }
         let result = self.finish_transaction(tx, &applied).await;
         match (change, &result) {
-            (Some(c), Ok(())) => self.state.finish_local(c, &usage_increments(&applied.new_events)),
+            (Some(c), Ok(())) => self.state.finish_local(c, &applied.new_events),
             (Some(c), Err(e)) => self.state.abandon_local(c, e.stage == "postgres_commit").await,
             (None, _) => {}
         }

@@ -35,7 +35,8 @@
 
 use super::config::{Cycle, QuotaConfig};
 use super::decide::AccountView;
-use super::store::{self, ChangeRef, Increments, StateRead};
+use super::store::{self, ChangeRef, StateRead};
+use crate::pipeline::ValidItem;
 use super::window::{self, Buckets, Totals};
 use chrono::{DateTime, Utc};
 use sqlx::PgPool;
@@ -203,26 +204,30 @@ impl QuotaState {
         self.meta.lock().expect("state meta lock").local.insert(change.change_id);
     }
 
-    /// The writer's transaction with `change` committed: apply its increments here, now,
-    /// unless a restore already counted it.
-    pub fn finish_local(&self, change: ChangeRef, increments: &Increments<'_>) {
+    /// The writer's transaction with `change` committed: apply its events' usage here,
+    /// now, unless a restore already counted it. Straight from the events (the same rule
+    /// as `store::usage_increments`, without building the aggregate again).
+    pub fn finish_local(&self, change: ChangeRef, new_events: &[ValidItem]) {
         let mut meta = self.meta.lock().expect("state meta lock");
         meta.local.remove(&change.change_id);
         if change.xid < meta.restored_xmin || meta.applied.contains_key(&change.change_id) {
             return;
         }
-        let mut by_shard: Vec<Vec<_>> = vec![Vec::new(); SHARDS];
-        for entry in increments {
-            by_shard[shard_of(entry.0.0)].push(entry);
+        let mut by_shard: Vec<Vec<&ValidItem>> = vec![Vec::new(); SHARDS];
+        for v in new_events {
+            by_shard[shard_of(&v.event.account_id)].push(v);
         }
-        for (lock, entries) in self.shards.iter().zip(by_shard) {
-            if entries.is_empty() {
+        for (lock, events) in self.shards.iter().zip(by_shard) {
+            if events.is_empty() {
                 continue;
             }
             let mut shard = lock.write().expect("state lock");
-            for ((account, kind, key, hour), (events, cost_units)) in entries {
-                let t = Totals { events: *events, cost_units: *cost_units };
-                apply_increment(&mut shard, account, kind, key, *hour, t);
+            for v in events {
+                let hour = window::floor_hour(v.event.occurred_at);
+                let t = Totals { events: 1, cost_units: v.charge.cost_units };
+                for (kind, key) in store::counters_of(v) {
+                    apply_increment(&mut shard, &v.event.account_id, kind, key, hour, t);
+                }
             }
         }
         meta.applied.insert(change.change_id, change.xid);

@@ -25,21 +25,28 @@ pub struct ChangeRef {
     pub xid: i64,
 }
 
+/// The counters one event adds to, as (kind, key): the counting rule, in one place.
+/// `account` (spend and events), `project/<id>`, `api_key/<id>` (spend), and
+/// `feature/<name>` for successful calls only (failed calls consume no quota).
+pub fn counters_of(v: &ValidItem) -> impl Iterator<Item = (&'static str, &str)> {
+    let e = &v.event;
+    let feature = match (&e.feature, e.status) {
+        (Some(f), Status::Success) => Some(("feature", f.as_str())),
+        _ => None,
+    };
+    std::iter::once(("account", ""))
+        .chain(e.project_id.as_deref().map(|p| ("project", p)))
+        .chain(e.api_key_id.as_deref().map(|k| ("api_key", k)))
+        .chain(feature)
+}
+
 /// What a batch's new events add to the hourly buckets. Pure.
 pub fn usage_increments(new_events: &[ValidItem]) -> Increments<'_> {
     let mut buckets = Increments::new();
     for v in new_events {
-        let e = &v.event;
-        let at = (e.account_id.as_str(), floor_hour(e.occurred_at), v.charge.cost_units);
-        add(&mut buckets, at, "account", "");
-        if let Some(p) = &e.project_id {
-            add(&mut buckets, at, "project", p);
-        }
-        if let Some(k) = &e.api_key_id {
-            add(&mut buckets, at, "api_key", k);
-        }
-        if let (Some(f), Status::Success) = (&e.feature, e.status) {
-            add(&mut buckets, at, "feature", f);
+        let at = (v.event.account_id.as_str(), floor_hour(v.event.occurred_at), v.charge.cost_units);
+        for (kind, key) in counters_of(v) {
+            add(&mut buckets, at, kind, key);
         }
     }
     buckets
@@ -94,7 +101,7 @@ pub const FOLD_CHANGES_MAX: i64 = 200;
 /// bucket become one upsert), and mark them folded, in one transaction: any snapshot sees
 /// each change either unfolded or counted in `usage_hourly`, never both (the restore reads
 /// both). One instance folds at a time (a transaction-level advisory lock); the others
-/// skip. Off the hot path: `tally run`'s housekeeping calls it every few seconds. Returns
+/// skip. Off the hot path: `tally run`'s housekeeping calls it every 30 s. Returns
 /// how many changes were folded.
 pub async fn fold_changes(pool: &PgPool) -> Result<u64, sqlx::Error> {
     /// Advisory lock key of the fold ("tally fold" in ASCII).
@@ -115,6 +122,9 @@ pub async fn fold_changes(pool: &PgPool) -> Result<u64, sqlx::Error> {
         return Ok(0);
     }
     let ids: Vec<i64> = ids.into_iter().map(|(id,)| id).collect();
+    // One statement aggregates up to millions of increments: let the hash aggregate and
+    // the sort stay in memory (the 4 MB default spills to disk at a few hundred thousand).
+    sqlx::query("SET LOCAL work_mem = '128MB'").execute(&mut *tx).await?;
     // Key order: the fold is the only writer of usage_hourly, and sorted upserts keep it
     // that way cheap to reason about (no lock-order cycles whoever else comes along).
     sqlx::query(

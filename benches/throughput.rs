@@ -19,6 +19,10 @@
 //!    (`BENCH_AUTHORIZE_RPS`, default 10,000 req/s; 0 skips this run; open loop: latency counts from each
 //!    request's scheduled time, so a stall is not hidden by the generator waiting): p50/p99.
 //!
+//! 5. Memory of the quota state: `BENCH_STATE_ACCOUNTS` (default 1,000,000) accounts, each
+//!    with a balance and 3 counters x 4 hourly buckets, written straight into a fresh
+//!    database; a `tally run` restores them at start: RSS once it answers.
+//!
 //! Env: `BENCH_MESSAGES`, `BENCH_ACCOUNTS`, `BENCH_RAW_ROWS` (rows per raw Postgres /
 //! ClickHouse figure, default 200,000), `BENCH_BASELINE_BIN`, `BENCH_INSTANCES`
 //! (default "1,2").
@@ -104,6 +108,7 @@ async fn main() {
     if authorize_rps > 0 {
         runs.push(("tally + authorize load", PathBuf::from(env!("CARGO_BIN_EXE_tally")), 1, true));
     }
+    let state_accounts = env_usize("BENCH_STATE_ACCOUNTS", if measuring { 1_000_000 } else { 1_000 });
     let mut one_instance = None;
     for (i, (label, bin, n, with_authorize)) in runs.iter().enumerate() {
         let r = target.run(bin, *n, i, *with_authorize).await;
@@ -128,6 +133,13 @@ async fn main() {
         } else if let (Some(one), "tally") = (one_instance, *label) {
             println!("    ratio to 1 instance                     {:>10.3}", r.rate / one);
         }
+    }
+    if state_accounts > 0 {
+        let (rss_kb, restored) = state_memory(&env, state_accounts).await;
+        println!(
+            "  quota state: {state_accounts} accounts (each 3 counters x 4 hours) restored ({restored} in memory): RSS {} MB",
+            rss_kb / 1024
+        );
     }
 }
 
@@ -453,4 +465,50 @@ fn cpu_seconds(pid: u32) -> f64 {
     let fields: Vec<&str> = after.split_whitespace().collect();
     let ticks: f64 = [11, 12].iter().filter_map(|i| fields.get(*i)?.parse::<f64>().ok()).sum();
     ticks / 100.0 // USER_HZ is 100 on Linux
+}
+
+/// Restore `accounts` accounts' state into a fresh `tally run`; its RSS once it answers.
+async fn state_memory(env: &TestEnv, accounts: usize) -> (u64, String) {
+    let db = format!("{}_state", env.ch_database);
+    let admin = sqlx::PgPool::connect(&format!("{}/postgres", *PG_SERVER_URL)).await.expect("admin");
+    sqlx::query(&format!("CREATE DATABASE {db}")).execute(&admin).await.expect("create database");
+    admin.close().await;
+    let url = format!("{}/{db}", *PG_SERVER_URL);
+    let pool = tally::ledger::connect(&url, 2).await.expect("state database");
+    tally::ledger::migrate(&pool).await.expect("migrations");
+    let n = accounts as i64;
+    for sql in [
+        "INSERT INTO accounts (account_id) SELECT 'acct-' || i FROM generate_series(1, $1) i",
+        "INSERT INTO account_balances (account_id, balance_units) SELECT 'acct-' || i, i FROM generate_series(1, $1) i",
+        "INSERT INTO usage_hourly (account_id, kind, key, hour, events, cost_units)
+         SELECT 'acct-' || i, k.kind, k.key, date_trunc('hour', now()) - h * interval '1 hour', 3, 300
+         FROM generate_series(1, $1) i,
+              (VALUES ('account', ''), ('api_key', 'key-1'), ('feature', 'ad_generations')) AS k(kind, key),
+              generate_series(0, 3) h",
+    ] {
+        sqlx::query(sql).bind(n).execute(&pool).await.expect("state rows");
+    }
+    let port = std::net::TcpListener::bind("127.0.0.1:0").expect("port").local_addr().expect("addr").port();
+    let mut child = Command::new(env!("CARGO_BIN_EXE_tally"))
+        .arg("run")
+        .args(["--brokers", *BROKERS, "--database-url", &url])
+        .args(["--clickhouse-url", *CH_URL, "--clickhouse-database", &db])
+        .args(["--topic", &env.topic, "--dlq-topic", &env.dlq_topic, "--group", &format!("{}-state", env.group)])
+        .args(["--config", repo().join(CATALOG).to_str().expect("utf-8 path")])
+        .args(["--http-addr", &format!("127.0.0.1:{port}")])
+        .env("RUST_LOG", "warn")
+        .stdout(Stdio::null())
+        .spawn()
+        .expect("spawn tally run");
+    let http = reqwest::Client::new();
+    let started = Instant::now();
+    while http.get(format!("http://127.0.0.1:{port}/healthz")).send().await.is_err() {
+        assert!(started.elapsed() < Duration::from_secs(600), "tally run answers after restoring");
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let rss = rss_kb(child.id());
+    terminate(&mut child);
+    pool.close().await;
+    (rss, format!("after {:.1} s", started.elapsed().as_secs_f64()))
 }

@@ -24,7 +24,8 @@
 //! - real: SIGKILL (`kill -9`) and SIGABRT of `tally run` processes, a Postgres restart
 //!   (`pg_ctl -m fast`) and crash (`-m immediate`, WAL recovery), ClickHouse stopped (port
 //!   closed), the broker frozen with SIGSTOP/SIGCONT (memory storage: a broker restart
-//!   would lose the topics), group failover, malformed bytes on the wire;
+//!   would lose the topics), group failover, a member joining under load (a rebalance
+//!   with batches in flight and claimed ahead), malformed bytes on the wire;
 //! - emulated: the passage of days between an event and its duplicate. The events are
 //!   really 40-43 days old (event time), and once applied their dedup rows
 //!   (`processed_events.processed_at`) are moved back to that time; `ledger_entries` are
@@ -60,7 +61,7 @@ mod traffic;
 use scenarios::{Cfg, Row};
 use std::time::{Duration, Instant};
 
-const ALL: [&str; 10] = ["0", "1", "2", "3", "4", "5", "6", "7", "7b", "7c"];
+const ALL: [&str; 11] = ["0", "1", "2", "2b", "3", "4", "5", "6", "7", "7b", "7c"];
 
 fn var<T: std::str::FromStr>(name: &str, default: T) -> T {
     match std::env::var(name) {
@@ -98,6 +99,7 @@ async fn run(cfg: &Cfg, list: &[String]) -> Vec<Row> {
             "0" => data::self_test(cfg).await,
             "1" => scenarios::kills(cfg).await,
             "2" => scenarios::failover(cfg).await,
+            "2b" => scenarios::join_then_kill(cfg).await,
             "3" => scenarios::postgres_restart(cfg).await,
             "4" => scenarios::clickhouse_outage(cfg).await,
             "5" => scenarios::broker_pause(cfg).await,

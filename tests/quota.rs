@@ -105,7 +105,7 @@ async fn reeve_quota_counts_a_rolling_30_day_window_and_survives_restart() {
     s.refresh(&env.pool).await.unwrap();
     let (from, to) = tally::quota::window::rolling_window(Utc::now());
     let used = s.with_account(a, |acct| {
-        acct.usage[&("feature".to_string(), "ad_generations".to_string())].sum(from, to).events
+        acct.usage.get("feature", "ad_generations").expect("the feature counter").sum(from, to).events
     });
     assert_eq!(used, 10);
     // Pro tier: 100 calls -> allowed; another feature is still under its free limit.

@@ -125,10 +125,7 @@ pub async fn quotas(
         let tier = state::tier(acct).to_string();
         let mut usage = serde_json::Map::new();
         for feature in cfg.quotas.keys() {
-            let used = acct
-                .usage
-                .get(&("feature".to_string(), feature.clone()))
-                .map_or(0, |b| b.sum(from, to).events);
+            let used = acct.usage.get("feature", feature).map_or(0, |b| b.sum(from, to).events);
             let limit = cfg.quota(feature, &tier);
             let remaining = limit.map(|l| l.saturating_sub(u64::try_from(used).unwrap_or(0)));
             let v = serde_json::to_value(FeatureUsage { used, limit, remaining }).expect("serializes");

@@ -60,9 +60,52 @@ pub struct AccountState {
     pub last_deduction_at: Option<DateTime<Utc>>,
     pub plan: Option<(String, DateTime<Utc>)>,
     /// (kind, key) -> hourly buckets; kinds: account, project, api_key, feature.
-    pub usage: HashMap<(String, String), Buckets>,
+    pub usage: Counters,
     /// (scope, scope id) -> monthly cap in units.
     pub limits: HashMap<(String, String), i64>,
+}
+
+/// An account's usage counters, sorted by (kind, key): a compact vector (one million
+/// accounts' state must fit well under 1 GiB), binary-searched by borrowed keys, so a
+/// lookup never allocates.
+#[derive(Debug, Clone, Default)]
+pub struct Counters {
+    by_key: Vec<(&'static str, Box<str>, Buckets)>,
+}
+
+impl Counters {
+    /// The known counter kinds (the `usage_hourly.kind` CHECK constraint).
+    fn kind(kind: &str) -> Option<&'static str> {
+        ["account", "project", "api_key", "feature"].into_iter().find(|k| *k == kind)
+    }
+
+    fn position(&self, kind: &str, key: &str) -> Result<usize, usize> {
+        self.by_key.binary_search_by(|(k, ky, _)| (*k, &**ky).cmp(&(kind, key)))
+    }
+
+    pub fn get(&self, kind: &str, key: &str) -> Option<&Buckets> {
+        self.position(kind, key).ok().map(|i| &self.by_key[i].2)
+    }
+
+    /// The counter's buckets, created empty if missing; `None` for an unknown kind.
+    pub fn get_or_insert(&mut self, kind: &str, key: &str) -> Option<&mut Buckets> {
+        let i = match self.position(kind, key) {
+            Ok(i) => i,
+            Err(i) => {
+                self.by_key.insert(i, (Self::kind(kind)?, key.into(), Buckets::default()));
+                i
+            }
+        };
+        Some(&mut self.by_key[i].2)
+    }
+
+    pub fn len(&self) -> usize {
+        self.by_key.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.by_key.is_empty()
+    }
 }
 
 /// Shards of the account map: a writer applying a batch takes one shard's write lock at a
@@ -70,7 +113,8 @@ pub struct AccountState {
 /// account of the same shard waits for that shard's share of the batch only.
 const SHARDS: usize = 64;
 
-type Accounts = HashMap<String, AccountState>;
+/// Boxed: the maps' slots stay small (a map holds up to twice its length in slots).
+type Accounts = HashMap<String, Box<AccountState>>;
 
 /// Which bucket changes are counted here (see the module doc). Held while a change is
 /// applied, so deciding and applying are one step; readers never take it.
@@ -129,26 +173,32 @@ impl QuotaState {
             (Some(x), Some(at)) if at.elapsed() < RESTORE_AFTER => Some(x),
             _ => None,
         };
-        let read = store::read_state(pool, since, store::retention_start(Utc::now())).await?;
+        let mut fresh: Vec<Accounts> =
+            if since.is_none() { (0..SHARDS).map(|_| Accounts::new()).collect() } else { Vec::new() };
+        let oldest = store::retention_start(Utc::now());
+        let read = store::read_state(pool, since, oldest, |b| {
+            let acct = fresh[shard_of(&b.account_id)].entry(b.account_id).or_default();
+            let t = Totals { events: b.events, cost_units: b.cost_units };
+            if let Some(buckets) = acct.usage.get_or_insert(&b.kind, &b.key) {
+                buckets.set(b.hour, t);
+            }
+        })
+        .await?;
         let xmin = read.xmin;
         if since.is_some() {
             self.apply_read(read);
         } else {
-            self.restore(read);
+            self.restore(read, fresh);
         }
         cursor.xmin = Some(xmin);
         cursor.read_at = Some(Instant::now());
         Ok(())
     }
 
-    /// Replace everything with a full read (keeping the writer's in-flight changes).
-    fn restore(&self, mut read: StateRead) {
-        let mut fresh: Vec<Accounts> = (0..SHARDS).map(|_| Accounts::new()).collect();
-        for b in std::mem::take(&mut read.buckets) {
-            let acct = fresh[shard_of(&b.account_id)].entry(b.account_id).or_default();
-            let t = Totals { events: b.events, cost_units: b.cost_units };
-            acct.usage.entry((b.kind, b.key)).or_default().set(b.hour, t);
-        }
+    /// Replace everything with a full read, its buckets already in `fresh` (keeping the
+    /// writer's in-flight changes).
+    fn restore(&self, read: StateRead, mut fresh: Vec<Accounts>) {
+        assert_eq!(fresh.len(), SHARDS, "a restore fills every shard");
         // Changes not folded into usage_hourly yet (all of them are in `applied` too when
         // their xid is at or above the snapshot's xmin).
         for c in &read.changes {
@@ -244,7 +294,7 @@ impl QuotaState {
     }
 
     pub fn account(&self, account_id: &str) -> Option<AccountState> {
-        self.shards[shard_of(account_id)].read().expect("state lock").get(account_id).cloned()
+        self.shards[shard_of(account_id)].read().expect("state lock").get(account_id).map(|a| (**a).clone())
     }
 
     /// Run `f` on the account's state (a default, empty state if unknown) without cloning.
@@ -264,7 +314,7 @@ impl QuotaState {
 
 fn account_mut<'a>(accounts: &'a mut Accounts, id: &str) -> &'a mut AccountState {
     if !accounts.contains_key(id) {
-        accounts.insert(id.to_string(), AccountState::default());
+        accounts.insert(id.to_string(), Box::default());
     }
     accounts.get_mut(id).expect("inserted above")
 }
@@ -279,13 +329,9 @@ fn for_change_rows(c: &store::ChangeRow, mut f: impl FnMut(usize)) {
 
 fn apply_increment(accounts: &mut Accounts, account: &str, kind: &str, key: &str, hour: i64, t: Totals) {
     let acct = account_mut(accounts, account);
-    // Most accounts have a handful of counters: find those without allocating a key.
-    if acct.usage.len() <= 8
-        && let Some((_, b)) = acct.usage.iter_mut().find(|((k, ky), _)| k == kind && ky == key)
-    {
-        return b.add(hour, t);
+    if let Some(buckets) = acct.usage.get_or_insert(kind, key) {
+        buckets.add(hour, t);
     }
-    acct.usage.entry((kind.to_string(), key.to_string())).or_default().add(hour, t);
 }
 
 /// Indexes of one shard's balance, plan and cap rows in a read.
@@ -340,7 +386,7 @@ pub fn period(cfg: &QuotaConfig, acct: &AccountState, now: DateTime<Utc>) -> (Da
 /// Spend of one counter in `[from, to)`.
 pub fn spent(acct: &AccountState, kind: &str, key: &str, from: DateTime<Utc>, to: DateTime<Utc>) -> Totals {
     acct.usage
-        .get(&(kind.to_string(), key.to_string()))
+        .get(kind, key)
         .map(|b| b.sum(window::floor_hour(from), to.timestamp()))
         .unwrap_or_default()
 }
@@ -370,7 +416,7 @@ pub fn view<'c>(
         let limit = cfg.quota(f, tier(acct))?;
         let (from, to) = window::rolling_window(now);
         let used =
-            acct.usage.get(&("feature".to_string(), f.to_string())).map_or(0, |b| b.sum(from, to).events);
+            acct.usage.get("feature", f).map_or(0, |b| b.sum(from, to).events);
         Some((u64::try_from(used).unwrap_or(0), limit))
     });
     let mut spend_caps = Vec::new();

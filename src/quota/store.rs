@@ -228,7 +228,6 @@ pub struct LimitRow {
 pub struct StateRead {
     /// xmin of this read's snapshot: the next read asks for changes since it.
     pub xmin: i64,
-    pub buckets: Vec<BucketRow>,
     pub changes: Vec<ChangeRow>,
     /// (change_id, xid) of changes already counted in `buckets` (full read only).
     pub changes_included: Vec<(i64, i64)>,
@@ -239,10 +238,14 @@ pub struct StateRead {
 
 /// Read the state (or its changes) in one REPEATABLE READ snapshot, so the xmin and the
 /// rows agree.
+///
+/// A full read streams `usage_hourly` into `on_bucket` (millions of rows for a million
+/// accounts: never collected into one vector); `StateRead::buckets` stays empty.
 pub async fn read_state(
     pool: &PgPool,
     since_xid: Option<i64>,
     oldest_hour: DateTime<Utc>,
+    mut on_bucket: impl FnMut(BucketRow),
 ) -> Result<StateRead, sqlx::Error> {
     let mut tx = pool.begin().await?;
     sqlx::query("SET TRANSACTION ISOLATION LEVEL REPEATABLE READ, READ ONLY").execute(&mut *tx).await?;
@@ -260,13 +263,16 @@ pub async fn read_state(
         .fetch_all(&mut *tx)
         .await?;
     } else {
-        read.buckets = sqlx::query_as(
+        let mut rows = sqlx::query_as::<_, BucketRow>(
             "SELECT account_id, kind, key, extract(epoch FROM hour)::bigint AS hour, events, cost_units
              FROM usage_hourly WHERE hour >= $1",
         )
         .bind(oldest_hour)
-        .fetch_all(&mut *tx)
-        .await?;
+        .fetch(&mut *tx);
+        while let Some(row) = futures::TryStreamExt::try_next(&mut rows).await? {
+            on_bucket(row);
+        }
+        drop(rows);
         // Increments not yet folded into usage_hourly count on top of it.
         read.changes = sqlx::query_as(
             "SELECT change_id, xid::text::bigint AS xid, accounts, kinds, keys, hours, events, costs

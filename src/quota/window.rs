@@ -14,7 +14,6 @@
 //! anchor rounded down to its hour so periods align with buckets.
 
 use chrono::{DateTime, Datelike, Duration, TimeZone, Utc};
-use std::collections::BTreeMap;
 
 pub const HOUR_SECS: i64 = 3_600;
 /// 30 days of hourly buckets.
@@ -57,36 +56,51 @@ pub struct Totals {
     pub cost_units: i64,
 }
 
-/// Hourly buckets of one counter (an account's spend, a feature's calls, ...).
+/// Hourly buckets of one counter (an account's spend, a feature's calls, ...): a vector
+/// sorted by hour. Most counters hold a few buckets and new ones arrive at the end, so a
+/// sorted vector costs a fraction of a tree's memory (one million accounts' state must
+/// fit well under 1 GiB) and inserts are appends.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct Buckets {
-    by_hour: BTreeMap<i64, Totals>,
+    by_hour: Vec<(i64, Totals)>,
 }
 
 impl Buckets {
+    /// The slot of `hour`, created (zero) if missing.
+    fn slot(&mut self, hour: i64) -> &mut Totals {
+        debug_assert_eq!(hour.rem_euclid(HOUR_SECS), 0, "bucket keys are hour starts");
+        let i = match self.by_hour.binary_search_by_key(&hour, |(h, _)| *h) {
+            Ok(i) => i,
+            Err(i) => {
+                self.by_hour.insert(i, (hour, Totals::default()));
+                i
+            }
+        };
+        &mut self.by_hour[i].1
+    }
+
     /// Set a bucket to absolute totals (what Postgres holds: re-applying is harmless).
     pub fn set(&mut self, hour: i64, totals: Totals) {
-        debug_assert_eq!(hour.rem_euclid(HOUR_SECS), 0, "bucket keys are hour starts");
-        self.by_hour.insert(hour, totals);
+        *self.slot(hour) = totals;
     }
 
     /// Add increments to a bucket (a change another transaction made).
     pub fn add(&mut self, hour: i64, totals: Totals) {
-        debug_assert_eq!(hour.rem_euclid(HOUR_SECS), 0, "bucket keys are hour starts");
-        let slot = self.by_hour.entry(hour).or_default();
+        let slot = self.slot(hour);
         slot.events = slot.events.saturating_add(totals.events);
         slot.cost_units = slot.cost_units.saturating_add(totals.cost_units);
         // Bound memory without a clock: keep at most `SPAN_HOURS_MAX` behind the newest
         // bucket (every window and period reads less than that).
-        let newest = self.by_hour.last_key_value().map_or(hour, |(h, _)| *h);
-        if self.by_hour.first_key_value().is_some_and(|(h, _)| *h < newest - SPAN_HOURS_MAX * HOUR_SECS) {
+        let newest = self.by_hour.last().map_or(hour, |(h, _)| *h);
+        if self.by_hour.first().is_some_and(|(h, _)| *h < newest - SPAN_HOURS_MAX * HOUR_SECS) {
             self.prune(newest - SPAN_HOURS_MAX * HOUR_SECS);
         }
     }
 
     /// Sum of buckets with `from <= hour < to`.
     pub fn sum(&self, from: i64, to: i64) -> Totals {
-        self.by_hour.range(from..to).fold(Totals::default(), |acc, (_, t)| Totals {
+        let start = self.by_hour.partition_point(|(h, _)| *h < from);
+        self.by_hour[start..].iter().take_while(|(h, _)| *h < to).fold(Totals::default(), |acc, (_, t)| Totals {
             events: acc.events + t.events,
             cost_units: acc.cost_units + t.cost_units,
         })
@@ -94,7 +108,8 @@ impl Buckets {
 
     /// Drop buckets older than `before` (bounds memory: callers keep ~40 days).
     pub fn prune(&mut self, before: i64) {
-        self.by_hour = self.by_hour.split_off(&before);
+        let keep_from = self.by_hour.partition_point(|(h, _)| *h < before);
+        self.by_hour.drain(..keep_from);
     }
 
     pub fn len(&self) -> usize {

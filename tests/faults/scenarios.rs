@@ -338,6 +338,60 @@ pub async fn failover(cfg: &Cfg) -> Row {
     row
 }
 
+/// Scale-out under load (issue 17): two members drain, a third joins (a rebalance while
+/// batches are in flight and claimed ahead), then one of the first two is killed (-9).
+/// 0 lost, 0 double-billed, and every partition moves again within the session timeout.
+pub async fn join_then_kill(cfg: &Cfg) -> Row {
+    let name = "2b a third member joins, one killed".to_string();
+    let mut sc = Scene::new(&name).await;
+    let n = cfg.scenario_events * 2;
+    let window = Duration::from_secs(30);
+    let mut source = simulated(sim_opts(cfg.seed + 22, 0.03, 0.01), sc.catalog.clone());
+    let group = sc.env.group.clone();
+    let mut a = Tally::spawn(&sc.env, "member-a", &group, free_port(), &[]);
+    let b = Tally::spawn(&sc.env, "member-b", &group, free_port(), &[]);
+    let mut c = None;
+    let mut recovery = Recovery::default();
+    let mut notes = Vec::new();
+    let (env, book, producer) = (&sc.env, &mut sc.book, &sc.producer);
+    let (_, errs) = tokio::join!(feed(producer, &env.topic, n, rate(n, window), book, &mut source), async {
+        let started = Instant::now();
+        let mut errs = Vec::new();
+        let applied = "tally_events_applied_total";
+        sleep_until(started + window / 5).await;
+        let joiner = Tally::spawn(env, "member-c", &group, free_port(), &[]);
+        let seated = loop {
+            let x = joiner.metric(applied).await;
+            if x > 0.0 || started.elapsed() > window {
+                break x;
+            }
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        };
+        let before_kill = (a.metric(applied).await, b.metric(applied).await, seated);
+        notes.push(format!("before the kill: members a, b, c applied {before_kill:?}"));
+        if seated == 0.0 {
+            errs.push("the joining member never applied an event under load".into());
+        }
+        c = Some(joiner);
+        let before = offsets(env, &group).await.unwrap_or_default();
+        a.kill9();
+        recovery.push(all_partitions_advance(env, &group, &before, Duration::from_secs(90)).await);
+        if recovery.0.is_empty() {
+            errs.push("member a's partitions never moved to the others".into());
+        }
+        errs
+    });
+    sc.errors.extend(errs);
+    let mut rest: Vec<Tally> = std::iter::once(b).chain(c).collect();
+    let msgs = sc.finish(&mut rest, &group, cfg.wait_limit).await;
+    sc.stop(&mut rest);
+    let faults = "a third member joins mid-stream, then kill -9 of one of the first two".to_string();
+    let mut row = sc.row(&name, faults, &msgs, None).await;
+    row.recovery = recovery;
+    row.notes.extend(notes);
+    row
+}
+
 /// Time until every partition's stored offset passed its value in `before`.
 async fn all_partitions_advance(
     env: &TestEnv,

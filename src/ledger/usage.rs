@@ -253,6 +253,11 @@ async fn claim_in(conn: &mut PgConnection, group: &str, topic: &str, batch: &Bat
     let new_ids: HashSet<String> = inserted.into_iter().map(|(id,)| id).collect();
     let known: Vec<&str> = ids.iter().copied().filter(|id| !new_ids.contains(*id)).collect();
     let stored = known_claims(conn, &known).await?;
+    if known.iter().any(|id| !stored.contains_key(*id)) {
+        // A claim we collided with was deleted in between (another instance refused that
+        // event as `balance_out_of_range`): roll back; the claimer retries the batch.
+        return Err(sqlx::Error::RowNotFound);
+    }
     // Who holds each id's claim now: a fresh claim of this batch, or a stored one.
     let fresh: HashMap<&str, &ValidItem> =
         items.iter().filter(|v| new_ids.contains(&v.event.event_id)).map(|v| (v.event.event_id.as_str(), *v)).collect();
@@ -265,7 +270,7 @@ async fn claim_in(conn: &mut PgConnection, group: &str, topic: &str, batch: &Bat
         let (hash, own_position, holder_group, applied): (&[u8], bool, Option<&str>, bool) = match fresh.get(id) {
             Some(f) => (&f.payload_hash[..], (f.pos.partition, f.pos.offset) == at, Some(group), false),
             None => {
-                let c = stored.get(id).expect("ON CONFLICT skipped it, so the row exists");
+                let c = &stored[id]; // checked above: every known id has its row
                 (&c.hash[..], c.position() == (topic, at.0, at.1), c.group.as_deref(), c.applied)
             }
         };

@@ -135,9 +135,9 @@ async fn main() {
         }
     }
     if state_accounts > 0 {
-        let (rss_kb, restored) = state_memory(&env, state_accounts).await;
+        let (rss_kb, restore_seconds) = state_memory(&env, state_accounts).await;
         println!(
-            "  quota state: {state_accounts} accounts (each 3 counters x 4 hours) restored ({restored} in memory): RSS {} MB",
+            "  quota state: {state_accounts} accounts (each 3 counters x 4 hours), restored in {restore_seconds:.1} s: RSS {} MB",
             rss_kb / 1024
         );
     }
@@ -468,7 +468,7 @@ fn cpu_seconds(pid: u32) -> f64 {
 }
 
 /// Restore `accounts` accounts' state into a fresh `tally run`; its RSS once it answers.
-async fn state_memory(env: &TestEnv, accounts: usize) -> (u64, String) {
+async fn state_memory(env: &TestEnv, accounts: usize) -> (u64, f64) {
     let db = format!("{}_state", env.ch_database);
     let admin = sqlx::PgPool::connect(&format!("{}/postgres", *PG_SERVER_URL)).await.expect("admin");
     sqlx::query(&format!("CREATE DATABASE {db}")).execute(&admin).await.expect("create database");
@@ -506,9 +506,10 @@ async fn state_memory(env: &TestEnv, accounts: usize) -> (u64, String) {
         assert!(started.elapsed() < Duration::from_secs(600), "tally run answers after restoring");
         tokio::time::sleep(Duration::from_millis(200)).await;
     }
+    let restore_seconds = started.elapsed().as_secs_f64();
     tokio::time::sleep(Duration::from_secs(2)).await;
     let rss = rss_kb(child.id());
     terminate(&mut child);
     pool.close().await;
-    (rss, format!("after {:.1} s", started.elapsed().as_secs_f64()))
+    (rss, restore_seconds)
 }

@@ -321,12 +321,7 @@ pub async fn failover(cfg: &Cfg) -> Row {
             errs.push(format!("the two members never both applied events: {both:?}"));
         }
         sleep_until(started + window * 2 / 5).await;
-        let before = offsets(env, &group).await.unwrap_or_default();
-        a.kill9();
-        recovery.push(all_partitions_advance(env, &group, &before, Duration::from_secs(90)).await);
-        if recovery.0.is_empty() {
-            errs.push("member a's partitions never moved to member b".into());
-        }
+        errs.extend(kill_and_recover(env, &group, &mut a, &mut recovery, "member b").await);
         errs
     });
     sc.errors.extend(errs);
@@ -373,12 +368,7 @@ pub async fn join_then_kill(cfg: &Cfg) -> Row {
             errs.push("the joining member never applied an event under load".into());
         }
         c = Some(joiner);
-        let before = offsets(env, &group).await.unwrap_or_default();
-        a.kill9();
-        recovery.push(all_partitions_advance(env, &group, &before, Duration::from_secs(90)).await);
-        if recovery.0.is_empty() {
-            errs.push("member a's partitions never moved to the others".into());
-        }
+        errs.extend(kill_and_recover(env, &group, &mut a, &mut recovery, "the others").await);
         errs
     });
     sc.errors.extend(errs);
@@ -390,6 +380,20 @@ pub async fn join_then_kill(cfg: &Cfg) -> Row {
     row.recovery = recovery;
     row.notes.extend(notes);
     row
+}
+
+/// kill -9 `member` and time until every partition moves again; an error if none did.
+async fn kill_and_recover(
+    env: &TestEnv,
+    group: &str,
+    member: &mut Tally,
+    recovery: &mut Recovery,
+    survivors: &str,
+) -> Option<String> {
+    let before = offsets(env, group).await.unwrap_or_default();
+    member.kill9();
+    recovery.push(all_partitions_advance(env, group, &before, Duration::from_secs(90)).await);
+    recovery.0.is_empty().then(|| format!("member a's partitions never moved to {survivors}"))
 }
 
 /// Time until every partition's stored offset passed its value in `before`.

@@ -15,10 +15,10 @@ use chrono::Utc;
 use common::*;
 use std::sync::Arc;
 use std::time::Instant;
+use tally::batch::{Batch, SourcePos};
 use tally::event::{RawUsageEvent, UsageEvent};
 use tally::ledger::ops::{ManualKind, ManualRequest};
 use tally::pipeline::reader::Transformer;
-use tally::pipeline::{Batch, SourcePos};
 use tally::pricing::Catalog;
 
 fn env_usize(name: &str, default: usize) -> usize {

@@ -43,8 +43,8 @@ use std::process::{Child, Command, Stdio};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 use tally::analytics::UsageRow;
+use tally::batch::{Item, SourcePos};
 use tally::pipeline::reader::Transformer;
-use tally::pipeline::{Item, SourcePos};
 use tally::pricing::Catalog;
 use tally::simulate::{Generator, Kind, SimulateOptions};
 
@@ -95,7 +95,9 @@ async fn main() {
     println!("  raw: ClickHouse RowBinary insert          {ch:>10.0} rows/s");
 
     let authorize_rps = env_usize("BENCH_AUTHORIZE_RPS", if measuring { 10_000 } else { 500 }) as u64;
-    println!("  (runs: baseline if BENCH_BASELINE_BIN, tally x{{BENCH_INSTANCES}}, then tally x1 with authorize at a fixed rate)");
+    println!(
+        "  (runs: baseline if BENCH_BASELINE_BIN, tally x{{BENCH_INSTANCES}}, then tally x1 with authorize at a fixed rate)"
+    );
     let target = Drain { env: &env, messages: messages as i64, distinct, malformed, authorize_rps };
     let mut runs = Vec::new();
     if let Ok(baseline) = std::env::var("BENCH_BASELINE_BIN") {
@@ -175,10 +177,11 @@ fn priced_rows(all: &[tally::simulate::Message], n: usize) -> Vec<UsageRow> {
     let valid: Vec<UsageRow> = all
         .iter()
         .enumerate()
-        .filter_map(|(i, m)| match t.transform(SourcePos { partition: 0, offset: i as i64 }, None, &m.payload, now)
-        {
-            Item::Valid(v) => Some(UsageRow::from_item(&v, now)),
-            Item::Dead(_) => None,
+        .filter_map(|(i, m)| {
+            match t.transform(SourcePos { partition: 0, offset: i as i64 }, None, &m.payload, now) {
+                Item::Valid(v) => Some(UsageRow::from_item(&v, now)),
+                Item::Dead(_) => None,
+            }
         })
         .take(n)
         .collect();
@@ -298,7 +301,12 @@ struct Latency {
 
 /// Open-loop load: `rps` requests per second over 16 keep-alive connections until `stop`;
 /// each request's latency counts from the moment it was due.
-async fn authorize_at_rate(base: String, token: String, rps: u64, stop: tokio_util::sync::CancellationToken) -> Latency {
+async fn authorize_at_rate(
+    base: String,
+    token: String,
+    rps: u64,
+    stop: tokio_util::sync::CancellationToken,
+) -> Latency {
     const CONNECTIONS: u64 = 16;
     let period = Duration::from_secs_f64(CONNECTIONS as f64 / rps.max(1) as f64);
     let started = Instant::now();
@@ -317,7 +325,12 @@ async fn authorize_at_rate(base: String, token: String, rps: u64, stop: tokio_ut
                     };
                     let body = serde_json::json!({"account_id": format!("acct-{:04}", (c * 131 + i) % 2000),
                         "feature": "ad_generations", "estimated_cost_usd": "0.01"});
-                    let Ok(r) = http.post(format!("{base}/v1/authorize")).bearer_auth(&token).json(&body).send().await
+                    let Ok(r) = http
+                        .post(format!("{base}/v1/authorize"))
+                        .bearer_auth(&token)
+                        .json(&body)
+                        .send()
+                        .await
                     else {
                         *statuses.entry(0).or_insert(0) += 1;
                         continue;
@@ -339,7 +352,9 @@ async fn authorize_at_rate(base: String, token: String, rps: u64, stop: tokio_ut
         }
     }
     all.sort_unstable();
-    let pct = |p: f64| all.get(((all.len() as f64 * p) as usize).min(all.len().saturating_sub(1))).copied().unwrap_or(0);
+    let pct = |p: f64| {
+        all.get(((all.len() as f64 * p) as usize).min(all.len().saturating_sub(1))).copied().unwrap_or(0)
+    };
     Latency {
         rps: all.len() as f64 / started.elapsed().as_secs_f64(),
         p50_us: pct(0.50),
@@ -358,7 +373,9 @@ impl Drain<'_> {
         let url = format!("{}/{db}", *PG_SERVER_URL);
         let group = format!("{}-d{n}", self.env.group);
         let ports: Vec<u16> = (0..instances)
-            .map(|_| std::net::TcpListener::bind("127.0.0.1:0").expect("port").local_addr().expect("addr").port())
+            .map(|_| {
+                std::net::TcpListener::bind("127.0.0.1:0").expect("port").local_addr().expect("addr").port()
+            })
             .collect();
         let mut children: Vec<Child> = ports
             .iter()
@@ -400,12 +417,17 @@ impl Drain<'_> {
         // Authorize at a fixed rate while one instance of the current binary drains.
         let load_stop = tokio_util::sync::CancellationToken::new();
         let load = with_authorize.then(|| {
-            let (pool, stop, base) = (pool.clone(), load_stop.clone(), format!("http://127.0.0.1:{}", ports[0]));
+            let (pool, stop, base) =
+                (pool.clone(), load_stop.clone(), format!("http://127.0.0.1:{}", ports[0]));
             let rps = self.authorize_rps;
             tokio::spawn(async move {
                 let token = tally::api::auth::create_token(
                     &pool,
-                    &tally::api::auth::NewToken { account_id: None, role: tally::api::auth::Role::Service, name: "bench".into() },
+                    &tally::api::auth::NewToken {
+                        account_id: None,
+                        role: tally::api::auth::Role::Service,
+                        name: "bench".into(),
+                    },
                 )
                 .await
                 .expect("token")
@@ -431,13 +453,20 @@ impl Drain<'_> {
         let rss_peak_kb = rss_peak_kb.max(children.iter().map(|c| hwm_kb(c.id())).max().unwrap_or(0));
         let processed: (i64,) =
             sqlx::query_as("SELECT count(*) FROM processed_events").fetch_one(&pool).await.expect("count");
-        let dead: (i64,) = sqlx::query_as("SELECT count(*) FROM dead_letters").fetch_one(&pool).await.expect("count");
+        let dead: (i64,) =
+            sqlx::query_as("SELECT count(*) FROM dead_letters").fetch_one(&pool).await.expect("count");
         assert_eq!((processed.0, dead.0), (self.distinct, self.malformed), "every message accounted for");
         for c in &mut children {
             terminate(c);
         }
         pool.close().await;
-        DrainResult { rate: (self.messages - first_count) as f64 / seconds, seconds, cpu_seconds, rss_peak_kb, authorize }
+        DrainResult {
+            rate: (self.messages - first_count) as f64 / seconds,
+            seconds,
+            cpu_seconds,
+            rss_peak_kb,
+            authorize,
+        }
     }
 }
 
@@ -493,7 +522,14 @@ async fn state_memory(env: &TestEnv, accounts: usize) -> (u64, f64) {
         .arg("run")
         .args(["--brokers", *BROKERS, "--database-url", &url])
         .args(["--clickhouse-url", *CH_URL, "--clickhouse-database", &db])
-        .args(["--topic", &env.topic, "--dlq-topic", &env.dlq_topic, "--group", &format!("{}-state", env.group)])
+        .args([
+            "--topic",
+            &env.topic,
+            "--dlq-topic",
+            &env.dlq_topic,
+            "--group",
+            &format!("{}-state", env.group),
+        ])
         .args(["--config", repo().join(CATALOG).to_str().expect("utf-8 path")])
         .args(["--http-addr", &format!("127.0.0.1:{port}")])
         .env("RUST_LOG", "warn")

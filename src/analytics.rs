@@ -5,7 +5,7 @@
 //! of `schemas/clickhouse/0001_usage_log.sql` exactly; a test checks it against the
 //! server. Dedup: see that file and `pipeline`.
 
-use crate::pipeline::ValidItem;
+use crate::batch::ValidItem;
 use clickhouse::Client;
 use serde::Serialize;
 

@@ -100,7 +100,7 @@ pub async fn dispatch(command: Command) -> anyhow::Result<ExitCode> {
 }
 
 fn usd_units(usd: rust_decimal::Decimal) -> anyhow::Result<i64> {
-    ledger::config::exact_units(usd).map_err(|e| anyhow::anyhow!(e))
+    money::exact_units(usd).map_err(|e| anyhow::anyhow!(e))
 }
 
 async fn plan(args: crate::cli::PlanArgs) -> anyhow::Result<()> {

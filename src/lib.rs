@@ -18,6 +18,7 @@
 
 pub mod analytics;
 pub mod api;
+pub mod batch;
 pub mod cli;
 pub mod codec;
 pub mod commands;

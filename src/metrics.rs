@@ -4,8 +4,8 @@
 //! `stage`, `route`, `status`; `group`, `topic`, `partition` for consumer lag): never
 //! account ids, keys or models.
 
+use crate::batch::Item;
 use crate::ledger::usage::Applied;
-use crate::pipeline::Item;
 use metrics_exporter_prometheus::{Matcher, PrometheusBuilder, PrometheusHandle};
 use std::time::Duration;
 

@@ -39,6 +39,15 @@ pub fn units_to_usd(units: i64) -> Decimal {
     Decimal::new(units, USD_SCALE)
 }
 
+/// USD -> units, refusing amounts finer than the unit (money in must be exact).
+pub fn exact_units(usd: Decimal) -> Result<i64, String> {
+    let units = usd_to_units(usd).ok_or_else(|| format!("{usd} USD is out of range"))?;
+    if units_to_usd(units) != usd {
+        return Err(format!("{usd} USD is finer than the ledger unit (1e-8 USD)"));
+    }
+    Ok(units)
+}
+
 /// Internal units as a plain USD decimal string with all 8 places, e.g. `"0.00012300"`.
 pub fn units_to_usd_string(units: i64) -> String {
     units_to_usd(units).to_string()

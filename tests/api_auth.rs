@@ -19,12 +19,12 @@ use std::sync::Arc;
 use std::time::Duration;
 use tally::api::auth::{self, NewToken, Role, TokenCache};
 use tally::api::{self, AppState};
+use tally::batch::{Batch, Item, SourcePos};
 use tally::event::{RawUsageEvent, UsageEvent};
 use tally::ledger::ops::{self, ManualKind, ManualRequest};
 use tally::ledger::reservations::{self, ReserveRequest};
 use tally::ledger::{self, usage};
 use tally::pipeline::reader::Transformer;
-use tally::pipeline::{Batch, Item, SourcePos};
 use tally::pricing::Catalog;
 use tokio_util::sync::CancellationToken;
 

@@ -148,7 +148,11 @@ async fn two_instances_with_long_ids_and_maximum_batches_make_progress() {
     // Its event ids were claimed (a short transaction of their own), but no debit and
     // no consumer progress was committed.
     assert_eq!(env.count("SELECT count(*) FROM ledger_entries").await, 0, "no debit committed");
-    assert_eq!(env.count("SELECT COALESCE(sum(next_offset), 0)::bigint FROM consumer_offsets").await, 0, "no progress");
+    assert_eq!(
+        env.count("SELECT COALESCE(sum(next_offset), 0)::bigint FROM consumer_offsets").await,
+        0,
+        "no progress"
+    );
 
     let mut runs: Vec<_> = (0..2).map(|_| env.spawn_run("examples/demo.toml", 0, &big)).collect();
     env.wait_for("every event committed by two instances", Duration::from_secs(300), || async {

@@ -337,10 +337,13 @@ async fn operator_cli_topup_adjust_history_balance() {
 
 /// One batch of usage messages at explicit (partition, offset) positions, priced with the
 /// demo catalog, as the reader would hand it to the writer.
-fn batch_at(messages: &[(&UsageEvent, i32, i64)]) -> tally::pipeline::Batch {
-    use tally::pipeline::{SourcePos, reader::Transformer};
+fn batch_at(messages: &[(&UsageEvent, i32, i64)]) -> tally::batch::Batch {
+    use tally::batch::SourcePos;
+    use tally::pipeline::reader::Transformer;
     let t = Transformer {
-        catalog: std::sync::Arc::new(tally::pricing::Catalog::load(&repo().join("examples/demo.toml")).unwrap()),
+        catalog: std::sync::Arc::new(
+            tally::pricing::Catalog::load(&repo().join("examples/demo.toml")).unwrap(),
+        ),
         future_skew: chrono::Duration::seconds(300),
         age_max: chrono::Duration::days(400),
         cost_units_max: tally::pipeline::reader::EVENT_COST_UNITS_MAX_DEFAULT,
@@ -352,10 +355,10 @@ fn batch_at(messages: &[(&UsageEvent, i32, i64)]) -> tally::pipeline::Batch {
             t.transform(pos, None, &tally::codec::encode(&e.to_raw()), Utc::now())
         })
         .collect();
-    tally::pipeline::Batch { items }
+    tally::batch::Batch { items }
 }
 
-async fn write_claimed(env: &TestEnv, batch: &tally::pipeline::Batch) -> ledger::usage::Applied {
+async fn write_claimed(env: &TestEnv, batch: &tally::batch::Batch) -> ledger::usage::Applied {
     let claims = ledger::usage::claim(&env.pool, "g", "t", batch).await.unwrap();
     let mut tx = env.pool.begin().await.unwrap();
     let applied = ledger::usage::apply_claimed(&mut tx, "g", "t", batch, &claims).await.unwrap();

@@ -195,7 +195,11 @@ async fn crash_between_clickhouse_insert_and_commit_leaves_no_duplicate_rows() {
     // Its event ids were claimed (a short transaction of their own), but no debit and
     // no consumer progress was committed.
     assert_eq!(env.count("SELECT count(*) FROM ledger_entries").await, 0, "no debit committed");
-    assert_eq!(env.count("SELECT COALESCE(sum(next_offset), 0)::bigint FROM consumer_offsets").await, 0, "no progress");
+    assert_eq!(
+        env.count("SELECT COALESCE(sum(next_offset), 0)::bigint FROM consumer_offsets").await,
+        0,
+        "no progress"
+    );
 
     let mut run = env.spawn_run(CATALOG, 0, &["--batch-events-max", "1000"]);
     let distinct = want.distinct.len() as i64;

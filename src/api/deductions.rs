@@ -15,11 +15,11 @@
 use super::auth::{Caller, Capability, account_not_found};
 use super::extract::{ApiJson, ExactDecimal, body_id};
 use super::{ApiError, AppState};
-use crate::ledger::config::exact_units;
 use crate::ledger::deductions::{
     self, BATCH_ITEMS_MAX, DEDUCTION_UNITS_MAX, DESCRIPTION_LEN_MAX, Deducted, DeductionRequest,
 };
 use crate::ledger::ops::LedgerError;
+use crate::money::exact_units;
 use crate::money::units_to_usd_string;
 use axum::Json;
 use axum::extract::State;

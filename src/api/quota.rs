@@ -215,10 +215,7 @@ pub async fn put_limit(
         Some(s) => {
             let d = crate::event::parse_usd("monthly_limit_usd", s)
                 .map_err(|e| ApiError::unprocessable("invalid_request", e.to_string()))?;
-            Some(
-                crate::ledger::config::exact_units(d)
-                    .map_err(|e| ApiError::unprocessable("invalid_request", e))?,
-            )
+            Some(crate::money::exact_units(d).map_err(|e| ApiError::unprocessable("invalid_request", e))?)
         }
     };
     store::set_limit(&state.pool, &id, &req.scope, &req.scope_id, units)

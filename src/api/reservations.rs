@@ -15,9 +15,9 @@
 use super::auth::{Caller, Capability};
 use super::extract::{ApiJson, ApiPath, ExactDecimal, body_id};
 use super::{ApiError, AppState};
-use crate::ledger::config::exact_units;
 use crate::ledger::ops::LedgerError;
 use crate::ledger::reservations::{self, Reservation, ReserveRequest};
+use crate::money::exact_units;
 use crate::money::units_to_usd_string;
 use axum::Json;
 use axum::extract::State;

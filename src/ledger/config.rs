@@ -14,7 +14,7 @@
 //!
 //! Every table is optional; absent means no limits, no bonus, 15-minute holds.
 
-use crate::money;
+use crate::money::{self, exact_units};
 use rust_decimal::Decimal;
 use serde::Deserialize;
 use std::path::Path;
@@ -133,15 +133,6 @@ impl TopupConfig {
         let bonus = money::usd_to_units(bonus_usd).ok_or("bonus out of range")?;
         Ok((paid, paid.checked_add(bonus).ok_or("credit out of range")?))
     }
-}
-
-/// USD -> units, refusing amounts finer than the unit (money in must be exact).
-pub fn exact_units(usd: Decimal) -> Result<i64, String> {
-    let units = money::usd_to_units(usd).ok_or_else(|| format!("{usd} USD is out of range"))?;
-    if money::units_to_usd(units) != usd {
-        return Err(format!("{usd} USD is finer than the ledger unit (1e-8 USD)"));
-    }
-    Ok(units)
 }
 
 #[cfg(test)]

@@ -142,7 +142,7 @@ pub async fn deduct(pool: &PgPool, req: &DeductionRequest) -> Result<Deducted, L
     )
     .await?;
     let spend = [(req.account_id.as_str(), req.amount_units)];
-    crate::quota::store::count_deductions(&mut tx, &spend, Utc::now()).await?;
+    super::counting::count_deductions(&mut tx, &spend, Utc::now()).await?;
     finish(&mut tx, &key, &posted).await?;
     tx.commit().await?;
     Ok(Deducted { entry: posted, replayed: false })
@@ -330,7 +330,7 @@ async fn post_all(
     super::auto_reload::check(tx, &balances).await?;
     let spend: Vec<(&str, i64)> =
         fresh.iter().map(|i| (reqs[*i].account_id.as_str(), reqs[*i].amount_units)).collect();
-    crate::quota::store::count_deductions(tx, &spend, now).await?;
+    super::counting::count_deductions(tx, &spend, now).await?;
     finish_all(tx, &keys, &posted).await?;
     Ok(posted)
 }

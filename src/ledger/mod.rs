@@ -12,6 +12,7 @@
 
 pub mod auto_reload;
 pub mod config;
+pub mod counting;
 pub mod deductions;
 pub mod ops;
 pub mod reservations;

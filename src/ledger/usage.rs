@@ -16,7 +16,7 @@
 //! never advanced), finds its own claim ("reclaimed") and applies it; a copy on another
 //! partition finds someone else's claim and is a duplicate. See `pipeline` for the rest.
 
-use crate::pipeline::{Batch, DeadItem, Item, ValidItem};
+use crate::batch::{Batch, DeadItem, Item, ValidItem};
 use chrono::{DateTime, Utc};
 use sqlx::{PgConnection, Postgres, Transaction};
 use std::collections::{BTreeMap, HashMap, HashSet};
@@ -45,7 +45,7 @@ pub struct Applied {
     pub next_offsets: BTreeMap<i32, i64>,
     /// The `state_changes` row with this batch's bucket increments (none if no new
     /// event): the writer applies it to its own memory after COMMIT.
-    pub usage_change: Option<crate::quota::store::ChangeRef>,
+    pub usage_change: Option<super::counting::ChangeRef>,
 }
 
 /// What the dedup store says about one message of a batch (by batch index).
@@ -69,7 +69,12 @@ pub struct Claims {
 }
 
 /// Claim the batch's event ids in their own transaction (see the module doc).
-pub async fn claim(pool: &sqlx::PgPool, group: &str, topic: &str, batch: &Batch) -> Result<Claims, sqlx::Error> {
+pub async fn claim(
+    pool: &sqlx::PgPool,
+    group: &str,
+    topic: &str,
+    batch: &Batch,
+) -> Result<Claims, sqlx::Error> {
     let mut tx = pool.begin().await?;
     let claims = claim_in(&mut tx, group, topic, batch).await?;
     tx.commit().await?;
@@ -103,7 +108,7 @@ pub async fn apply_claimed(
     if !refused.is_empty() {
         reject_unbillable(tx, &mut new_events, &refused, &mut applied).await?;
     }
-    applied.usage_change = crate::quota::store::count_usage(tx, &new_events).await?;
+    applied.usage_change = super::counting::count_usage(tx, &new_events).await?;
     record_dead_letters(tx, topic, &applied.dead).await?;
     advance_offsets(tx, group, topic, batch, &stored, &mut applied).await?;
     applied.new_events = new_events;
@@ -207,7 +212,12 @@ fn conflict(v: &ValidItem) -> DeadItem {
 }
 
 /// Claim the batch's first occurrences in the dedup store; classify those already there.
-async fn claim_in(conn: &mut PgConnection, group: &str, topic: &str, batch: &Batch) -> Result<Claims, sqlx::Error> {
+async fn claim_in(
+    conn: &mut PgConnection,
+    group: &str,
+    topic: &str,
+    batch: &Batch,
+) -> Result<Claims, sqlx::Error> {
     let mut by_item = vec![Claim::Invalid; batch.items.len()];
     let (mut firsts, repeats) = first_occurrences(batch);
     if firsts.is_empty() {
@@ -259,21 +269,25 @@ async fn claim_in(conn: &mut PgConnection, group: &str, topic: &str, batch: &Bat
         return Err(sqlx::Error::RowNotFound);
     }
     // Who holds each id's claim now: a fresh claim of this batch, or a stored one.
-    let fresh: HashMap<&str, &ValidItem> =
-        items.iter().filter(|v| new_ids.contains(&v.event.event_id)).map(|v| (v.event.event_id.as_str(), *v)).collect();
+    let fresh: HashMap<&str, &ValidItem> = items
+        .iter()
+        .filter(|v| new_ids.contains(&v.event.event_id))
+        .map(|v| (v.event.event_id.as_str(), *v))
+        .collect();
     let mut owned: HashSet<(i32, i64)> = HashSet::new();
     let mut taken_over: Vec<(&str, &str)> = Vec::new();
     let mut classify = |i: usize| -> Claim {
         let v = valid(i);
         let id = v.event.event_id.as_str();
         let at = (v.pos.partition, v.pos.offset);
-        let (hash, own_position, holder_group, applied): (&[u8], bool, Option<&str>, bool) = match fresh.get(id) {
-            Some(f) => (&f.payload_hash[..], (f.pos.partition, f.pos.offset) == at, Some(group), false),
-            None => {
-                let c = &stored[id]; // checked above: every known id has its row
-                (&c.hash[..], c.position() == (topic, at.0, at.1), c.group.as_deref(), c.applied)
-            }
-        };
+        let (hash, own_position, holder_group, applied): (&[u8], bool, Option<&str>, bool) =
+            match fresh.get(id) {
+                Some(f) => (&f.payload_hash[..], (f.pos.partition, f.pos.offset) == at, Some(group), false),
+                None => {
+                    let c = &stored[id]; // checked above: every known id has its row
+                    (&c.hash[..], c.position() == (topic, at.0, at.1), c.group.as_deref(), c.applied)
+                }
+            };
         match (own_position && owned.insert(at), holder_group) {
             // This very message holds the claim: claimed now, or by an attempt of this
             // group that never committed (reclaimed).
@@ -337,7 +351,10 @@ async fn take_over(conn: &mut PgConnection, group: &str, ids: &[(&str, &str)]) -
 }
 
 /// Ids already in the dedup store: hash, claiming group and position, applied or not.
-async fn known_claims(conn: &mut PgConnection, ids: &[&str]) -> Result<HashMap<String, StoredClaim>, sqlx::Error> {
+async fn known_claims(
+    conn: &mut PgConnection,
+    ids: &[&str],
+) -> Result<HashMap<String, StoredClaim>, sqlx::Error> {
     if ids.is_empty() {
         return Ok(HashMap::new());
     }

@@ -3,7 +3,7 @@
 //! Parse at the edge: after this task nothing sees raw bytes. Anything that cannot become
 //! a valid event becomes a [`DeadItem`] with a reason; nothing is dropped.
 
-use super::{Batch, DeadItem, Item, SourcePos, ValidItem, payload_hash};
+use crate::batch::{Batch, DeadItem, Item, SourcePos, ValidItem, payload_hash};
 use crate::codec;
 use crate::event::UsageEvent;
 use crate::metrics as m;
@@ -140,7 +140,7 @@ impl Reader {
             // With a backlog, `recv` is always ready and never yields: give the runtime's
             // workers to the HTTP handlers (authorize) every few messages, so a request
             // waits for at most ~YIELD_EVERY messages of decoding, not a whole batch.
-            if batch.items.len() % YIELD_EVERY == 0 {
+            if batch.items.len().is_multiple_of(YIELD_EVERY) {
                 tokio::task::yield_now().await;
             }
         }

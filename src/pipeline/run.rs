@@ -190,8 +190,8 @@ async fn housekeeping(
             last_fold = std::time::Instant::now();
             // Fold until caught up (each call folds at most FOLD_CHANGES_MAX changes).
             loop {
-                match crate::quota::store::fold_changes(&pool).await {
-                    Ok(n) if n as i64 == crate::quota::store::FOLD_CHANGES_MAX => continue,
+                match crate::ledger::counting::fold_changes(&pool).await {
+                    Ok(n) if n as i64 == crate::ledger::counting::FOLD_CHANGES_MAX => continue,
                     Ok(_) => break,
                     Err(e) => {
                         tracing::warn!(error = %e, "folding state changes");
@@ -202,7 +202,7 @@ async fn housekeeping(
         }
         if last_prune.elapsed() >= CHANGES_PRUNE_INTERVAL {
             let before = chrono::Utc::now() - crate::quota::state::CHANGES_RETENTION;
-            match crate::quota::store::prune_changes(&pool, before).await {
+            match crate::ledger::counting::prune_changes(&pool, before).await {
                 Ok(_) => last_prune = std::time::Instant::now(),
                 Err(e) => tracing::warn!(error = %e, "pruning state changes"),
             }

@@ -5,8 +5,8 @@
 //! reader back. Only a shutdown request ends the retry loop; the batch is then simply not
 //! committed and will be re-read by whoever owns the partition next.
 
-use super::{Batch, DeadItem};
 use crate::analytics::{self, UsageRow};
+use crate::batch::{Batch, DeadItem, ValidItem};
 use crate::ledger::usage::{self, Applied, Claims};
 use crate::metrics as m;
 use crate::quota::state::QuotaState;
@@ -89,7 +89,9 @@ impl Writer {
         loop {
             let attempt = match claims.take() {
                 Some(c) => Ok(c),
-                None => usage::claim(&self.pool, &self.group, &self.topic, batch).await.map_err(StageError::at("postgres")),
+                None => usage::claim(&self.pool, &self.group, &self.topic, batch)
+                    .await
+                    .map_err(StageError::at("postgres")),
             };
             match attempt.map(|c| self.write_once(batch, c)) {
                 Ok(write) => match write.await {
@@ -153,7 +155,7 @@ impl Writer {
     /// never committed) can have a row already, so only they are looked up in ClickHouse:
     /// after a clean run that is none, after a crash at most one batch per partition.
     async fn rows_not_in_clickhouse(&self, applied: &Applied) -> Result<Vec<UsageRow>, StageError> {
-        let suspects: Vec<&super::ValidItem> =
+        let suspects: Vec<&ValidItem> =
             applied.new_events.iter().filter(|v| applied.reclaimed.contains(&v.event.event_id)).collect();
         let present = analytics::existing_event_ids(&self.clickhouse, &suspects)
             .await

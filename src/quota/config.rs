@@ -25,7 +25,7 @@
 //! pro = 100
 //! ```
 
-use crate::ledger::config::exact_units;
+use crate::money::exact_units;
 use rust_decimal::Decimal;
 use serde::Deserialize;
 use std::collections::BTreeMap;

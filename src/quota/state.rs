@@ -35,9 +35,10 @@
 
 use super::config::{Cycle, QuotaConfig};
 use super::decide::AccountView;
-use super::store::{self, ChangeRef, StateRead};
-use crate::pipeline::ValidItem;
+use super::store::{self, StateRead};
 use super::window::{self, Buckets, Totals};
+use crate::batch::ValidItem;
+use crate::ledger::counting::ChangeRef;
 use chrono::{DateTime, Utc};
 use sqlx::PgPool;
 use std::collections::{HashMap, HashSet};
@@ -203,7 +204,14 @@ impl QuotaState {
         // their xid is at or above the snapshot's xmin).
         for c in &read.changes {
             for_change_rows(c, |i| {
-                apply_increment(&mut fresh[shard_of(&c.accounts[i])], &c.accounts[i], &c.kinds[i], &c.keys[i], c.hours[i], Totals { events: c.events[i], cost_units: c.costs[i] });
+                apply_increment(
+                    &mut fresh[shard_of(&c.accounts[i])],
+                    &c.accounts[i],
+                    &c.kinds[i],
+                    &c.keys[i],
+                    c.hours[i],
+                    Totals { events: c.events[i], cost_units: c.costs[i] },
+                );
             });
         }
         for (shard, rows) in fresh.iter_mut().zip(rows_by_shard(&read)) {
@@ -256,7 +264,7 @@ impl QuotaState {
 
     /// The writer's transaction with `change` committed: apply its events' usage here,
     /// now, unless a restore already counted it. Straight from the events (the same rule
-    /// as `store::usage_increments`, without building the aggregate again).
+    /// as `ledger::counting::usage_increments`, without building the aggregate again).
     pub fn finish_local(&self, change: ChangeRef, new_events: &[ValidItem]) {
         let mut meta = self.meta.lock().expect("state meta lock");
         meta.local.remove(&change.change_id);
@@ -275,7 +283,7 @@ impl QuotaState {
             for v in events {
                 let hour = window::floor_hour(v.event.occurred_at);
                 let t = Totals { events: 1, cost_units: v.charge.cost_units };
-                for (kind, key) in store::counters_of(v) {
+                for (kind, key) in crate::ledger::counting::counters_of(v) {
                     apply_increment(&mut shard, &v.event.account_id, kind, key, hour, t);
                 }
             }
@@ -323,7 +331,11 @@ fn account_mut<'a>(accounts: &'a mut Accounts, id: &str) -> &'a mut AccountState
 fn for_change_rows(c: &store::ChangeRow, mut f: impl FnMut(usize)) {
     let n = c.accounts.len();
     let aligned = [c.kinds.len(), c.keys.len(), c.hours.len(), c.events.len(), c.costs.len()];
-    assert!(aligned.iter().all(|len| *len == n), "state_changes arrays are parallel (change {})", c.change_id);
+    assert!(
+        aligned.iter().all(|len| *len == n),
+        "state_changes arrays are parallel (change {})",
+        c.change_id
+    );
     (0..n).for_each(&mut f);
 }
 
@@ -385,10 +397,7 @@ pub fn period(cfg: &QuotaConfig, acct: &AccountState, now: DateTime<Utc>) -> (Da
 
 /// Spend of one counter in `[from, to)`.
 pub fn spent(acct: &AccountState, kind: &str, key: &str, from: DateTime<Utc>, to: DateTime<Utc>) -> Totals {
-    acct.usage
-        .get(kind, key)
-        .map(|b| b.sum(window::floor_hour(from), to.timestamp()))
-        .unwrap_or_default()
+    acct.usage.get(kind, key).map(|b| b.sum(window::floor_hour(from), to.timestamp())).unwrap_or_default()
 }
 
 /// The tier used for quotas: the plan name, or `free` without a plan.
@@ -415,8 +424,7 @@ pub fn view<'c>(
     let feature_quota = ask.feature.and_then(|f| {
         let limit = cfg.quota(f, tier(acct))?;
         let (from, to) = window::rolling_window(now);
-        let used =
-            acct.usage.get("feature", f).map_or(0, |b| b.sum(from, to).events);
+        let used = acct.usage.get("feature", f).map_or(0, |b| b.sum(from, to).events);
         Some((u64::try_from(used).unwrap_or(0), limit))
     });
     let mut spend_caps = Vec::new();

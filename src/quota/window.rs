@@ -15,16 +15,12 @@
 
 use chrono::{DateTime, Datelike, Duration, TimeZone, Utc};
 
-pub const HOUR_SECS: i64 = 3_600;
+pub use crate::ledger::counting::{HOUR_SECS, floor_hour};
 /// 30 days of hourly buckets.
 pub const WINDOW_HOURS: i64 = 720;
 /// Hours of buckets a counter keeps in memory behind its newest one: 40 days covers the
 /// rolling window, any calendar month and any 30-day cycle.
 pub const SPAN_HOURS_MAX: i64 = 40 * 24;
-
-pub fn floor_hour(t: DateTime<Utc>) -> i64 {
-    t.timestamp().div_euclid(HOUR_SECS) * HOUR_SECS
-}
 
 /// `[start, end)` of the rolling window at `now`, as bucket keys.
 pub fn rolling_window(now: DateTime<Utc>) -> (i64, i64) {
@@ -100,9 +96,8 @@ impl Buckets {
     /// Sum of buckets with `from <= hour < to`.
     pub fn sum(&self, from: i64, to: i64) -> Totals {
         let start = self.by_hour.partition_point(|(h, _)| *h < from);
-        self.by_hour[start..].iter().take_while(|(h, _)| *h < to).fold(Totals::default(), |acc, (_, t)| Totals {
-            events: acc.events + t.events,
-            cost_units: acc.cost_units + t.cost_units,
+        self.by_hour[start..].iter().take_while(|(h, _)| *h < to).fold(Totals::default(), |acc, (_, t)| {
+            Totals { events: acc.events + t.events, cost_units: acc.cost_units + t.cost_units }
         })
     }
 

@@ -233,7 +233,8 @@ pub async fn apply_usage(
     events: Vec<tally::event::UsageEvent>,
     first_offset: i64,
 ) -> tally::ledger::usage::Applied {
-    use tally::pipeline::{Batch, SourcePos, reader::Transformer};
+    use tally::batch::{Batch, SourcePos};
+    use tally::pipeline::reader::Transformer;
     let catalog = tally::pricing::Catalog::load(&repo().join("examples/demo.toml")).expect("catalog");
     let t = Transformer {
         catalog: std::sync::Arc::new(catalog),

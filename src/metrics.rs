@@ -18,6 +18,10 @@ pub const LEDGER_DEBITED_UNITS: &str = "tally_ledger_debited_units_total";
 pub const BATCH_SECONDS: &str = "tally_batch_duration_seconds";
 pub const BATCH_EVENTS: &str = "tally_batch_events";
 pub const BATCH_RETRIES: &str = "tally_batch_retries_total";
+/// Batches split in halves to isolate a message the database refused.
+pub const BATCH_SPLITS: &str = "tally_batch_splits_total";
+/// Messages the database refused, dead-lettered as `refused_by_database`: alert on any.
+pub const EVENTS_REFUSED: &str = "tally_events_refused_total";
 pub const LEDGER_COMMIT_SECONDS: &str = "tally_ledger_commit_duration_seconds";
 pub const CLICKHOUSE_INSERT_SECONDS: &str = "tally_clickhouse_insert_duration_seconds";
 pub const CLICKHOUSE_INSERT_ERRORS: &str = "tally_clickhouse_insert_errors_total";
@@ -56,6 +60,8 @@ fn describe() {
     describe_histogram!(BATCH_SECONDS, "Batch write time: Postgres + ClickHouse + dead letters");
     describe_histogram!(BATCH_EVENTS, "Messages per batch");
     describe_counter!(BATCH_RETRIES, "Batch write attempts that failed and were retried, by stage");
+    describe_counter!(BATCH_SPLITS, "Batches split in halves to isolate a message the database refused");
+    describe_counter!(EVENTS_REFUSED, "Messages the database refused, dead-lettered as refused_by_database");
     describe_histogram!(LEDGER_COMMIT_SECONDS, "Postgres transaction time per batch");
     describe_histogram!(CLICKHOUSE_INSERT_SECONDS, "ClickHouse insert time per batch");
     describe_counter!(CLICKHOUSE_INSERT_ERRORS, "Failed ClickHouse inserts");

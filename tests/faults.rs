@@ -3,7 +3,8 @@
 //! each: (1) kill -9 of `tally run` at random moments, (2) a member of a two-member group
 //! killed, (3) Postgres restarted (fast and crash), (4) ClickHouse down, (5) the broker
 //! paused, (6) duplicates days apart (emulated: see `data::duplicates`), (7) bad input
-//! and unknown accounts, (7b) absurd but legal costs, (7c) a balance driven past i64. Scenario 0 first proves the checks
+//! and unknown accounts, (7b) absurd but legal costs, (7c) a balance driven past i64, (7d) rows
+//! the database refuses (a constraint raised by a trigger). Scenario 0 first proves the checks
 //! are not vacuous (it tampers with the stores and requires every check to notice).
 //!
 //! After every scenario it checks, against totals computed from what it produced: ledger
@@ -61,7 +62,7 @@ mod traffic;
 use scenarios::{Cfg, Row};
 use std::time::{Duration, Instant};
 
-const ALL: [&str; 11] = ["0", "1", "2", "2b", "3", "4", "5", "6", "7", "7b", "7c"];
+const ALL: [&str; 12] = ["0", "1", "2", "2b", "3", "4", "5", "6", "7", "7b", "7c", "7d"];
 
 fn var<T: std::str::FromStr>(name: &str, default: T) -> T {
     match std::env::var(name) {
@@ -107,6 +108,7 @@ async fn run(cfg: &Cfg, list: &[String]) -> Vec<Row> {
             "7" => data::bad_input(cfg).await,
             "7b" => data::absurd(cfg).await,
             "7c" => data::balance_overflow(cfg).await,
+            "7d" => data::refused_rows(cfg).await,
             _ => unreachable!("checked in config()"),
         };
         ops::say(format!(

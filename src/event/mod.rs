@@ -260,6 +260,8 @@ fn optional_text(field: &'static str, v: Option<String>) -> Result<Option<String
         Some(s) if s.len() > TEXT_LEN_MAX => {
             Err(EventError::new(field, format!("longer than {TEXT_LEN_MAX} bytes")))
         }
+        // Free text may hold any character but NUL, which Postgres text cannot store.
+        Some(s) if s.contains('\0') => Err(EventError::new(field, "contains a NUL character")),
         Some(s) => Ok(Some(s)),
     }
 }

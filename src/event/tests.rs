@@ -83,3 +83,13 @@ fn json_lines_refuse_unknown_fields() {
     assert_eq!(err.field, "json");
     assert!(err.problem.contains("colour"));
 }
+
+#[test]
+fn refuses_nul_in_free_text_which_postgres_cannot_store() {
+    let mut r = raw();
+    r.feature = Some("chat\0x".into());
+    assert_eq!(UsageEvent::parse(r).unwrap_err().field, "feature");
+    let mut r = raw();
+    r.user_agent = Some("curl/8 (tab\tok)".into());
+    assert!(UsageEvent::parse(r).is_ok(), "other characters stay allowed in free text");
+}

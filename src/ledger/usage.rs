@@ -116,6 +116,37 @@ pub async fn apply_claimed(
     Ok(applied)
 }
 
+/// Dead-letter one message the database refused (see `pipeline::writer`), on its own.
+/// If it is still to be applied (at or above its partition's offset), the claim an earlier
+/// attempt of its batch made for it at this position is released in the same transaction,
+/// so a copy replayed from the dead-letter topic once the cause is fixed is new, not a
+/// duplicate. Below the offset it was settled by whoever advanced it: nothing changes.
+pub async fn apply_refused(
+    tx: &mut Transaction<'_, Postgres>,
+    group: &str,
+    topic: &str,
+    dead: DeadItem,
+) -> Result<Applied, sqlx::Error> {
+    let (pos, event_id) = (dead.pos.clone(), dead.event_id.clone());
+    let batch = Batch { items: vec![Item::Dead(dead)] };
+    let applied = apply_claimed(tx, group, topic, &batch, &Claims { by_item: vec![Claim::Invalid] }).await?;
+    if let (Some(id), false) = (event_id, applied.dead.is_empty()) {
+        sqlx::query(
+            "DELETE FROM processed_events
+             WHERE event_id = $1 AND source_topic = $2 AND source_partition = $3 AND source_offset = $4
+               AND source_group = $5",
+        )
+        .bind(id)
+        .bind(topic)
+        .bind(pos.partition)
+        .bind(pos.offset)
+        .bind(group)
+        .execute(&mut **tx)
+        .await?;
+    }
+    Ok(applied)
+}
+
 /// Lock this batch's partition rows (creating them at 0) and read their next offsets.
 async fn lock_offsets(
     tx: &mut Transaction<'_, Postgres>,

@@ -209,6 +209,63 @@ pub async fn balance_overflow(cfg: &Cfg) -> Row {
     sc.row(&name, faults, &msgs, None).await
 }
 
+// ------------------------------------------------------------------------ 7d: refused rows
+
+/// Accounts whose rows the database refuses in scenario 7d: at the claim (the dedup store)
+/// and at the debit (the ledger), the two places a batch's rows are written.
+const REFUSED_AT_CLAIM: &str = "acct-frozen-claim";
+const REFUSED_AT_DEBIT: &str = "acct-frozen-debit";
+
+/// A row the database refuses, whatever Tally's own validation thought of it: an
+/// operator's constraint, installed as triggers that raise `check_violation` (SQLSTATE
+/// 23514) for two accounts, one on `processed_events` (refused while claiming) and one on
+/// `ledger_entries` (refused while debiting). Each of their events must be dead-lettered
+/// `refused_by_database` on its own, with its original payload; everything around it is
+/// applied exactly once, and the pipeline never stalls (before the fix it retried the batch
+/// forever).
+pub async fn refused_rows(cfg: &Cfg) -> Row {
+    let name = "7d rows the database refuses".to_string();
+    let mut sc = Scene::new(&name).await;
+    let refuse = [
+        "CREATE FUNCTION faults_refuse() RETURNS trigger LANGUAGE plpgsql AS $$
+         BEGIN
+           IF NEW.account_id = TG_ARGV[0] THEN
+             RAISE EXCEPTION 'account % is frozen (operator constraint)', NEW.account_id
+               USING ERRCODE = 'check_violation';
+           END IF;
+           RETURN NEW;
+         END $$",
+        "CREATE TRIGGER faults_refuse_claim BEFORE INSERT ON processed_events
+         FOR EACH ROW EXECUTE FUNCTION faults_refuse('acct-frozen-claim')",
+        "CREATE TRIGGER faults_refuse_debit BEFORE INSERT ON ledger_entries
+         FOR EACH ROW EXECUTE FUNCTION faults_refuse('acct-frozen-debit')",
+    ];
+    for sql in refuse {
+        sqlx::query(sql).execute(&sc.env.pool).await.unwrap_or_else(|e| panic!("7d {sql}: {e}"));
+    }
+    let specials = traffic::refused_events(&mut sc.book, &[REFUSED_AT_CLAIM, REFUSED_AT_DEBIT], 4);
+    let refused = specials.len();
+    let n = cfg.scenario_events.max(refused * 10);
+    let every = n / refused;
+    let mut sim = simulated(sim_opts(cfg.seed + 72, 0.03, 0.01), sc.catalog.clone());
+    let mut queue = specials.into_iter();
+    let mut i = 0usize;
+    let mut mixed = |book: &mut Book| {
+        i += 1;
+        if i.is_multiple_of(every) { queue.next().unwrap_or_else(|| sim(book)) } else { sim(book) }
+    };
+    let mut run = sc.spawn("run");
+    feed(&sc.producer, &sc.env.topic, n, None, &mut sc.book, &mut mixed).await;
+    let group = sc.env.group.clone();
+    let msgs = sc.finish(std::slice::from_mut(&mut run), &group, cfg.wait_limit).await;
+    sc.stop(std::slice::from_mut(&mut run));
+    let faults = format!(
+        "{refused} events the database refuses (check_violation triggers: half at the claim, half at the \
+         debit) among {n} messages with 3% dups and 1% malformed"
+    );
+    sc.row(&name, faults, &msgs, None).await
+}
+
 // ------------------------------------------------------------------------ 0: self-test
 
 /// The checks must not be vacuous: after a clean run, tamper with each store the way a

@@ -186,3 +186,19 @@ pub fn absurd_events(book: &mut Book, catalog: &Catalog) -> Vec<Out> {
     ];
     events.iter().map(|e| book.absurd(e, catalog)).collect()
 }
+
+/// Charged chat events for the accounts `data::refused_rows` makes the database refuse,
+/// `n` each; registered as must-dead-letter `refused_by_database` (their payload is what
+/// Tally puts on the dead-letter topic: the event as `codec::encode` writes it).
+pub fn refused_events(book: &mut Book, accounts: &[&str], n: usize) -> Vec<Out> {
+    let now = now_micros();
+    let mut out = Vec::new();
+    for account in accounts {
+        for i in 0..n {
+            let e = chat_event(format!("faults-refused-{account}-{i}"), account, now);
+            let payload = tally::codec::encode(&e.to_raw());
+            out.push(book.bad(account, payload, Some("refused_by_database"), "a row the database refuses"));
+        }
+    }
+    out
+}

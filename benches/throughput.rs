@@ -23,6 +23,11 @@
 //!    with a balance and 3 counters x 4 hourly buckets, written straight into a fresh
 //!    database; a `tally run` restores them at start: RSS once it answers.
 //!
+//! 6. Event to visible balance: one instance on a live topic, simulated traffic produced at
+//!    half the one-instance drain rate for `BENCH_LATENCY_SECS` (30; 0 skips), and ten probes
+//!    a second (a charged event for a new account): produce -> `GET /v1/accounts/{id}/balance`
+//!    shows the debit (polled every 5 ms), p50/p99.
+//!
 //! Env: `BENCH_MESSAGES`, `BENCH_ACCOUNTS`, `BENCH_RAW_ROWS` (rows per raw Postgres /
 //! ClickHouse figure, default 200,000), `BENCH_BASELINE_BIN`, `BENCH_INSTANCES`
 //! (default "1,2").
@@ -38,6 +43,7 @@ mod common;
 use common::*;
 use rdkafka::ClientConfig;
 use rdkafka::consumer::{Consumer, StreamConsumer};
+use rdkafka::producer::FutureRecord;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::sync::Arc;
@@ -135,6 +141,16 @@ async fn main() {
         } else if let (Some(one), "tally") = (one_instance, *label) {
             println!("    ratio to 1 instance                     {:>10.3}", r.rate / one);
         }
+    }
+    let latency_secs = env_usize("BENCH_LATENCY_SECS", if measuring { 30 } else { 3 }) as u64;
+    if let (Some(one), true) = (one_instance, latency_secs > 0) {
+        let catalog = Catalog::load(&repo().join(CATALOG)).expect("catalog");
+        let v = visible_latency(&env, &catalog, one / 2.0, latency_secs).await;
+        println!(
+            "  event -> visible balance at half the x1 rate ({:.0} msg/s produced for {latency_secs} s): \
+             p50 {} ms, p99 {} ms, max {} ms over {} probes ({} not visible within 30 s)",
+            v.background_rate, v.p50_ms, v.p99_ms, v.max_ms, v.probes, v.missed
+        );
     }
     if state_accounts > 0 {
         let (rss_kb, restore_seconds) = state_memory(&env, state_accounts).await;
@@ -366,40 +382,15 @@ async fn authorize_at_rate(
 
 impl Drain<'_> {
     async fn run(&self, bin: &Path, instances: usize, n: usize, with_authorize: bool) -> DrainResult {
-        let db = format!("{}_d{n}", self.env.ch_database);
-        let admin = sqlx::PgPool::connect(&format!("{}/postgres", *PG_SERVER_URL)).await.expect("admin");
-        sqlx::query(&format!("CREATE DATABASE {db}")).execute(&admin).await.expect("create database");
-        admin.close().await;
-        let url = format!("{}/{db}", *PG_SERVER_URL);
+        let (db, url) = fresh_database(&format!("{}_d{n}", self.env.ch_database)).await;
         let group = format!("{}-d{n}", self.env.group);
-        let ports: Vec<u16> = (0..instances)
-            .map(|_| {
-                std::net::TcpListener::bind("127.0.0.1:0").expect("port").local_addr().expect("addr").port()
-            })
-            .collect();
+        let ports: Vec<u16> = (0..instances).map(|_| free_port()).collect();
         let mut children: Vec<Child> = ports
             .iter()
-            .map(|port| {
-                Command::new(bin)
-                    .arg("run")
-                    .args(["--brokers", *BROKERS, "--database-url", &url])
-                    .args(["--clickhouse-url", *CH_URL, "--clickhouse-database", &db])
-                    .args(["--topic", &self.env.topic, "--dlq-topic", &self.env.dlq_topic, "--group", &group])
-                    .args(["--config", repo().join(CATALOG).to_str().expect("utf-8 path")])
-                    .args(["--http-addr", &format!("127.0.0.1:{port}")])
-                    .env("RUST_LOG", "warn")
-                    .stdout(Stdio::null())
-                    .spawn()
-                    .expect("spawn tally run")
-            })
+            .map(|port| spawn_tally(bin, &url, &db, (&self.env.topic, &self.env.dlq_topic), &group, *port))
             .collect();
         // Wait for the schema, then for the first commit: the rate excludes start-up.
-        let pool = loop {
-            if let Ok(p) = tally::ledger::connect(&url, 2).await {
-                break p;
-            }
-            tokio::time::sleep(Duration::from_millis(100)).await;
-        };
+        let pool = connect_when_ready(&url).await;
         let consumed = |pool: sqlx::PgPool| async move {
             sqlx::query_as::<_, (Option<i64>,)>("SELECT sum(next_offset)::bigint FROM consumer_offsets")
                 .fetch_one(&pool)
@@ -421,17 +412,7 @@ impl Drain<'_> {
                 (pool.clone(), load_stop.clone(), format!("http://127.0.0.1:{}", ports[0]));
             let rps = self.authorize_rps;
             tokio::spawn(async move {
-                let token = tally::api::auth::create_token(
-                    &pool,
-                    &tally::api::auth::NewToken {
-                        account_id: None,
-                        role: tally::api::auth::Role::Service,
-                        name: "bench".into(),
-                    },
-                )
-                .await
-                .expect("token")
-                .token;
+                let token = platform_token(&pool, tally::api::auth::Role::Service).await;
                 authorize_at_rate(base, token, rps, stop).await
             })
         });
@@ -467,6 +448,191 @@ impl Drain<'_> {
             rss_peak_kb,
             authorize,
         }
+    }
+}
+
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0").expect("port").local_addr().expect("addr").port()
+}
+
+/// A new Postgres database (the same name serves as the ClickHouse database): (name, url).
+async fn fresh_database(name: &str) -> (String, String) {
+    let admin = sqlx::PgPool::connect(&format!("{}/postgres", *PG_SERVER_URL)).await.expect("admin");
+    sqlx::query(&format!("CREATE DATABASE {name}")).execute(&admin).await.expect("create database");
+    admin.close().await;
+    (name.to_string(), format!("{}/{name}", *PG_SERVER_URL))
+}
+
+/// Connect once `tally run` has created the schema.
+async fn connect_when_ready(url: &str) -> sqlx::PgPool {
+    loop {
+        if let Ok(p) = tally::ledger::connect(url, 2).await
+            && sqlx::query("SELECT 1 FROM consumer_offsets LIMIT 1").execute(&p).await.is_ok()
+        {
+            return p;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+/// A platform-wide token (no account scope) of `role`.
+async fn platform_token(pool: &sqlx::PgPool, role: tally::api::auth::Role) -> String {
+    let new = tally::api::auth::NewToken { account_id: None, role, name: "bench".into() };
+    tally::api::auth::create_token(pool, &new).await.expect("token").token
+}
+
+fn spawn_tally(bin: &Path, url: &str, db: &str, (topic, dlq): (&str, &str), group: &str, port: u16) -> Child {
+    Command::new(bin)
+        .arg("run")
+        .args(["--brokers", *BROKERS, "--database-url", url])
+        .args(["--clickhouse-url", *CH_URL, "--clickhouse-database", db])
+        .args(["--topic", topic, "--dlq-topic", dlq, "--group", group])
+        .args(["--config", repo().join(CATALOG).to_str().expect("utf-8 path")])
+        .args(["--http-addr", &format!("127.0.0.1:{port}")])
+        .env("RUST_LOG", "warn")
+        .stdout(Stdio::null())
+        .spawn()
+        .expect("spawn tally run")
+}
+
+/// Event to visible balance, p50/p99 over probes, with background traffic at `rate` msg/s.
+struct Visibility {
+    probes: usize,
+    missed: usize,
+    p50_ms: u128,
+    p99_ms: u128,
+    max_ms: u128,
+    background_rate: f64,
+}
+
+/// Phase 6: one instance on a live topic; simulated traffic produced at `rate` msg/s for
+/// `secs`, and 10 times a second a probe: a charged event for an account never seen
+/// before. Its latency runs from just before the produce call to the first
+/// `GET /v1/accounts/{id}/balance` (polled every 5 ms) that shows the debit.
+async fn visible_latency(env: &TestEnv, catalog: &Catalog, rate: f64, secs: u64) -> Visibility {
+    let id = &env.id;
+    let (topic, dlq) = (format!("bench.{id}.live"), format!("bench.{id}.live-dlq"));
+    tally::kafka::ensure_topics(&BROKERS, &[(&topic, 6), (&dlq, 3)]).await.expect("topics");
+    let (db, url) = fresh_database(&format!("{}_live", env.ch_database)).await;
+    let port = free_port();
+    let bin = PathBuf::from(env!("CARGO_BIN_EXE_tally"));
+    let mut child = spawn_tally(&bin, &url, &db, (&topic, &dlq), &format!("{}-live", env.group), port);
+    let pool = connect_when_ready(&url).await;
+    // Balances are read with each probe account's own owner token (the way a customer
+    // reads theirs); the accounts exist with a zero balance before their probe is sent.
+    let probes_max = secs as usize * 10 + 1;
+    let mut tokens = Vec::with_capacity(probes_max);
+    for i in 0..probes_max {
+        let new = tally::api::auth::NewToken {
+            account_id: Some(format!("probe-{id}-{i}")),
+            role: tally::api::auth::Role::Owner,
+            name: "bench".into(),
+        };
+        tokens.push(tally::api::auth::create_token(&pool, &new).await.expect("probe token").token);
+    }
+    let base = format!("http://127.0.0.1:{port}");
+    let producer = Arc::new(tally::kafka::producer(&BROKERS).expect("producer"));
+    let mut generator = Generator::new(SimulateOptions {
+        seed: 11,
+        accounts: 2_000,
+        duplicate_share: 0.03,
+        malformed_share: 0.003,
+        spread_days: 3,
+        ..SimulateOptions::default()
+    });
+    let mut template = None;
+    while template.is_none() {
+        if let Kind::Valid(e) = generator.next_message().kind
+            && catalog.price(&e).cost_units > 0
+        {
+            template = Some(e);
+        }
+    }
+    let template = template.expect("a charged event");
+    let probe = |i: usize| {
+        let mut e = template.clone();
+        e.event_id = format!("probe-{id}-{i}");
+        e.account_id = format!("probe-{id}-{i}");
+        e.occurred_at = chrono::Utc::now();
+        (e.account_id.clone(), tally::codec::encode(&e.to_raw()))
+    };
+    let send_probe = |i: usize| {
+        let (account, payload) = probe(i);
+        let (producer, topic, base, token) =
+            (producer.clone(), topic.clone(), base.clone(), tokens[i].clone());
+        tokio::spawn(async move {
+            let http = reqwest::Client::new();
+            let started = Instant::now();
+            let r = FutureRecord::to(&topic).key(&account).payload(&payload);
+            producer.send(r, Duration::from_secs(30)).await.map_err(|(e, _)| e).expect("produce probe");
+            while started.elapsed() < Duration::from_secs(30) {
+                let r = http
+                    .get(format!("{base}/v1/accounts/{account}/balance"))
+                    .bearer_auth(&token)
+                    .send()
+                    .await;
+                if let Ok(r) = r
+                    && r.status().is_success()
+                    && let Ok(v) = r.json::<serde_json::Value>().await
+                    && v["balance_units"].as_i64().is_some_and(|b| b < 0)
+                {
+                    return Some(started.elapsed());
+                }
+                tokio::time::sleep(Duration::from_millis(5)).await;
+            }
+            None
+        })
+    };
+    // Warm-up: the group joins and the first batch commits before anything is timed.
+    send_probe(probes_max - 1).await.expect("probe task").expect("the warm-up probe becomes visible");
+    let started = Instant::now();
+    let (mut probes, mut sent) = (Vec::new(), 0usize);
+    let mut tick = tokio::time::interval(Duration::from_millis(10));
+    let mut sends = Vec::new();
+    while started.elapsed() < Duration::from_secs(secs) {
+        tick.tick().await;
+        let due = (started.elapsed().as_secs_f64() * rate) as usize;
+        let batch: Vec<_> = (sent..due).map(|_| generator.next_message()).collect();
+        sent = due;
+        let (producer, topic) = (producer.clone(), topic.clone());
+        sends.push(tokio::spawn(async move {
+            let futures = batch.iter().map(|m| {
+                let r = FutureRecord::to(&topic).key(&m.key).payload(&m.payload);
+                producer.send(r, Duration::from_secs(60))
+            });
+            for result in futures::future::join_all(futures).await {
+                result.map_err(|(e, _)| e).expect("produce");
+            }
+        }));
+        if probes.len() < ((started.elapsed().as_millis() / 100) as usize).min(probes_max - 1) {
+            probes.push(send_probe(probes.len()));
+        }
+    }
+    let background_rate = sent as f64 / started.elapsed().as_secs_f64();
+    for s in sends {
+        s.await.expect("send task");
+    }
+    let mut latencies = Vec::new();
+    let mut missed = 0;
+    for p in probes {
+        match p.await.expect("probe task") {
+            Some(d) => latencies.push(d.as_millis()),
+            None => missed += 1,
+        }
+    }
+    terminate(&mut child);
+    pool.close().await;
+    latencies.sort_unstable();
+    let pct = |q: f64| {
+        latencies.get(((latencies.len() as f64 * q) as usize).min(latencies.len().saturating_sub(1))).copied()
+    };
+    Visibility {
+        probes: latencies.len() + missed,
+        missed,
+        p50_ms: pct(0.5).unwrap_or(0),
+        p99_ms: pct(0.99).unwrap_or(0),
+        max_ms: latencies.last().copied().unwrap_or(0),
+        background_rate,
     }
 }
 

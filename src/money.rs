@@ -39,13 +39,32 @@ pub fn units_to_usd(units: i64) -> Decimal {
     Decimal::new(units, USD_SCALE)
 }
 
-/// USD -> units, refusing amounts finer than the unit (money in must be exact).
+/// The largest amount any single money input may carry (an API amount, a hold, a settle,
+/// a cap, a top-up, a plan allocation): 1,000,000,000 USD. Far beyond any real call or
+/// wallet, and small enough that sums of a few million of them stay inside `i64` (9.2e18
+/// units), so arithmetic on inputs that passed this bound cannot wrap.
+pub const INPUT_USD_MAX: i64 = 1_000_000_000;
+pub const INPUT_UNITS_MAX: i64 = INPUT_USD_MAX * UNITS_PER_USD;
+
+/// USD -> units, refusing amounts finer than the unit (money in must be exact) and
+/// magnitudes above [`INPUT_USD_MAX`]. Every money input passes through here at the edge.
 pub fn exact_units(usd: Decimal) -> Result<i64, String> {
     let units = usd_to_units(usd).ok_or_else(|| format!("{usd} USD is out of range"))?;
     if units_to_usd(units) != usd {
         return Err(format!("{usd} USD is finer than the ledger unit (1e-8 USD)"));
     }
+    if units.unsigned_abs() > INPUT_UNITS_MAX as u64 {
+        return Err(format!("{usd} USD is above the largest accepted amount ({INPUT_USD_MAX} USD)"));
+    }
     Ok(units)
+}
+
+/// `balance - reserved - pending`, computed without overflow and clamped to the `i64`
+/// range (a clamp can only make an effective balance look *smaller* than a wrapped one
+/// would: never turn an overdrawn account positive).
+pub fn effective_units(balance: i64, reserved: i64, pending: i64) -> i64 {
+    let e = i128::from(balance) - i128::from(reserved) - i128::from(pending);
+    e.clamp(i128::from(i64::MIN), i128::from(i64::MAX)) as i64
 }
 
 /// Internal units as a plain USD decimal string with all 8 places, e.g. `"0.00012300"`.

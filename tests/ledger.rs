@@ -393,3 +393,35 @@ async fn a_claimed_event_is_billed_even_behind_its_rereadable_duplicate() {
     assert_eq!(debits, 1, "billed exactly once");
     ledger::verify(&env.pool).await.expect("ledger verify passes");
 }
+
+/// Money inputs are bounded at the edge: a settle of i64::MAX used to be accepted and wrap
+/// the account's pending total (and with it the effective balance authorize reads).
+#[tokio::test]
+async fn hold_amounts_beyond_the_input_bound_are_refused_not_wrapped() {
+    let env = TestEnv::new(1).await;
+    let a = "acct-edges";
+    topup::complete(&env.pool, &TopupConfig::default(), &topup_req("o", a, "10")).await.unwrap();
+    let req = |id: &str, units: i64| ReserveRequest {
+        account_id: a.into(),
+        reservation_id: id.into(),
+        amount_units: units,
+        ttl_secs: 60,
+    };
+    let too_big = tally::money::INPUT_UNITS_MAX + 1;
+    assert!(matches!(
+        reservations::reserve(&env.pool, &req("big", too_big)).await,
+        Err(LedgerError::Invalid(_))
+    ));
+    reservations::reserve(&env.pool, &req("r", USD)).await.unwrap();
+    for actual in [i64::MAX, too_big] {
+        let refused = reservations::settle(&env.pool, "r", actual).await;
+        assert!(matches!(refused, Err(LedgerError::Invalid(_))), "settle {actual}: {refused:?}");
+    }
+    // The largest accepted settle: pending is exact, the effective balance goes negative
+    // and stays negative (it used to wrap at i64::MAX).
+    let s = reservations::settle(&env.pool, "r", tally::money::INPUT_UNITS_MAX).await.unwrap();
+    assert_eq!(s.pending_units, tally::money::INPUT_UNITS_MAX);
+    let b = balance(&env, a).await;
+    assert_eq!(b.effective_units, 10 * USD - tally::money::INPUT_UNITS_MAX);
+    ledger::verify(&env.pool).await.unwrap();
+}

@@ -160,7 +160,7 @@ pub fn plan_and_burn(
         state::spent(acct, "account", "", now - Duration::days(7), now + Duration::hours(1)).cost_units;
     let daily_burn = Decimal::from(week) / Decimal::from(7);
     let plan = acct.plan.as_ref().and_then(|(name, _)| cfg.plans.get(name));
-    let remaining = plan.map_or(effective_units, |p| p.allocation_units - consumed);
+    let remaining = plan.map_or(effective_units, |p| p.allocation_units.saturating_sub(consumed));
     let projected_days = (daily_burn > Decimal::ZERO).then(|| {
         (Decimal::from(remaining.max(0)) / daily_burn).round_dp_with_strategy(1, money::ROUNDING).to_string()
     });
@@ -177,7 +177,7 @@ pub fn plan_and_burn(
             "policy": p.policy.as_str(),
             "allocated_units": p.allocation_units,
             "consumed_units": consumed,
-            "remaining_units": p.allocation_units - consumed,
+            "remaining_units": p.allocation_units.saturating_sub(consumed),
             "usage_percent": percent,
         })
     });
@@ -243,7 +243,7 @@ pub async fn get_limits(
             .map(|((scope, scope_id), cap)| {
                 let spent = state::spent(acct, scope, scope_id, start, end).cost_units;
                 serde_json::json!({"scope": scope, "scope_id": scope_id, "monthly_limit_units": cap,
-                    "spent_units": spent, "remaining_units": cap - spent,
+                    "spent_units": spent, "remaining_units": cap.saturating_sub(spent),
                     "period_start": start, "period_end": end})
             })
             .collect();

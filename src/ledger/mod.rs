@@ -249,7 +249,7 @@ pub async fn balance(pool: &PgPool, account_id: &str) -> Result<Option<BalanceVi
             display_balance: crate::money::units_to_coarse(units, per),
             reserved_units: reserved,
             pending_units: pending,
-            effective_units: units - reserved - pending,
+            effective_units: crate::money::effective_units(units, reserved, pending),
             last_purchase_at: lp,
             last_deduction_at: ld,
             entries,

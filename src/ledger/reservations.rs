@@ -42,8 +42,11 @@ pub struct ReserveRequest {
 /// Hold `amount_units` if the effective balance covers it. Idempotent by reservation id:
 /// repeating the same request returns the same reservation.
 pub async fn reserve(pool: &PgPool, req: &ReserveRequest) -> Result<Reservation, LedgerError> {
-    if req.amount_units <= 0 {
-        return Err(LedgerError::Invalid("amount must be positive".into()));
+    if req.amount_units <= 0 || req.amount_units > crate::money::INPUT_UNITS_MAX {
+        return Err(LedgerError::Invalid(format!(
+            "amount must be positive and at most {} USD",
+            crate::money::INPUT_USD_MAX
+        )));
     }
     if req.reservation_id.is_empty() || req.reservation_id.len() > 128 {
         return Err(LedgerError::Invalid("reservation id must be 1..=128 bytes".into()));
@@ -56,7 +59,7 @@ pub async fn reserve(pool: &PgPool, req: &ReserveRequest) -> Result<Reservation,
     }
     let (balance, reserved, pending) = lock_projection(&mut tx, &req.account_id).await?;
     let (reserved, pending) = expire_for_account(&mut tx, &req.account_id, reserved, pending).await?;
-    let effective = balance - reserved - pending;
+    let effective = crate::money::effective_units(balance, reserved, pending);
     if effective < req.amount_units {
         // Not stored under the key: after a top-up the same request may succeed.
         return Err(LedgerError::InsufficientFunds {
@@ -77,7 +80,8 @@ pub async fn reserve(pool: &PgPool, req: &ReserveRequest) -> Result<Reservation,
     .bind(expires_at)
     .fetch_one(&mut *tx)
     .await?;
-    set_projection(&mut tx, &req.account_id, reserved + req.amount_units, pending).await?;
+    let reserved = reserved.checked_add(req.amount_units).ok_or_else(holds_out_of_range)?;
+    set_projection(&mut tx, &req.account_id, reserved, pending).await?;
     finish(&mut tx, &key, &r).await?;
     tx.commit().await?;
     Ok(r)
@@ -96,8 +100,11 @@ pub async fn settle(
     reservation_id: &str,
     actual_units: i64,
 ) -> Result<Reservation, LedgerError> {
-    if actual_units < 0 {
-        return Err(LedgerError::Invalid("actual cost must not be negative".into()));
+    if !(0..=crate::money::INPUT_UNITS_MAX).contains(&actual_units) {
+        return Err(LedgerError::Invalid(format!(
+            "actual cost must be between 0 and {} USD",
+            crate::money::INPUT_USD_MAX
+        )));
     }
     transition(pool, reservation_id, Transition::Settle(actual_units)).await
 }
@@ -123,7 +130,9 @@ async fn transition(pool: &PgPool, reservation_id: &str, t: Transition) -> Resul
         (Transition::Release, "active") => ("released", 0, reserved - r.amount_units, pending),
         (Transition::Release, "settling") => ("released", 0, reserved, pending - r.pending_units),
         (Transition::Release, "released") => return Ok(r),
-        (Transition::Settle(a), "active") => ("settling", a, reserved - r.amount_units, pending + a),
+        (Transition::Settle(a), "active") => {
+            ("settling", a, reserved - r.amount_units, pending.checked_add(a).ok_or_else(holds_out_of_range)?)
+        }
         (Transition::Settle(a), "settling") if a == r.pending_units => return Ok(r),
         (_, other) => {
             return Err(LedgerError::InvalidState(format!("reservation {reservation_id} is {other}")));
@@ -147,6 +156,11 @@ async fn transition(pool: &PgPool, reservation_id: &str, t: Transition) -> Resul
     set_projection(&mut tx, &account, reserved, pending).await?;
     tx.commit().await?;
     Ok(r)
+}
+
+/// A hold that would take the account's held total beyond `i64`: refused (422), never wrapped.
+fn holds_out_of_range() -> LedgerError {
+    LedgerError::Invalid("the account's holds would exceed the ledger's range".into())
 }
 
 pub async fn get(pool: &PgPool, reservation_id: &str) -> Result<Option<Reservation>, LedgerError> {

@@ -65,13 +65,14 @@ pub fn decide(account: &AccountView<'_>, feature: Option<&str>, estimate_units: 
     let estimate = estimate_units.max(0);
     let overage = overage(account, estimate);
     if let (Some(feature), Some((used, limit))) = (feature, account.feature_quota)
-        && used + 1 > limit
+        && used >= limit
     {
         let msg = format!("quota for {feature} is used up: {used} of {limit} calls in the last 30 days");
         return refuse(429, "quota_exceeded", msg, overage);
     }
     for (scope, spent, cap) in &account.spend_caps {
-        if spent.saturating_add(estimate) > *cap {
+        // In i128: a saturated sum would equal a cap of i64::MAX and pass it.
+        if i128::from(*spent) + i128::from(estimate) > i128::from(*cap) {
             let msg = format!(
                 "{scope} monthly spend limit reached: {} of {} USD spent, {} USD requested",
                 money::units_to_usd(*spent),
@@ -95,7 +96,7 @@ fn refuse(status: u16, code: &'static str, message: String, overage: OverageResu
 
 fn overage(a: &AccountView<'_>, estimate: i64) -> OverageResult {
     let Some(plan) = a.plan else {
-        let effective = a.balance_units - a.reserved_units - a.pending_units;
+        let effective = money::effective_units(a.balance_units, a.reserved_units, a.pending_units);
         let blocked = effective <= 0 || effective < estimate;
         let message = if blocked {
             format!(
@@ -110,12 +111,14 @@ fn overage(a: &AccountView<'_>, estimate: i64) -> OverageResult {
         return OverageResult { in_overage: false, overage_amount, policy: "prepaid", blocked, message };
     };
     let allocation = plan.allocation_units;
-    let projected = a.period_consumed_units.saturating_add(estimate);
-    let overage_amount = (projected - allocation).max(0);
-    let in_overage = overage_amount > 0;
+    // Comparisons in i128 (exact); only the reported amount is clamped to i64.
+    let projected = i128::from(a.period_consumed_units) + i128::from(estimate);
+    let over = (projected - i128::from(allocation)).max(0);
+    let overage_amount = i64::try_from(over).unwrap_or(i64::MAX);
+    let in_overage = over > 0;
     let (blocked, message) = match plan.policy {
         OveragePolicy::HardLimit => {
-            let blocked = a.period_consumed_units >= allocation || projected > allocation;
+            let blocked = a.period_consumed_units >= allocation || projected > i128::from(allocation);
             (
                 blocked,
                 if blocked {
@@ -127,7 +130,7 @@ fn overage(a: &AccountView<'_>, estimate: i64) -> OverageResult {
         }
         OveragePolicy::SoftLimit => {
             let ceiling = soft_ceiling(allocation, plan.soft_limit_percent);
-            let blocked = projected > ceiling;
+            let blocked = projected > i128::from(ceiling);
             let message = if blocked {
                 format!(
                     "{} plan soft limit of {}% reached; upgrade or wait for the next period",

@@ -97,7 +97,10 @@ impl Buckets {
     pub fn sum(&self, from: i64, to: i64) -> Totals {
         let start = self.by_hour.partition_point(|(h, _)| *h < from);
         self.by_hour[start..].iter().take_while(|(h, _)| *h < to).fold(Totals::default(), |acc, (_, t)| {
-            Totals { events: acc.events + t.events, cost_units: acc.cost_units + t.cost_units }
+            Totals {
+                events: acc.events.saturating_add(t.events),
+                cost_units: acc.cost_units.saturating_add(t.cost_units),
+            }
         })
     }
 

@@ -154,9 +154,11 @@ pub struct TopupArgs {
     /// Payment / order reference: the idempotency key (a new one is generated if absent).
     #[arg(long)]
     pub order_id: Option<String>,
-    /// Catalog file whose [topup] table sets limits and bonus tiers.
-    #[arg(long = "config", env = "TALLY_CONFIG")]
-    pub catalog_path: Option<PathBuf>,
+    /// Catalog file whose [topup] table sets limits and bonus tiers: the same catalog,
+    /// default and variable as `tally run`, so the operator path and the webhook path
+    /// always apply the same rules (there is no rule-free top-up).
+    #[arg(long = "config", env = "TALLY_CONFIG", default_value = "examples/demo.toml")]
+    pub catalog_path: PathBuf,
     #[arg(long, env = "TALLY_DATABASE_URL", default_value = "postgres://postgres@127.0.0.1:55432/tally")]
     pub database_url: String,
 }

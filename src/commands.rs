@@ -145,10 +145,7 @@ async fn plan(args: crate::cli::PlanArgs) -> anyhow::Result<()> {
 }
 
 async fn topup(args: crate::cli::TopupArgs) -> anyhow::Result<()> {
-    let cfg = match &args.catalog_path {
-        Some(p) => ledger::config::LedgerConfig::load(p).map_err(|e| anyhow::anyhow!(e))?,
-        None => ledger::config::LedgerConfig::default(),
-    };
+    let cfg = ledger::config::LedgerConfig::load(&args.catalog_path).map_err(|e| anyhow::anyhow!(e))?;
     let pool = ledger::connect(&args.database_url, 2).await?;
     let order_id = args.order_id.unwrap_or_else(|| format!("op-{}", uuid::Uuid::new_v4()));
     let req = ledger::topup::TopupRequest {

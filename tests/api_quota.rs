@@ -132,6 +132,15 @@ async fn authorize_answers_every_code_with_an_overage_result() {
         (s, b["error"]["code"].as_str(), b["overage"]["policy"].as_str()),
         (402, Some("insufficient_quota"), Some("prepaid"))
     );
+    // The same account's bring-your-own-key call is not charged: never refused for the
+    // wallet (it used to get this 402 too).
+    let (s, b) =
+        app.authorize(&gw, serde_json::json!({"account_id": "acct-p", "billing_mode": "byok"})).await;
+    assert_eq!(
+        (s, b["allowed"].as_bool(), b["overage"]["policy"].as_str()),
+        (200, Some(true), Some("byok")),
+        "{b}"
+    );
     // Free plan ($0.50, hard limit), $0.44 used: $0.06 exactly is allowed, one unit more is not.
     let owner = app.token(Some("acct-f"), Role::Owner).await;
     let (s, _) = app.call("POST", "/v1/accounts/acct-f/plan", Some(&owner), Some(r#"{"plan":"free"}"#)).await;
@@ -231,6 +240,22 @@ async fn quotas_limits_plans_and_balance_over_http() {
     );
     assert_eq!(b["plan"]["usage_percent"], "0.44");
     assert!(b["projected_days_remaining"].is_string(), "a burn rate exists: {b}");
+    // The same change made again later applies (it used to replay the first pro -> free
+    // under the default key and leave the account on pro); a true retry, same key, replays.
+    let mut directions = Vec::new();
+    for plan in ["free", "pro", "free"] {
+        let body = format!(r#"{{"plan":"{plan}"}}"#);
+        let (s, b) = app.call("POST", "/v1/accounts/acct-q/plan", Some(&owner), Some(&body)).await;
+        assert_eq!(s, 200, "{b}");
+        directions.push(b["direction"].as_str().map(String::from));
+        let (_, bal) = app.call("GET", "/v1/accounts/acct-q/balance", Some(&banker), None).await;
+        assert_eq!(bal["plan"]["plan"].as_str(), Some(plan), "{bal}");
+    }
+    assert_eq!(directions, [Some("downgrade".into()), Some("upgrade".into()), Some("downgrade".into())]);
+    let keyed = r#"{"plan":"pro","idempotency_key":"k-1"}"#;
+    let (_, first) = app.call("POST", "/v1/accounts/acct-q/plan", Some(&owner), Some(keyed)).await;
+    let (_, retry) = app.call("POST", "/v1/accounts/acct-q/plan", Some(&owner), Some(keyed)).await;
+    assert_eq!(first, retry, "a retry with the same key replays the first answer");
 }
 
 #[tokio::test]
@@ -243,6 +268,7 @@ async fn malformed_requests_are_json_4xx_never_500() {
         ("POST", "/v1/authorize", r#"{"account_id": "a", "colour": "red"}"#, 422),
         ("POST", "/v1/authorize", r#"{"account_id": ""}"#, 422),
         ("POST", "/v1/authorize", r#"{"account_id": "a", "estimated_cost_units": -1}"#, 422),
+        ("POST", "/v1/authorize", r#"{"account_id": "a", "billing_mode": "free_lunch"}"#, 422),
         ("POST", "/v1/authorize", r#"{"account_id": "a", "estimated_cost_usd": "1e3"}"#, 422),
         (
             "POST",

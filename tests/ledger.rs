@@ -312,6 +312,20 @@ async fn operator_cli_topup_adjust_history_balance() {
     let (code, _, err) = tally(&["topup", "acct-cli", "1001", "--config", brokr]);
     assert_eq!(code, Some(1));
     assert!(err.contains("above the maximum 1000 USD"), "{err}");
+    // The catalog comes from TALLY_CONFIG like `tally run`'s: Brievio's $100 top-up gets
+    // its 10% bonus from the operator path too (there is no rule-free top-up).
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_tally"))
+        .args(["topup", "acct-bonus", "100", "--order-id", "ord-b"])
+        .env("TALLY_DATABASE_URL", &env.database_url)
+        .env("TALLY_CONFIG", repo().join("examples/brievio.toml"))
+        .output()
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        stdout.contains("\"credited_units\": 11000000000"),
+        "{stdout} {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     let adjust = ["adjust", "acct-cli", "--set-to-usd", "7.5", "--by-user", "alice", "--reason", "promo"];
     let (code, out, _) = tally(&adjust);
     assert_eq!(code, Some(0));
@@ -424,4 +438,30 @@ async fn hold_amounts_beyond_the_input_bound_are_refused_not_wrapped() {
     let b = balance(&env, a).await;
     assert_eq!(b.effective_units, 10 * USD - tally::money::INPUT_UNITS_MAX);
     ledger::verify(&env.pool).await.unwrap();
+}
+
+/// `last_deduction_at` is the event time of the latest billed usage: an older event does
+/// not move it back, and a negative adjustment is no deduction (it used to move it, to the
+/// processing time).
+#[tokio::test]
+async fn last_deduction_at_is_the_latest_usage_event_time() {
+    let env = TestEnv::new(1).await;
+    let a = "acct-ld";
+    topup::complete(&env.pool, &TopupConfig::default(), &topup_req("o", a, "10")).await.unwrap();
+    assert_eq!(balance(&env, a).await.last_deduction_at, None, "a top-up is no deduction");
+    let at = |hours_ago: i64| {
+        use chrono::SubsecRound;
+        (Utc::now() - chrono::Duration::hours(hours_ago)).trunc_subsecs(6)
+    };
+    let (newer, older) = (at(2), at(5));
+    let mut e1 = chat("ld-1", a, None);
+    e1.occurred_at = newer;
+    apply_usage(&env, vec![e1], 0).await;
+    assert_eq!(balance(&env, a).await.last_deduction_at, Some(newer));
+    let mut e2 = chat("ld-2", a, None);
+    e2.occurred_at = older;
+    apply_usage(&env, vec![e2], 1).await;
+    assert_eq!(balance(&env, a).await.last_deduction_at, Some(newer), "an older event does not move it back");
+    ops::manual(&env.pool, &manual(a, "adj-ld", ManualKind::AdjustBy(-USD))).await.unwrap();
+    assert_eq!(balance(&env, a).await.last_deduction_at, Some(newer), "an adjustment is no deduction");
 }

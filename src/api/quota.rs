@@ -31,6 +31,10 @@ pub struct AuthorizeRequest {
     /// Estimated cost, USD decimal string (exact), or `estimated_cost_units`.
     pub estimated_cost_usd: Option<String>,
     pub estimated_cost_units: Option<i64>,
+    /// `platform` (default) or `byok`: a bring-your-own-key call is checked against quotas
+    /// and caps only, never the wallet (see `decide::decide_for`).
+    #[serde(default)]
+    pub billing_mode: Option<crate::event::BillingMode>,
 }
 
 #[derive(Debug, Serialize)]
@@ -86,7 +90,8 @@ pub async fn authorize(
     let cfg = &state.quota_config;
     let now = Utc::now();
     let d = state.quota.with_account(&req.account_id, |acct| {
-        decide::decide(&state::view(cfg, acct, &ask, now), ask.feature, estimate)
+        let mode = req.billing_mode.unwrap_or(crate::event::BillingMode::Platform);
+        decide::decide_for(&state::view(cfg, acct, &ask, now), ask.feature, estimate, mode)
     });
     if d.allowed {
         let body = AuthorizeResponse { allowed: true, message: d.message, overage: d.overage };
@@ -275,9 +280,12 @@ pub async fn change_plan(
         .ok_or_else(|| ApiError::unprocessable("unknown_plan", format!("no plan {}", req.plan)))?;
     let current = store::current_plan(&state.pool, &id).await.map_err(ApiError::internal)?;
     let old = current.as_deref().and_then(|name| cfg.plans.get(name));
-    let key = req
-        .idempotency_key
-        .unwrap_or_else(|| format!("plan:{id}:{}:{}", current.as_deref().unwrap_or("none"), new.name));
+    let key = match req.idempotency_key {
+        Some(k) => k,
+        None => store::default_plan_key(&state.pool, &id, current.as_deref(), &new.name)
+            .await
+            .map_err(ApiError::internal)?,
+    };
     let change = store::change_plan(
         &state.pool,
         &store::PlanChangeRequest {

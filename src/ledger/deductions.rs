@@ -326,7 +326,8 @@ async fn post_all(
     for (p, key) in posted.iter_mut().zip(&keys) {
         p.entry_id = ids[key];
     }
-    store_balances(tx, &balances, &last, None, Some(now)).await?;
+    let usage_at: HashMap<&str, chrono::DateTime<Utc>> = balances.keys().map(|a| (*a, now)).collect();
+    store_balances(tx, &balances, &last, None, &usage_at).await?;
     super::auto_reload::check(tx, &balances).await?;
     let spend: Vec<(&str, i64)> =
         fresh.iter().map(|i| (reqs[*i].account_id.as_str(), reqs[*i].amount_units)).collect();

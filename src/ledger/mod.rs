@@ -172,33 +172,38 @@ impl<'a> EntryRows<'a> {
 }
 
 /// Write the projection for the given accounts.
+///
+/// `usage_at`: per account, the time of the latest *usage* debit in this transaction. It
+/// moves `last_deduction_at` forward only (the latest usage debit ever: a usage event's own
+/// event time, an API deduction's recording time); top-ups, adjustments, plan changes,
+/// downgrade caps and refunds never move it.
 pub(crate) async fn store_balances(
     tx: &mut Transaction<'_, Postgres>,
     balances: &HashMap<&str, i64>,
     last_ids: &HashMap<String, i64>,
     purchase_at: Option<DateTime<Utc>>,
-    deduction_at: Option<DateTime<Utc>>,
+    usage_at: &HashMap<&str, DateTime<Utc>>,
 ) -> Result<(), sqlx::Error> {
     let accounts: Vec<&str> = balances.keys().copied().collect();
     let values: Vec<i64> = accounts.iter().map(|a| balances[a]).collect();
     let lasts: Vec<Option<i64>> = accounts.iter().map(|a| last_ids.get(*a).copied()).collect();
+    let usage: Vec<Option<DateTime<Utc>>> = accounts.iter().map(|a| usage_at.get(*a).copied()).collect();
     sqlx::query(
         "UPDATE account_balances b
          SET balance_units = u.v,
              last_entry_id = COALESCE(u.l, b.last_entry_id),
              last_purchase_at = CASE WHEN u.l IS NULL THEN b.last_purchase_at
                                      ELSE COALESCE($4, b.last_purchase_at) END,
-             last_deduction_at = CASE WHEN u.l IS NULL THEN b.last_deduction_at
-                                      ELSE COALESCE($5, b.last_deduction_at) END,
+             last_deduction_at = GREATEST(b.last_deduction_at, u.d),
              updated_at = clock_timestamp(), changed_xid = pg_current_xact_id()
-         FROM UNNEST($1::text[], $2::bigint[], $3::bigint[]) AS u(a, v, l)
+         FROM UNNEST($1::text[], $2::bigint[], $3::bigint[], $5::timestamptz[]) AS u(a, v, l, d)
          WHERE b.account_id = u.a",
     )
     .bind(&accounts)
     .bind(&values)
     .bind(&lasts)
     .bind(purchase_at)
-    .bind(deduction_at)
+    .bind(&usage)
     .execute(&mut **tx)
     .await?;
     Ok(())

@@ -157,8 +157,8 @@ pub(crate) async fn post(tx: &mut Transaction<'_, Postgres>, p: Posting<'_>) -> 
     let last = rows.insert(tx).await?;
     let entry_id = last[p.account_id];
     let purchase_at = (p.kind == "topup").then(Utc::now);
-    let deduction_at = (amount < 0).then(Utc::now);
-    store_balances(tx, &balances, &last, purchase_at, deduction_at).await?;
+    // Not usage: a negative adjustment or a downgrade cap is no deduction.
+    store_balances(tx, &balances, &last, purchase_at, &HashMap::new()).await?;
     super::auto_reload::check(tx, &HashMap::from([(p.account_id, after)])).await?;
     Ok(Posted {
         entry_id,

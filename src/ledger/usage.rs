@@ -467,8 +467,13 @@ async fn post_debits(
         })
         .collect();
     applied.reservations_settled += super::reservations::settle_from_events(tx, &settlements).await?;
-    let deducted = (!last_ids.is_empty()).then(Utc::now);
-    super::store_balances(tx, &balances, &last_ids, None, deducted).await?;
+    // last_deduction_at: the event time of the account's latest billed usage.
+    let mut usage_at: HashMap<&str, DateTime<Utc>> = HashMap::new();
+    for v in touched.iter().filter(|v| v.charge.cost_units > 0 && !refused.contains(&v.event.event_id)) {
+        let at = usage_at.entry(v.event.account_id.as_str()).or_insert(v.event.occurred_at);
+        *at = (*at).max(v.event.occurred_at);
+    }
+    super::store_balances(tx, &balances, &last_ids, None, &usage_at).await?;
     super::auto_reload::check(tx, &balances).await?;
     Ok(refused)
 }

@@ -18,6 +18,7 @@
 //! is never refused here: this only decides what the gateway is told next.
 
 use super::config::{OveragePolicy, Plan};
+use crate::event::BillingMode;
 use crate::money;
 use rust_decimal::Decimal;
 use serde::Serialize;
@@ -62,8 +63,35 @@ pub struct Decision {
 }
 
 pub fn decide(account: &AccountView<'_>, feature: Option<&str>, estimate_units: i64) -> Decision {
-    let estimate = estimate_units.max(0);
-    let overage = overage(account, estimate);
+    decide_for(account, feature, estimate_units, BillingMode::Platform)
+}
+
+/// [`decide`] for a call of the given billing mode. A bring-your-own-key call is paid by the
+/// customer's own provider account: it is checked against the tier quota and the spend caps
+/// (with a zero estimate: it costs nothing here), never against the wallet or the plan
+/// allocation (Reeve, Struere), so an account with no credits can still make BYOK calls.
+pub fn decide_for(
+    account: &AccountView<'_>,
+    feature: Option<&str>,
+    estimate_units: i64,
+    mode: BillingMode,
+) -> Decision {
+    let (estimate, overage) = match mode {
+        BillingMode::Platform => {
+            let estimate = estimate_units.max(0);
+            (estimate, overage(account, estimate))
+        }
+        BillingMode::Byok => (
+            0,
+            OverageResult {
+                in_overage: false,
+                overage_amount: 0,
+                policy: "byok",
+                blocked: false,
+                message: "ok (bring your own key: not charged)".into(),
+            },
+        ),
+    };
     if let (Some(feature), Some((used, limit))) = (feature, account.feature_quota)
         && used >= limit
     {
@@ -184,6 +212,20 @@ mod tests {
 
     fn with_plan(p: &Plan, consumed: i64) -> AccountView<'_> {
         AccountView { plan: Some(p), period_consumed_units: consumed, ..Default::default() }
+    }
+
+    #[test]
+    fn byok_skips_the_wallet_but_not_quotas_or_caps() {
+        let broke = AccountView { feature_quota: Some((3, 10)), ..AccountView::default() };
+        assert_eq!(decide(&broke, Some("f"), 100).code, Some("insufficient_quota"));
+        let d = decide_for(&broke, Some("f"), 100, BillingMode::Byok);
+        assert!(d.allowed && d.overage.policy == "byok", "{d:?}");
+        let used_up = AccountView { feature_quota: Some((10, 10)), ..AccountView::default() };
+        assert_eq!(decide_for(&used_up, Some("f"), 0, BillingMode::Byok).code, Some("quota_exceeded"));
+        let over_cap = AccountView { spend_caps: vec![("account", 101, 100)], ..AccountView::default() };
+        assert_eq!(decide_for(&over_cap, None, 0, BillingMode::Byok).code, Some("spend_limit_exceeded"));
+        let at_cap = AccountView { spend_caps: vec![("account", 100, 100)], ..AccountView::default() };
+        assert!(decide_for(&at_cap, None, 50, BillingMode::Byok).allowed, "a BYOK estimate costs nothing");
     }
 
     #[test]

@@ -212,11 +212,35 @@ pub struct PlanChangeRequest<'a> {
     pub cycle: super::config::Cycle,
 }
 
+/// The idempotency key of a plan change whose caller gave none: the account, the change
+/// and how many changes the account has had. A retry of the same request (nothing changed
+/// in between) gets the same key and replays; the same change made again later (pro -> free
+/// -> pro -> free) is a new change, with a new key, and applies.
+pub async fn default_plan_key(
+    pool: &PgPool,
+    account_id: &str,
+    current: Option<&str>,
+    new_plan: &str,
+) -> Result<String, sqlx::Error> {
+    let (changes,): (i64,) = sqlx::query_as("SELECT count(*) FROM plan_changes WHERE account_id = $1")
+        .bind(account_id)
+        .fetch_one(pool)
+        .await?;
+    Ok(format!("plan:{account_id}:{}:{new_plan}:#{changes}", current.unwrap_or("none")))
+}
+
 /// Change plan: upgrades credit the allocation difference prorated over the rest of the
 /// period; downgrades cap the balance at the new allocation; same plan is a no-op; a
 /// plan that is not self-serve (enterprise) is refused. One ledger entry + one audit row.
 pub async fn change_plan(pool: &PgPool, req: &PlanChangeRequest<'_>) -> Result<PlanChange, LedgerError> {
     let (new, old) = (req.new_plan, req.old_plan);
+    // The request is (account, target plan): a retry under the same key replays the first
+    // answer even though the account is on the target plan by then.
+    let hash = hash_payload(&(req.account_id, &new.name));
+    let mut tx = pool.begin().await?;
+    if let Some(saved) = claim::<PlanChange>(&mut tx, req.idempotency_key, "plan_change", &hash).await? {
+        return Ok(saved);
+    }
     if old.map(|o| o.name == new.name).unwrap_or(false) {
         return Ok(PlanChange {
             account_id: req.account_id.into(),
@@ -232,11 +256,6 @@ pub async fn change_plan(pool: &PgPool, req: &PlanChangeRequest<'_>) -> Result<P
             "changing to the {} plan needs a conversation with sales",
             new.name
         )));
-    }
-    let hash = hash_payload(&(req.account_id, old.map(|o| &o.name), &new.name));
-    let mut tx = pool.begin().await?;
-    if let Some(saved) = claim::<PlanChange>(&mut tx, req.idempotency_key, "plan_change", &hash).await? {
-        return Ok(saved);
     }
     let anchor = current_anchor(&mut tx, req.account_id).await?.unwrap_or(req.now);
     let (start, end) = match req.cycle {

@@ -465,3 +465,85 @@ async fn last_deduction_at_is_the_latest_usage_event_time() {
     ops::manual(&env.pool, &manual(a, "adj-ld", ManualKind::AdjustBy(-USD))).await.unwrap();
     assert_eq!(balance(&env, a).await.last_deduction_at, Some(newer), "an adjustment is no deduction");
 }
+
+/// A settle ends in exactly one debit, whatever the order: the usage event or the hold's
+/// deadline, whichever comes first; the other finds it done. Before this, a settled hold
+/// whose event never came expired with no debit at all (money used, never billed).
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_settle_ends_in_exactly_one_debit_in_every_order() {
+    let env = TestEnv::new(1).await;
+    let a = "acct-settle";
+    topup::complete(&env.pool, &TopupConfig::default(), &topup_req("o", a, "10")).await.unwrap();
+    let reserve = |id: &str, ttl: u32| ReserveRequest {
+        account_id: a.into(),
+        reservation_id: id.into(),
+        amount_units: USD,
+        ttl_secs: ttl,
+    };
+    let debits = |id: &'static str| {
+        let pool = env.pool.clone();
+        async move {
+            let rows: Vec<(String, i64)> = sqlx::query_as(
+                "SELECT kind, amount_units FROM ledger_entries
+                 WHERE idempotency_key = 'reservation:' || $1 || ':deadline'
+                    OR (kind = 'consume' AND event_id = 'ev-' || $1)",
+            )
+            .bind(id)
+            .fetch_all(&pool)
+            .await
+            .unwrap();
+            rows
+        }
+    };
+    let half = USD / 2;
+    // Settle, and no event: the deadline bills the settled amount, once.
+    reservations::reserve(&env.pool, &reserve("a", 1)).await.unwrap();
+    reservations::settle(&env.pool, "a", half).await.unwrap();
+    // Event then settle: the event bills its own price; the settle finds it done.
+    reservations::reserve(&env.pool, &reserve("c", 60)).await.unwrap();
+    apply_usage(&env, vec![chat("ev-c", a, Some("c"))], 0).await;
+    let c = reservations::settle(&env.pool, "c", 1).await.unwrap();
+    assert_eq!((c.status.as_str(), c.actual_units), ("settled", Some(CHAT_UNITS)));
+    // Event and no settle: the deadline finds it done. Release: never billed.
+    reservations::reserve(&env.pool, &reserve("d", 1)).await.unwrap();
+    apply_usage(&env, vec![chat("ev-d", a, Some("d"))], 1).await;
+    reservations::reserve(&env.pool, &reserve("e", 1)).await.unwrap();
+    reservations::release(&env.pool, "e").await.unwrap();
+    tokio::time::sleep(Duration::from_millis(1_500)).await;
+    reservations::expire_due(&env.pool).await.unwrap();
+    reservations::expire_due(&env.pool).await.unwrap();
+    assert_eq!(debits("a").await, [("reservation_settle".to_string(), -half)]);
+    assert_eq!(reservations::get(&env.pool, "a").await.unwrap().unwrap().status, "settled");
+    // Settle, deadline, then the event arrives late: recorded, not billed again.
+    let late = apply_usage(&env, vec![chat("ev-a", a, Some("a"))], 2).await;
+    assert_eq!(late.new_events.len(), 1);
+    assert_eq!(late.new_events[0].charge.cost_units, 0);
+    assert_eq!(late.new_events[0].charge.reason.as_str(), "paid_by_hold");
+    assert_eq!(debits("a").await.len(), 1, "the late event is not billed again");
+    assert_eq!(debits("c").await, [("consume".to_string(), -CHAT_UNITS)]);
+    assert_eq!(debits("d").await, [("consume".to_string(), -CHAT_UNITS)]);
+    assert_eq!(reservations::get(&env.pool, "e").await.unwrap().unwrap().status, "released");
+    let b = balance(&env, a).await;
+    assert_eq!(
+        (b.balance_units, b.reserved_units, b.pending_units),
+        (10 * USD - half - 2 * CHAT_UNITS, 0, 0)
+    );
+
+    // Two instances race the deadline against the event: exactly one debit, never zero.
+    for (round, id) in ["f", "g", "h", "i"].into_iter().enumerate() {
+        reservations::reserve(&env.pool, &reserve(id, 1)).await.unwrap();
+        reservations::settle(&env.pool, id, half).await.unwrap();
+        tokio::time::sleep(Duration::from_millis(1_100)).await;
+        let other = tally::ledger::connect(&env.database_url, 2).await.unwrap();
+        let (p1, p2) = (env.pool.clone(), other.clone());
+        let expire1 = tokio::spawn(async move { reservations::expire_due(&p1).await.unwrap() });
+        let expire2 = tokio::spawn(async move { reservations::expire_due(&p2).await.unwrap() });
+        apply_usage(&env, vec![chat(&format!("ev-{id}"), a, Some(id))], 3 + round as i64).await;
+        expire1.await.unwrap();
+        expire2.await.unwrap();
+        let d = debits(id).await;
+        let nonzero: Vec<_> = d.iter().filter(|(_, units)| *units != 0).collect();
+        assert_eq!(nonzero.len(), 1, "{id}: exactly one debit, got {d:?}");
+    }
+    ledger::verify(&env.pool).await.unwrap();
+}

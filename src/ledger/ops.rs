@@ -157,8 +157,13 @@ pub(crate) async fn post(tx: &mut Transaction<'_, Postgres>, p: Posting<'_>) -> 
     let last = rows.insert(tx).await?;
     let entry_id = last[p.account_id];
     let purchase_at = (p.kind == "topup").then(Utc::now);
-    // Not usage: a negative adjustment or a downgrade cap is no deduction.
-    store_balances(tx, &balances, &last, purchase_at, &HashMap::new()).await?;
+    // Only a billed hold is usage; a negative adjustment or a downgrade cap is no deduction.
+    let usage_at: HashMap<&str, DateTime<Utc>> = if p.kind == "reservation_settle" {
+        HashMap::from([(p.account_id, Utc::now())])
+    } else {
+        HashMap::new()
+    };
+    store_balances(tx, &balances, &last, purchase_at, &usage_at).await?;
     super::auto_reload::check(tx, &HashMap::from([(p.account_id, after)])).await?;
     Ok(Posted {
         entry_id,

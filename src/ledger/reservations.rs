@@ -4,13 +4,20 @@
 //! ```text
 //!  reserve ──► active (amount held) ──settle(actual)──► settling (actual pending) ──event──► settled
 //!                 │  └──────────────── usage event with reservation_id ─────────────────► settled
-//!                 ├── release / failed usage event ──► released
-//!                 └── ttl passes (active or settling) ──► expired
+//!                 ├── release / failed usage event ──► released        settling ──ttl──► settled
+//!                 └── ttl passes while active ──► expired                (debit of the settled amount)
 //! ```
 //!
-//! `effective balance = balance - reserved - pending`. The debit itself always comes from
-//! the usage event (priced by the pipeline), never from `settle`: `settle` only turns the
-//! hold into a pending amount until the event arrives, so a call is never billed twice.
+//! `effective balance = balance - reserved - pending`. **A settle ends in exactly one
+//! debit**: whichever comes first of the usage event carrying the reservation id (debits
+//! the event's own price, and closes the hold) or the hold's deadline (debits the settled
+//! amount, entry kind `reservation_settle`, key `reservation:{id}:deadline`); the other finds
+//! it done: a settle after the event returns the settled reservation, and an event after
+//! the deadline is recorded with charge 0 (`ChargeReason::PaidByHold`), so usage counters and
+//! the usage log do not count the money twice. Both paths decide under the account's
+//! balance row lock, so two instances (or the pipeline and the expiry task) cannot both
+//! debit. A hold that was never settled and never used expires with no debit (no usage
+//! was reported).
 //! All state changes lock the account's balance row first, then the reservation row, so
 //! concurrent reserves serialize on the account and can never overdraw it.
 
@@ -134,6 +141,8 @@ async fn transition(pool: &PgPool, reservation_id: &str, t: Transition) -> Resul
             ("settling", a, reserved - r.amount_units, pending.checked_add(a).ok_or_else(holds_out_of_range)?)
         }
         (Transition::Settle(a), "settling") if a == r.pending_units => return Ok(r),
+        // The usage event (or the deadline) already billed it: done, nothing more to debit.
+        (Transition::Settle(_), "settled") => return Ok(r),
         (_, other) => {
             return Err(LedgerError::InvalidState(format!("reservation {reservation_id} is {other}")));
         }
@@ -220,26 +229,45 @@ async fn set_projection(
     Ok(())
 }
 
-/// Expire the account's overdue holds (caller holds the balance row lock); returns the new
-/// (reserved, pending).
+/// Close the account's overdue holds (caller holds the balance row lock); returns the new
+/// (reserved, pending). An active hold expires (no usage reported: nothing to bill); a
+/// settling one is billed its settled amount and becomes settled (see the module doc).
 async fn expire_for_account(
     tx: &mut Transaction<'_, Postgres>,
     account: &str,
     reserved: i64,
     pending: i64,
 ) -> Result<(i64, i64), LedgerError> {
-    let expired: Vec<(String, i64, i64)> = sqlx::query_as(
+    let expired: Vec<(String,)> = sqlx::query_as(
         "UPDATE reservations SET status = 'expired', closed_at = now()
-         WHERE account_id = $1 AND status IN ('active', 'settling') AND expires_at <= now()
-         RETURNING status, amount_units, pending_units",
+         WHERE account_id = $1 AND status = 'active' AND expires_at <= now()
+         RETURNING reservation_id",
     )
     .bind(account)
     .fetch_all(&mut **tx)
     .await?;
-    if expired.is_empty() {
+    let billed: Vec<(String, i64)> = sqlx::query_as(
+        "UPDATE reservations SET status = 'settled', actual_units = pending_units, pending_units = 0,
+                closed_at = now()
+         WHERE account_id = $1 AND status = 'settling' AND expires_at <= now()
+         RETURNING reservation_id, actual_units",
+    )
+    .bind(account)
+    .fetch_all(&mut **tx)
+    .await?;
+    if expired.is_empty() && billed.is_empty() {
         return Ok((reserved, pending));
     }
-    // RETURNING shows the new status; recompute the holds from what is still open instead.
+    let mut spend = Vec::new();
+    for (id, units) in &billed {
+        if *units > 0 {
+            bill_at_deadline(tx, account, id, *units).await?;
+            spend.push((account, *units));
+        }
+    }
+    // Spend caps and plan consumption see the billed holds like API deductions.
+    super::counting::count_deductions(tx, &spend, Utc::now()).await?;
+    // Recompute the holds from what is still open.
     let (r, p): (i64, i64) = sqlx::query_as(
         "SELECT COALESCE(sum(amount_units) FILTER (WHERE status = 'active'), 0)::bigint,
                 COALESCE(sum(pending_units) FILTER (WHERE status = 'settling'), 0)::bigint
@@ -250,6 +278,57 @@ async fn expire_for_account(
     .await?;
     set_projection(tx, account, r, p).await?;
     Ok((r, p))
+}
+
+/// The debit of a settled hold whose usage event did not arrive by its deadline.
+async fn bill_at_deadline(
+    tx: &mut Transaction<'_, Postgres>,
+    account: &str,
+    reservation_id: &str,
+    units: i64,
+) -> Result<(), LedgerError> {
+    let key = format!("reservation:{reservation_id}:deadline");
+    let hash = hash_payload(&(reservation_id, units));
+    super::ops::post(
+        tx,
+        super::ops::Posting {
+            account_id: account,
+            kind: "reservation_settle",
+            amount: super::ops::Amount::Delta(-units),
+            idempotency_key: &key,
+            payload_hash: &hash,
+            description: format!("reservation {reservation_id} settled at its deadline (no usage event)"),
+            created_by: None,
+            corrects_entry_id: None,
+            metadata: serde_json::json!({"reservation_id": reservation_id}),
+        },
+    )
+    .await?;
+    Ok(())
+}
+
+/// Events among `events` (reservation id, account id) whose hold was already billed at its
+/// deadline (settled with no event): they are recorded but not charged again. Call under
+/// the accounts' balance row locks (the expiry takes the same lock first).
+pub(crate) async fn billed_at_deadline(
+    tx: &mut Transaction<'_, Postgres>,
+    events: &[(&str, &str)],
+) -> Result<std::collections::HashSet<String>, sqlx::Error> {
+    if events.is_empty() {
+        return Ok(Default::default());
+    }
+    let ids: Vec<&str> = events.iter().map(|e| e.0).collect();
+    let accounts: Vec<&str> = events.iter().map(|e| e.1).collect();
+    let rows: Vec<(String,)> = sqlx::query_as(
+        "SELECT r.reservation_id FROM reservations r
+         JOIN UNNEST($1::text[], $2::text[]) AS u(id, a) ON r.reservation_id = u.id AND r.account_id = u.a
+         WHERE r.status = 'settled' AND r.event_id IS NULL",
+    )
+    .bind(&ids)
+    .bind(&accounts)
+    .fetch_all(&mut **tx)
+    .await?;
+    Ok(rows.into_iter().map(|(id,)| id).collect())
 }
 
 /// Expire every overdue hold (called periodically by `tally run`); returns how many.

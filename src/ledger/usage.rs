@@ -104,7 +104,7 @@ pub async fn apply_claimed(
     let stored = lock_offsets(tx, group, topic, batch).await?;
     let mut applied = Applied::default();
     let mut new_events = sort_by_claim(batch, claims, &stored, &mut applied);
-    let refused = post_debits(tx, &new_events, &mut applied).await?;
+    let refused = post_debits(tx, &mut new_events, &mut applied).await?;
     if !refused.is_empty() {
         reject_unbillable(tx, &mut new_events, &refused, &mut applied).await?;
     }
@@ -417,19 +417,26 @@ async fn known_claims(
 /// so one absurd account can never stall the pipeline.
 async fn post_debits(
     tx: &mut Transaction<'_, Postgres>,
-    new_events: &[ValidItem],
+    new_events: &mut [ValidItem],
     applied: &mut Applied,
 ) -> Result<HashSet<String>, sqlx::Error> {
     let mut refused = HashSet::new();
-    let touched: Vec<&ValidItem> =
-        new_events.iter().filter(|v| v.charge.cost_units > 0 || v.event.reservation_id.is_some()).collect();
-    if touched.is_empty() {
+    let mut accounts: Vec<String> = new_events
+        .iter()
+        .filter(|v| v.charge.cost_units > 0 || v.event.reservation_id.is_some())
+        .map(|v| v.event.account_id.clone())
+        .collect();
+    if accounts.is_empty() {
         return Ok(refused);
     }
-    let mut accounts: Vec<&str> = touched.iter().map(|v| v.event.account_id.as_str()).collect();
     accounts.sort_unstable();
     accounts.dedup();
-    let mut balances = super::lock_balances(tx, &accounts).await?;
+    let sorted: Vec<&str> = accounts.iter().map(String::as_str).collect();
+    let mut balances = super::lock_balances(tx, &sorted).await?;
+    // Under those locks: events whose hold was already billed at its deadline.
+    mark_paid_by_hold(tx, new_events).await?;
+    let touched: Vec<&ValidItem> =
+        new_events.iter().filter(|v| v.charge.cost_units > 0 || v.event.reservation_id.is_some()).collect();
     let mut rows = super::EntryRows::default();
     for v in touched.iter().filter(|v| v.charge.cost_units > 0) {
         let bal = balances.get_mut(v.event.account_id.as_str()).expect("locked above");
@@ -476,6 +483,31 @@ async fn post_debits(
     super::store_balances(tx, &balances, &last_ids, None, &usage_at).await?;
     super::auto_reload::check(tx, &balances).await?;
     Ok(refused)
+}
+
+/// Events whose hold was billed at its deadline before they arrived (see
+/// `ledger::reservations`): recorded with charge 0, reason `paid_by_hold`. Under the
+/// balance locks `post_debits` holds.
+async fn mark_paid_by_hold(
+    tx: &mut Transaction<'_, Postgres>,
+    new_events: &mut [ValidItem],
+) -> Result<(), sqlx::Error> {
+    let with_hold: Vec<(&str, &str)> = new_events
+        .iter()
+        .filter_map(|v| v.event.reservation_id.as_deref().map(|r| (r, v.event.account_id.as_str())))
+        .collect();
+    let paid = super::reservations::billed_at_deadline(tx, &with_hold).await?;
+    if paid.is_empty() {
+        return Ok(());
+    }
+    for v in new_events.iter_mut() {
+        if v.event.reservation_id.as_ref().is_some_and(|r| paid.contains(r)) {
+            v.charge.cost_units = 0;
+            v.charge.charged = false;
+            v.charge.reason = crate::pricing::ChargeReason::PaidByHold;
+        }
+    }
+    Ok(())
 }
 
 /// Events that could not be billed (balance beyond the unit range): out of the dedup store

@@ -320,10 +320,14 @@ pub enum ChargeReason {
     UpstreamFloor,
     /// Charged the catalog's minimum charge, which exceeded the computed cost.
     MinimumCharge,
+    /// Set by the ledger, not the catalog: the event's reservation was settled and its
+    /// deadline passed before the event arrived, so the settled amount was billed then
+    /// (`ledger::reservations`); the event itself is recorded but not charged again.
+    PaidByHold,
 }
 
 impl ChargeReason {
-    pub const ALL: [ChargeReason; 13] = [
+    pub const ALL: [ChargeReason; 14] = [
         ChargeReason::FailedCall,
         ChargeReason::Byok,
         ChargeReason::LocalModel,
@@ -337,6 +341,7 @@ impl ChargeReason {
         ChargeReason::DefaultModelFallback,
         ChargeReason::UpstreamFloor,
         ChargeReason::MinimumCharge,
+        ChargeReason::PaidByHold,
     ];
 
     pub fn as_str(&self) -> &'static str {
@@ -353,6 +358,7 @@ impl ChargeReason {
             ChargeReason::DefaultModelFallback => "default_model_fallback",
             ChargeReason::UpstreamFloor => "upstream_floor",
             ChargeReason::MinimumCharge => "minimum_charge",
+            ChargeReason::PaidByHold => "paid_by_hold",
             ChargeReason::CostOverflow => "cost_overflow",
         }
     }

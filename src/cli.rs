@@ -33,6 +33,10 @@ pub enum Command {
     History(HistoryArgs),
     /// Credit a purchase (operator top-up), once per order id.
     Topup(TopupArgs),
+    /// Top-up orders: list them, and resolve payments that were captured but could not be
+    /// credited by the rules (`needs_review`), exactly once.
+    #[command(subcommand)]
+    Orders(OrdersCommand),
     /// Manual balance change: addition, refund, adjustment (+/- or set-to), plan allocation
     /// or reset, correction of an entry. Records who did it.
     Adjust(AdjustArgs),
@@ -221,6 +225,16 @@ pub struct AutoReloadArgs {
 pub struct PlanArgs {
     pub account: String,
     pub plan: String,
+    /// Custom terms for this account (enterprise, "configured during provisioning"): the
+    /// monthly allocation in USD. Operators may assign plans that are not self-serve.
+    #[arg(long)]
+    pub allocation_usd: Option<rust_decimal::Decimal>,
+    /// Custom overage policy (hard_limit | soft_limit | warn; default: the plan's).
+    #[arg(long, requires = "allocation_usd")]
+    pub overage_policy: Option<String>,
+    /// Custom soft-limit ceiling, percent of the allocation (default: the plan's).
+    #[arg(long, requires = "allocation_usd")]
+    pub soft_limit_percent: Option<u32>,
     /// Catalog file with the [plans] and [quotas] tables.
     #[arg(long = "config", env = "TALLY_CONFIG", default_value = "examples/demo.toml")]
     pub catalog_path: PathBuf,
@@ -257,6 +271,55 @@ pub struct ReportArgs {
     /// Accounts to list.
     #[arg(long, default_value_t = 10)]
     pub top: u32,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum OrdersCommand {
+    /// List orders, newest first (JSON lines): the review queue by default.
+    List {
+        /// Only orders in this status (pending, succeeded, failed, needs_review, refund_noted);
+        /// `all` for every status.
+        #[arg(long, default_value = "needs_review")]
+        status: String,
+        /// Only this account's orders.
+        #[arg(long)]
+        account: Option<String>,
+        #[arg(long, default_value_t = 100)]
+        limit: i64,
+        #[arg(long, env = "TALLY_DATABASE_URL", default_value = "postgres://postgres@127.0.0.1:55432/tally")]
+        database_url: String,
+    },
+    /// Resolve an order in review, once: credit it, or note that it was refunded.
+    Resolve(OrdersResolveArgs),
+}
+
+#[derive(Debug, Args)]
+#[command(group(clap::ArgGroup::new("resolution").required(true).multiple(false)))]
+pub struct OrdersResolveArgs {
+    pub order_id: String,
+    /// Credit the payment (bonus tiers apply, the limits that flagged it do not).
+    #[arg(long, group = "resolution")]
+    pub credit: bool,
+    /// The money was refunded outside Tally (e.g. in Stripe): nothing is credited.
+    #[arg(long, group = "resolution")]
+    pub refund_noted: bool,
+    /// The account to credit, when the payment named none.
+    #[arg(long, requires = "credit")]
+    pub account: Option<String>,
+    /// The USD amount paid, when the payment was in another currency.
+    #[arg(long, requires = "credit")]
+    pub usd: Option<rust_decimal::Decimal>,
+    /// Who resolves it (recorded on the order and the ledger entry).
+    #[arg(long)]
+    pub by: String,
+    /// Why (recorded on the order).
+    #[arg(long)]
+    pub note: String,
+    /// Catalog whose [topup] bonus tiers apply to a credit.
+    #[arg(long = "config", env = "TALLY_CONFIG", default_value = "examples/demo.toml")]
+    pub catalog_path: PathBuf,
+    #[arg(long, env = "TALLY_DATABASE_URL", default_value = "postgres://postgres@127.0.0.1:55432/tally")]
+    pub database_url: String,
 }
 
 #[derive(Debug, Subcommand)]

@@ -71,6 +71,7 @@ pub async fn dispatch(command: Command) -> anyhow::Result<ExitCode> {
             }
         }
         Command::Topup(args) => topup(args).await?,
+        Command::Orders(cmd) => orders(cmd).await?,
         Command::Plan(args) => plan(args).await?,
         Command::Limit(args) => {
             let pool = ledger::connect(&args.database_url, 2).await?;
@@ -117,12 +118,29 @@ async fn plan(args: crate::cli::PlanArgs) -> anyhow::Result<()> {
             args.plan,
             args.catalog_path.display()
         );
+        anyhow::ensure!(
+            args.allocation_usd.is_none(),
+            "{} is a quota tier, not a credit plan: it takes no custom terms",
+            args.plan
+        );
         store::set_tier(&pool, &args.account, &args.plan, now).await?;
         println!("{} is on tier {}", args.account, args.plan);
         return Ok(());
     };
-    let current = store::current_plan(&pool, &args.account).await?;
-    let old = current.as_deref().and_then(|p| cfg.plans.get(p));
+    let custom_terms = match args.allocation_usd {
+        None => None,
+        Some(usd) => Some(crate::quota::config::CustomTerms {
+            allocation_units: usd_units(usd)?,
+            policy: match args.overage_policy.as_deref() {
+                None => new.policy,
+                Some(p) => crate::quota::config::OveragePolicy::parse(p).ok_or_else(|| {
+                    anyhow::anyhow!("--overage-policy must be hard_limit, soft_limit or warn")
+                })?,
+            },
+            soft_limit_percent: args.soft_limit_percent.unwrap_or(new.soft_limit_percent),
+        }),
+    };
+    let (current, old) = store::plan_of(&pool, &cfg, &args.account).await?;
     let key = format!(
         "plan:{}:{}:{}:{}",
         args.account,
@@ -133,7 +151,9 @@ async fn plan(args: crate::cli::PlanArgs) -> anyhow::Result<()> {
     let req = store::PlanChangeRequest {
         account_id: &args.account,
         new_plan: new,
-        old_plan: old,
+        old_plan: old.as_ref(),
+        custom_terms,
+        by_operator: true,
         idempotency_key: &key,
         created_by: &args.by_user,
         now,
@@ -156,6 +176,34 @@ async fn topup(args: crate::cli::TopupArgs) -> anyhow::Result<()> {
     };
     let result = ledger::topup::complete(&pool, &cfg.topup, &req).await?;
     println!("{}", serde_json::to_string_pretty(&result)?);
+    Ok(())
+}
+
+async fn orders(cmd: crate::cli::OrdersCommand) -> anyhow::Result<()> {
+    use crate::cli::OrdersCommand;
+    use ledger::topup::{self, Resolution};
+    match cmd {
+        OrdersCommand::List { status, account, limit, database_url } => {
+            let pool = ledger::connect(&database_url, 2).await?;
+            let status = (status != "all").then_some(status);
+            for o in topup::list(&pool, account.as_deref(), status.as_deref(), limit).await? {
+                println!("{}", serde_json::to_string(&o)?);
+            }
+        }
+        OrdersCommand::Resolve(args) => {
+            let cfg =
+                ledger::config::LedgerConfig::load(&args.catalog_path).map_err(|e| anyhow::anyhow!(e))?;
+            let pool = ledger::connect(&args.database_url, 2).await?;
+            let resolution = if args.credit {
+                Resolution::Credit { account_id: args.account, usd: args.usd }
+            } else {
+                Resolution::RefundNoted
+            };
+            let order =
+                topup::resolve(&pool, &cfg.topup, &args.order_id, &resolution, &args.by, &args.note).await?;
+            println!("{}", serde_json::to_string_pretty(&order)?);
+        }
+    }
     Ok(())
 }
 

@@ -29,6 +29,12 @@ pub const CLICKHOUSE_REPLAYED_ROWS_SKIPPED: &str = "tally_clickhouse_replayed_ro
 pub const KAFKA_ERRORS: &str = "tally_kafka_errors_total";
 pub const HTTP_REQUESTS: &str = "tally_http_requests_total";
 pub const HTTP_REQUEST_SECONDS: &str = "tally_http_request_duration_seconds";
+/// Captured payments recorded in `needs_review` (the rules could not credit them).
+pub const TOPUP_NEEDS_REVIEW: &str = "tally_topup_needs_review_total";
+/// Gauge: top-up orders waiting for an operator (`tally orders resolve`): alert on > 0.
+pub const TOPUP_ORDERS_NEEDS_REVIEW: &str = "tally_topup_orders_needs_review";
+/// Gauge: age of the oldest order waiting for an operator, seconds (0 when none).
+pub const TOPUP_REVIEW_OLDEST_SECONDS: &str = "tally_topup_review_oldest_age_seconds";
 /// Gauge `{group, topic, partition}`: messages on the partition past the group's durable
 /// progress (Postgres `consumer_offsets`), see `pipeline::lag`.
 pub const CONSUMER_LAG: &str = "tally_consumer_lag_messages";
@@ -73,6 +79,15 @@ fn describe() {
     describe_counter!(HTTP_REQUESTS, "HTTP requests, by route and status");
     describe_histogram!(HTTP_REQUEST_SECONDS, "HTTP request latency, by route");
     metrics::describe_gauge!(CONSUMER_LAG, "Messages not yet durably applied, by group, topic and partition");
+    describe_counter!(
+        TOPUP_NEEDS_REVIEW,
+        "Captured payments recorded for operator review instead of credited"
+    );
+    metrics::describe_gauge!(TOPUP_ORDERS_NEEDS_REVIEW, "Top-up orders waiting for an operator");
+    metrics::describe_gauge!(
+        TOPUP_REVIEW_OLDEST_SECONDS,
+        "Age of the oldest top-up order waiting for an operator"
+    );
     metrics::describe_gauge!(CONSUMER_LAG_UPDATED, "Unix time of the last consumer lag refresh");
     // An error counter that is absent until the first error cannot be told from a missing
     // exporter: publish it at 0 so dashboards and alerts see a series from the start.

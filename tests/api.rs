@@ -128,12 +128,13 @@ async fn checkout_and_payment_intent_credit_once_and_async_payments_wait() {
     assert_eq!(json["outcome"], "failed");
     assert_eq!(app.balance_units("acct-a").await, 50 * USD);
 
-    // Below Brievio's $10 minimum, or without an account: 422 with a code, nothing credited.
-    let (status, json) = app.signed(&payment_intent("pi_small", "acct-a", 500)).await;
+    // Not captured yet and below Brievio's $10 minimum: refused (no money moved).
+    let (status, json) =
+        app.signed(&checkout("checkout.session.completed", "pi_u", "acct-a", 500, "unpaid")).await;
     assert_eq!((status, json["error"]["code"].as_str()), (422, Some("invalid_request")));
-    let no_account =
-        r#"{"type":"payment_intent.succeeded","data":{"object":{"id":"pi_x","amount_received":5000}}}"#;
-    assert_eq!(app.signed(no_account).await.1["error"]["code"], "missing_account");
+    // Without a payment id or an amount nothing can be recorded: 422.
+    let no_amount = r#"{"type":"payment_intent.succeeded","data":{"object":{"id":"pi_x"}}}"#;
+    assert_eq!(app.signed(no_amount).await.1["error"]["code"], "missing_amount");
     let (status, json) = app.signed("{not json").await;
     assert_eq!((status, json["error"]["code"].as_str()), (400, Some("malformed_body")));
     ledger::verify(&app.env.pool).await.unwrap();
@@ -170,4 +171,109 @@ async fn health_balance_and_json_errors() {
     assert_eq!(r.status().as_u16(), 404);
     assert_eq!(r.json::<serde_json::Value>().await.unwrap()["error"]["code"], "route_not_found");
     assert_eq!(get("/metrics").await.unwrap().status().as_u16(), 200);
+}
+
+/// Issue 11.1: money the processor captured is credited, or recorded in `needs_review`
+/// with the reason and resolved by an operator exactly once; never refused or dropped.
+#[tokio::test]
+async fn captured_money_is_never_dropped() {
+    use ledger::topup::{self, Resolution};
+    let app = spawn_app().await;
+    let cfg = ledger::config::LedgerConfig::load(&repo().join("examples/brievio.toml")).unwrap().topup;
+
+    // A paid $5 Brievio payment (minimum $10): recorded for review, 200, nothing credited.
+    let (status, json) = app.signed(&payment_intent("pi_small", "acct-r", 500)).await;
+    assert_eq!((status, json["outcome"].as_str()), (200, Some("needs_review")));
+    let (_, json) = app.signed(&payment_intent("pi_small", "acct-r", 500)).await;
+    assert_eq!(json["outcome"], "already_recorded", "a redelivery records nothing new");
+    assert_eq!(app.balance_units("acct-r").await, 0);
+    let order = topup::find(&app.env.pool, "pi_small").await.unwrap().unwrap();
+    assert_eq!((order.status.as_str(), order.amount_minor), ("needs_review", Some(500)));
+    assert!(order.review_reason.as_deref().unwrap().contains("below the minimum"), "{order:?}");
+
+    // Visible through the API to the account's billing token.
+    let owner = tally::api::auth::NewToken {
+        account_id: Some("acct-r".into()),
+        role: tally::api::auth::Role::Owner,
+        name: "t".into(),
+    };
+    let token = tally::api::auth::create_token(&app.env.pool, &owner).await.unwrap().token;
+    let r = app.http.get(format!("{}/v1/accounts/acct-r/topups", app.base)).bearer_auth(&token).send().await;
+    let list: serde_json::Value = r.unwrap().json().await.unwrap();
+    assert_eq!(list["topups"][0]["status"], "needs_review");
+    assert_eq!(list["topups"][0]["order_id"], "pi_small");
+    let r =
+        app.http.get(format!("{}/v1/accounts/acct-r/topups?limit=0", app.base)).bearer_auth(&token).send();
+    assert_eq!(r.await.unwrap().status().as_u16(), 400);
+
+    // Another currency, and a payment that names no account: recorded, not refused.
+    let eur = serde_json::json!({"type": "payment_intent.succeeded", "data": {"object": {"id": "pi_eur",
+        "amount_received": 2_000, "currency": "EUR", "metadata": {"account_id": "acct-r"}}}})
+    .to_string();
+    assert_eq!(app.signed(&eur).await.1["outcome"], "needs_review");
+    let anonymous =
+        r#"{"type":"payment_intent.succeeded","data":{"object":{"id":"pi_anon","amount_received":5000}}}"#;
+    assert_eq!(app.signed(anonymous).await.1["outcome"], "needs_review");
+    assert_eq!(topup::review_backlog(&app.env.pool).await.unwrap().0, 3);
+    // A checkout's payment intent ahead of its session: the session names the account and
+    // the pre-tax amount, and the rules credit it ($50, no bonus below $100).
+    let session = serde_json::json!({"type": "checkout.session.completed", "data": {"object": {
+        "id": "cs_anon", "payment_intent": "pi_anon", "amount_subtotal": 5_000, "amount_total": 5_500,
+        "currency": "usd", "payment_status": "paid", "client_reference_id": "acct-s"}}})
+    .to_string();
+    assert_eq!(app.signed(&session).await.1["outcome"], "credited");
+    assert_eq!(app.balance_units("acct-s").await, 50 * USD);
+
+    // The credit is the subtotal: tax is not credit. $100 + $10 tax -> $110 with the 10% bonus.
+    let taxed = serde_json::json!({"type": "checkout.session.completed", "data": {"object": {
+        "id": "cs_tax", "payment_intent": "pi_tax", "amount_subtotal": 10_000, "amount_total": 11_000,
+        "currency": "usd", "payment_status": "paid", "client_reference_id": "acct-t"}}})
+    .to_string();
+    assert_eq!(app.signed(&taxed).await.1["outcome"], "credited");
+    // ...and its payment intent (with the taxed amount) is the same payment: acknowledged.
+    let (status, json) = app.signed(&payment_intent("pi_tax", "acct-t", 11_000)).await;
+    assert_eq!((status, json["outcome"].as_str()), (200, Some("already_recorded")));
+    assert_eq!(app.balance_units("acct-t").await, 110 * USD);
+    // The same payment named for another account is a conflict, not a second credit.
+    let (status, _) = app.signed(&payment_intent("pi_tax", "acct-x", 11_000)).await;
+    assert_eq!(status, 409);
+
+    // The operator credits the $5 once: a retry returns the same order, another
+    // resolution is refused.
+    let credit = Resolution::Credit { account_id: None, usd: None };
+    let done =
+        topup::resolve(&app.env.pool, &cfg, "pi_small", &credit, "ops@x", "customer asked").await.unwrap();
+    assert_eq!((done.status.as_str(), done.resolution.as_deref()), ("succeeded", Some("credited")));
+    assert_eq!(app.balance_units("acct-r").await, 5 * USD);
+    let again = topup::resolve(&app.env.pool, &cfg, "pi_small", &credit, "ops@x", "retry").await.unwrap();
+    assert_eq!(again.entry, done.entry);
+    let refund =
+        topup::resolve(&app.env.pool, &cfg, "pi_small", &Resolution::RefundNoted, "ops@x", "x").await;
+    assert!(matches!(refund, Err(ledger::ops::LedgerError::InvalidState(_))), "{refund:?}");
+    assert_eq!(app.balance_units("acct-r").await, 5 * USD, "credited exactly once");
+
+    // EUR: the operator must say the USD amount; then it is credited, bonus tiers applied.
+    let no_usd = topup::resolve(&app.env.pool, &cfg, "pi_eur", &credit, "ops@x", "fx").await;
+    assert!(matches!(no_usd, Err(ledger::ops::LedgerError::Invalid(_))), "{no_usd:?}");
+    let eur_credit = Resolution::Credit { account_id: None, usd: Some("21.80".parse().unwrap()) };
+    topup::resolve(&app.env.pool, &cfg, "pi_eur", &eur_credit, "ops@x", "fx 1.09").await.unwrap();
+    assert_eq!(app.balance_units("acct-r").await, 5 * USD + 2_180_000_000);
+
+    // A refund noted: nothing credited, the order closed.
+    let gbp = eur.replace("pi_eur", "pi_gbp").replace("EUR", "gbp");
+    assert_eq!(app.signed(&gbp).await.1["outcome"], "needs_review");
+    let noted = topup::resolve(
+        &app.env.pool,
+        &cfg,
+        "pi_gbp",
+        &Resolution::RefundNoted,
+        "ops@x",
+        "refunded in Stripe",
+    )
+    .await
+    .unwrap();
+    assert_eq!((noted.status.as_str(), noted.entry), ("refund_noted", None));
+    assert_eq!(app.balance_units("acct-r").await, 5 * USD + 2_180_000_000);
+    assert_eq!(topup::review_backlog(&app.env.pool).await.unwrap().0, 0);
+    ledger::verify(&app.env.pool).await.unwrap();
 }

@@ -165,11 +165,21 @@ async fn every_role_on_every_endpoint() {
     let app = spawn_app(auth::TOKEN_CACHE_TTL).await;
     let who = callers(&app).await;
     app.credit("acct-a", 100 * USD, "seed-a").await;
+    // One order in review, so the topups answer carries an order to check against the spec.
+    let eur = tally::ledger::topup::CapturedPayment {
+        order_id: "pi_matrix".into(),
+        account_id: Some("acct-a".into()),
+        currency: "eur".into(),
+        amount_minor: 1_000,
+        source: "stripe",
+    };
+    tally::ledger::topup::record_captured(&app.env.pool, &Default::default(), &eur).await.unwrap();
     const U: u16 = 401;
     #[rustfmt::skip]
-    let table: [(&str, [u16; 9]); 7] = [
+    let table: [(&str, [u16; 9]); 8] = [
         //                  owner builder bankr service platform other none unknown revoked
         ("transactions",   [200,  403,    200,  403,    403,     404,  U,   U,      U]),
+        ("topups",         [200,  403,    200,  403,    403,     404,  U,   U,      U]),
         ("usage",          [200,  200,    403,  403,    403,     404,  U,   U,      U]),
         ("reserve",        [201,  403,    403,  201,    201,     404,  U,   U,      U]),
         ("settle",         [200,  403,    403,  200,    200,     404,  U,   U,      U]),
@@ -182,6 +192,7 @@ async fn every_role_on_every_endpoint() {
             let n = format!("{endpoint}-{}", name.replace(' ', "-"));
             let (method, path, body) = match endpoint {
                 "transactions" => (Method::GET, "/v1/accounts/acct-a/transactions".to_string(), Body::None),
+                "topups" => (Method::GET, "/v1/accounts/acct-a/topups".to_string(), Body::None),
                 "usage" => (Method::GET, "/v1/accounts/acct-a/usage".to_string(), Body::None),
                 "reserve" => {
                     let body = json!({"account_id": "acct-a", "reservation_id": n, "amount_usd": "0.01"});

@@ -58,7 +58,7 @@ proptest! {
         let policy = [OveragePolicy::HardLimit, OveragePolicy::SoftLimit, OveragePolicy::Warn][policy as usize];
         let p = plan(policy, allocation);
         let view = AccountView {
-            plan: Some(&p),
+            plan: Some(std::borrow::Cow::Borrowed(&p)),
             period_consumed_units: consumed,
             feature_quota: Some((used, limit)),
             spend_caps: vec![("account", spent, cap)],

@@ -180,13 +180,15 @@ async fn change(
     to: &str,
     key: &str,
 ) -> Result<store::PlanChange, ledger::ops::LedgerError> {
-    let current = store::current_plan(&env.pool, a).await.unwrap();
+    let (_, current) = store::plan_of(&env.pool, cfg, a).await.unwrap();
     store::change_plan(
         &env.pool,
         &PlanChangeRequest {
             account_id: a,
             new_plan: &cfg.plans[to],
-            old_plan: current.as_deref().map(|p| &cfg.plans[p]),
+            old_plan: current.as_ref(),
+            custom_terms: None,
+            by_operator: false,
             idempotency_key: key,
             created_by: "owner@example.com",
             now: Utc::now(),
@@ -256,6 +258,8 @@ async fn plan_changes_prorate_cap_noop_and_refuse_enterprise() {
             account_id: a,
             new_plan: &cfg.plans["pro"],
             old_plan: Some(&cfg.plans["free"]),
+            custom_terms: None,
+            by_operator: false,
             idempotency_key: "c2",
             created_by: "owner@example.com",
             now: Utc::now(),
@@ -285,5 +289,93 @@ async fn plan_changes_prorate_cap_noop_and_refuse_enterprise() {
     assert_eq!(audit.len(), 2);
     assert_eq!((audit[0].0.as_str(), audit[0].1.as_str(), audit[0].2.as_str()), ("free", "pro", "upgrade"));
     assert_eq!((audit[1].2.as_str(), audit[1].3), ("downgrade", down.credit_adjustment_units));
+    ledger::verify(&env.pool).await.unwrap();
+}
+
+/// Issue 11.6: an operator puts an account on enterprise with its own allocation and
+/// ceiling (BroomVA: "configured during provisioning ... custom ceilings"); customers still
+/// cannot self-upgrade to it, nor set terms; authorize decides by the account's terms.
+#[tokio::test]
+async fn operators_assign_enterprise_with_custom_terms() {
+    use tally::quota::config::{CustomTerms, OveragePolicy};
+    let env = TestEnv::new(1).await;
+    let cfg = config("broomva.toml");
+    let a = "acct-ent";
+    change(&env, &cfg, a, "team", "e1").await.unwrap();
+    let terms = CustomTerms {
+        allocation_units: 300 * USD,
+        policy: OveragePolicy::SoftLimit,
+        soft_limit_percent: 150,
+    };
+    let operator = |key: &'static str, terms: Option<CustomTerms>, by_operator: bool| {
+        let env = &env;
+        let cfg = &cfg;
+        async move {
+            let (_, old) = store::plan_of(&env.pool, cfg, a).await.unwrap();
+            store::change_plan(
+                &env.pool,
+                &PlanChangeRequest {
+                    account_id: a,
+                    new_plan: &cfg.plans["enterprise"],
+                    old_plan: old.as_ref(),
+                    custom_terms: terms,
+                    by_operator,
+                    idempotency_key: key,
+                    created_by: "sales@example.com",
+                    now: Utc::now(),
+                    cycle: cfg.cycle,
+                },
+            )
+            .await
+        }
+    };
+    // A customer can neither pick enterprise nor give itself terms.
+    assert!(matches!(
+        change(&env, &cfg, a, "enterprise", "e2").await,
+        Err(ledger::ops::LedgerError::NotAllowed(_))
+    ));
+    assert!(matches!(operator("e3", Some(terms), false).await, Err(ledger::ops::LedgerError::NotAllowed(_))));
+    let bad = CustomTerms { soft_limit_percent: 99, ..terms };
+    assert!(matches!(operator("e4", Some(bad), true).await, Err(ledger::ops::LedgerError::Invalid(_))));
+
+    // The operator can: team ($200) -> enterprise ($300 custom) is an upgrade, credited the
+    // prorated allocation difference.
+    let up = operator("e5", Some(terms), true).await.unwrap();
+    assert_eq!(up.new_plan, "enterprise");
+    let replay = operator("e5", Some(terms), true).await.unwrap();
+    assert_eq!(replay, up, "a retry replays");
+    assert_eq!(up.direction, "upgrade");
+    assert!(up.credit_adjustment_units > 0 && up.credit_adjustment_units <= 100 * USD);
+    let other = CustomTerms { allocation_units: 400 * USD, ..terms };
+    assert!(
+        matches!(operator("e5", Some(other), true).await, Err(ledger::ops::LedgerError::Conflict { .. })),
+        "the same key with other terms is a conflict"
+    );
+    let (_, now_on) = store::plan_of(&env.pool, &cfg, a).await.unwrap();
+    let now_on = now_on.unwrap();
+    assert_eq!(
+        (now_on.allocation_units, now_on.policy, now_on.soft_limit_percent),
+        (300 * USD, OveragePolicy::SoftLimit, 150)
+    );
+
+    // Authorize reads the account's terms: $330 spent of $300, ceiling 150% = $450.
+    apply_usage(&env, vec![spend("ent", a, 1_500, Utc::now())], 0).await;
+    let d = decide_now(&env.pool, &cfg, a, None, 120 * USD).await;
+    assert!(d.allowed && d.overage.in_overage, "{d:?}");
+    assert_eq!((d.overage.policy, d.overage.overage_amount), ("soft_limit", 150 * USD));
+    let d = decide_now(&env.pool, &cfg, a, None, 120 * USD + 1).await;
+    assert_eq!((d.status, d.code), (402, Some("credits_exhausted")));
+
+    // New terms on the same plan: a larger allocation is an upgrade (prorated credit).
+    let raised = operator("e6", Some(other), true).await.unwrap();
+    assert_eq!(raised.direction, "upgrade");
+    assert!(raised.credit_adjustment_units > 0 && raised.credit_adjustment_units <= 100 * USD);
+    let same = operator("e7", Some(other), true).await.unwrap();
+    assert_eq!(same.direction, "no_change");
+    // A customer may still leave enterprise (a downgrade): the custom terms go with it.
+    let down = change(&env, &cfg, a, "pro", "e8").await.unwrap();
+    assert_eq!(down.direction, "downgrade");
+    let (name, plan) = store::plan_of(&env.pool, &cfg, a).await.unwrap();
+    assert_eq!((name.as_deref(), plan.as_ref()), (Some("pro"), Some(&cfg.plans["pro"])));
     ledger::verify(&env.pool).await.unwrap();
 }

@@ -10,6 +10,7 @@ pub mod extract;
 pub mod quota;
 pub mod reservations;
 pub mod stripe;
+pub mod topups;
 pub mod transactions;
 pub mod usage;
 
@@ -50,6 +51,7 @@ pub fn router(state: AppState) -> Router {
         .route("/v1/webhooks/stripe", axum::routing::post(stripe::webhook))
         // Authenticated (bearer token, see `auth`); each handler checks its capability.
         .route("/v1/accounts/{id}/transactions", get(transactions::list))
+        .route("/v1/accounts/{id}/topups", get(topups::list))
         .route("/v1/accounts/{id}/usage", get(usage::get))
         .route("/v1/reservations", post(reservations::reserve))
         .route("/v1/reservations/{id}/settle", post(reservations::settle))

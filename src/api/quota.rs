@@ -164,8 +164,8 @@ pub fn plan_and_burn(
     let week =
         state::spent(acct, "account", "", now - Duration::days(7), now + Duration::hours(1)).cost_units;
     let daily_burn = Decimal::from(week) / Decimal::from(7);
-    let plan = acct.plan.as_ref().and_then(|(name, _)| cfg.plans.get(name));
-    let remaining = plan.map_or(effective_units, |p| p.allocation_units.saturating_sub(consumed));
+    let plan = state::plan(cfg, acct);
+    let remaining = plan.as_ref().map_or(effective_units, |p| p.allocation_units.saturating_sub(consumed));
     let projected_days = (daily_burn > Decimal::ZERO).then(|| {
         (Decimal::from(remaining.max(0)) / daily_burn).round_dp_with_strategy(1, money::ROUNDING).to_string()
     });
@@ -278,8 +278,7 @@ pub async fn change_plan(
         .plans
         .get(&req.plan)
         .ok_or_else(|| ApiError::unprocessable("unknown_plan", format!("no plan {}", req.plan)))?;
-    let current = store::current_plan(&state.pool, &id).await.map_err(ApiError::internal)?;
-    let old = current.as_deref().and_then(|name| cfg.plans.get(name));
+    let (current, old) = store::plan_of(&state.pool, cfg, &id).await.map_err(ApiError::internal)?;
     let key = match req.idempotency_key {
         Some(k) => k,
         None => store::default_plan_key(&state.pool, &id, current.as_deref(), &new.name)
@@ -291,7 +290,10 @@ pub async fn change_plan(
         &store::PlanChangeRequest {
             account_id: &id,
             new_plan: new,
-            old_plan: old,
+            old_plan: old.as_ref(),
+            // Customers never set their own terms nor pick a plan that is not self-serve.
+            custom_terms: None,
+            by_operator: false,
             idempotency_key: &key,
             created_by: &format!("token:{}", caller.token_id()),
             now: Utc::now(),

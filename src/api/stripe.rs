@@ -8,16 +8,30 @@
 //!
 //! Events handled (anything else is acknowledged and ignored):
 //! - `payment_intent.succeeded`: credit `amount_received` cents for `metadata.account_id`;
-//! - `checkout.session.completed`: `payment_status = paid` credits `amount_total`;
+//! - `checkout.session.completed`: `payment_status = paid` credits `amount_subtotal`;
 //!   `unpaid` (async methods: ACH, SEPA) records the order as pending;
 //! - `checkout.session.async_payment_succeeded` / `..._failed`: settle / fail the order.
 //!
+//! **Which amount is the credit.** A checkout session's `amount_subtotal`: the price of the
+//! credits before tax and discounts. `amount_total` includes tax, which is owed to a tax
+//! authority, not the customer's to spend; a discount lowers what was paid, not what was
+//! bought. Sessions without `amount_subtotal` fall back to `amount_total`. A payment
+//! intent created directly (no Checkout, so no tax) credits `amount_received`.
+//!
 //! The order id is the payment intent id, so a checkout's `checkout.session.completed`
-//! and its `payment_intent.succeeded` credit once between them.
+//! and its `payment_intent.succeeded` credit once between them: the first event recorded
+//! stands and the other is acknowledged (`already_recorded`).
+//!
+//! **Captured money is never refused.** A payment that succeeded but cannot be credited by
+//! the rules (outside the top-up limits, not USD, no or an invalid account) is recorded as
+//! an order in `needs_review` with the reason and answered 200 `needs_review`, so Stripe
+//! stops retrying and an operator resolves it (`tally orders`). Only an event that does
+//! not say which payment or how much (no id, no amount) is refused with 422.
 
 use super::{ApiError, AppState};
 use crate::ledger::ops::LedgerError;
-use crate::ledger::topup::{self, TopupRequest};
+use crate::ledger::topup::{self, CapturedPayment, TopupRequest};
+use crate::metrics as m;
 use axum::Json;
 use axum::body::Bytes;
 use axum::extract::State;
@@ -97,13 +111,6 @@ struct EventData {
     object: serde_json::Value,
 }
 
-/// What a Stripe object tells us about a payment.
-struct Payment {
-    order_id: String,
-    account_id: String,
-    cents: i64,
-}
-
 pub async fn webhook(
     State(state): State<AppState>,
     headers: HeaderMap,
@@ -131,23 +138,22 @@ async fn handle(state: &AppState, event: &Event) -> Result<&'static str, ApiErro
     let cfg = &state.ledger_config.topup;
     match event.kind.as_str() {
         "payment_intent.succeeded" => {
-            let p = payment(obj, "id", "amount_received")?;
-            topup::complete(&state.pool, cfg, &request(&p)?).await.map_err(ledger_error)?;
-            Ok("credited")
+            let p = payment(obj, "id", &["amount_received"])?;
+            captured(state, &p).await
         }
         "checkout.session.completed" | "checkout.session.async_payment_succeeded" => {
-            let p = payment(obj, "payment_intent", "amount_total")?;
+            let p = payment(obj, "payment_intent", &["amount_subtotal", "amount_total"])?;
             let paid = obj.get("payment_status").and_then(|v| v.as_str()) == Some("paid");
             if paid || event.kind.ends_with("async_payment_succeeded") {
-                topup::complete(&state.pool, cfg, &request(&p)?).await.map_err(ledger_error)?;
-                Ok("credited")
+                captured(state, &p).await
             } else {
+                // Not captured yet: refusing costs the customer nothing (no money moved).
                 topup::record_pending(&state.pool, cfg, &request(&p)?).await.map_err(ledger_error)?;
                 Ok("pending")
             }
         }
         "checkout.session.async_payment_failed" => {
-            let p = payment(obj, "payment_intent", "amount_total")?;
+            let p = payment(obj, "payment_intent", &["amount_subtotal", "amount_total"])?;
             topup::fail(&state.pool, &p.order_id).await.map_err(ledger_error)?;
             Ok("failed")
         }
@@ -155,37 +161,71 @@ async fn handle(state: &AppState, event: &Event) -> Result<&'static str, ApiErro
     }
 }
 
-fn payment(obj: &serde_json::Value, id_field: &str, amount_field: &str) -> Result<Payment, ApiError> {
+/// Money the processor captured: credited, or recorded for review; never refused.
+async fn captured(state: &AppState, p: &CapturedPayment) -> Result<&'static str, ApiError> {
+    let known = topup::find(&state.pool, &p.order_id).await.map_err(ledger_error)?;
+    let before = known.as_ref().map(|o| o.status.clone());
+    let order =
+        topup::record_captured(&state.pool, &state.ledger_config.topup, p).await.map_err(ledger_error)?;
+    Ok(match (before.as_deref(), order.status.as_str()) {
+        (Some(b), now) if b == now => "already_recorded",
+        (_, "succeeded") => "credited",
+        (_, "needs_review") => {
+            metrics::counter!(m::TOPUP_NEEDS_REVIEW).increment(1);
+            tracing::warn!(order_id = %order.order_id, reason = ?order.review_reason, "captured payment needs review");
+            "needs_review"
+        }
+        (_, "refund_noted") => "already_recorded",
+        _ => "already_recorded",
+    })
+}
+
+/// Parse what a Stripe object says about a payment: the order id and the amount must be
+/// there (422 otherwise); account and currency are checked by the ledger's rules.
+fn payment(
+    obj: &serde_json::Value,
+    id_field: &str,
+    amount_fields: &[&str],
+) -> Result<CapturedPayment, ApiError> {
     let text = |f: &str| obj.get(f).and_then(|v| v.as_str()).map(str::to_string);
     let order_id = text(id_field)
+        .filter(|id| !id.is_empty() && id.len() <= 200)
         .ok_or_else(|| ApiError::unprocessable("missing_payment_id", format!("{id_field} is missing")))?;
     let account_id = obj
         .get("metadata")
         .and_then(|m| m.get("account_id"))
         .and_then(|v| v.as_str())
         .map(str::to_string)
-        .or_else(|| text("client_reference_id"))
-        .ok_or_else(|| ApiError::unprocessable("missing_account", "metadata.account_id is missing"))?;
-    let cents = obj
-        .get(amount_field)
-        .and_then(|v| v.as_i64())
+        .or_else(|| text("client_reference_id"));
+    let amount_minor = amount_fields
+        .iter()
+        .find_map(|f| obj.get(*f).and_then(|v| v.as_i64()))
         .filter(|c| *c > 0)
-        .ok_or_else(|| ApiError::unprocessable("missing_amount", format!("{amount_field} is missing")))?;
-    let currency = obj.get("currency").and_then(|v| v.as_str()).unwrap_or("usd");
-    if !currency.eq_ignore_ascii_case("usd") {
-        return Err(ApiError::unprocessable("unsupported_currency", format!("currency {currency}")));
+        .ok_or_else(|| {
+            ApiError::unprocessable("missing_amount", format!("{} is missing", amount_fields[0]))
+        })?;
+    let currency = obj.get("currency").and_then(|v| v.as_str()).unwrap_or("usd").to_ascii_lowercase();
+    if currency.len() != 3 || !currency.bytes().all(|b| b.is_ascii_lowercase()) {
+        return Err(ApiError::unprocessable("invalid_currency", format!("currency {currency:?}")));
     }
-    Ok(Payment { order_id, account_id, cents })
+    Ok(CapturedPayment { order_id, account_id, currency, amount_minor, source: "stripe" })
 }
 
-fn request(p: &Payment) -> Result<TopupRequest, ApiError> {
-    if p.account_id.is_empty() || p.account_id.len() > crate::event::ID_LEN_MAX {
+/// A payment not captured yet must pass the rules now (422 otherwise).
+fn request(p: &CapturedPayment) -> Result<TopupRequest, ApiError> {
+    if p.account_id.is_none() {
+        return Err(ApiError::unprocessable("missing_account", "metadata.account_id is missing"));
+    }
+    if p.currency != "usd" {
+        return Err(ApiError::unprocessable("unsupported_currency", format!("currency {}", p.currency)));
+    }
+    if p.account_id.as_ref().is_some_and(|a| a.is_empty() || a.len() > crate::event::ID_LEN_MAX) {
         return Err(ApiError::unprocessable("invalid_account_id", "account id must be 1..=128 bytes"));
     }
     Ok(TopupRequest {
         order_id: p.order_id.clone(),
-        account_id: p.account_id.clone(),
-        paid_usd: Decimal::new(p.cents, 2),
+        account_id: p.account_id.clone().unwrap_or_default(),
+        paid_usd: Decimal::new(p.amount_minor, 2),
         source: "stripe",
     })
 }

@@ -121,6 +121,16 @@ impl TopupConfig {
         if let Some(max) = self.max_usd.filter(|m| paid_usd > *m) {
             return Err(format!("top-up amount {paid_usd} USD is above the maximum {max} USD"));
         }
+        self.credit_with_bonus(paid_usd)
+    }
+
+    /// (paid, credited) in internal units with the bonus tiers but without the limits:
+    /// an operator crediting a reviewed payment (`tally orders resolve --credit`) accepts
+    /// an amount the limits refused, yet the customer still gets the catalog's bonus.
+    pub fn credit_with_bonus(&self, paid_usd: Decimal) -> Result<(i64, i64), String> {
+        if paid_usd <= Decimal::ZERO {
+            return Err(format!("top-up amount must be positive, got {paid_usd}"));
+        }
         let paid = exact_units(paid_usd)?;
         let percent = self
             .bonus

@@ -6,6 +6,16 @@
 //! webhooks or retries for one payment, it credits once (Struere's `polarOrderId`, Reeve's
 //! and Brievio's Stripe webhooks). The same order id with a different account or amount is
 //! a conflict, never a silent no-op.
+//!
+//! **Captured money is never dropped.** A payment processor reports money it has already
+//! captured; if Tally cannot credit it by the catalog's rules (an amount outside the
+//! top-up limits, a currency other than USD, no or an invalid account), the payment is
+//! recorded as an order in `needs_review` with the reason ([`record_captured`]), counted
+//! by `tally_topup_needs_review_total` and shown by `tally_topup_orders_needs_review`,
+//! and an operator resolves it exactly once ([`resolve`]: credit, or note a refund made
+//! outside Tally). For a processor's payment the first record stands: another event of
+//! the same payment (a checkout session and its payment intent) is acknowledged, never
+//! compared (the amounts legitimately differ by tax), unless it names another account.
 
 use super::config::TopupConfig;
 use super::ops::{Amount, LedgerError, Posted, Posting, hash_payload, post};
@@ -22,15 +32,52 @@ pub struct TopupRequest {
     pub source: &'static str,
 }
 
+/// A payment a processor reports as captured, as it reported it (parsed at the edge,
+/// not yet checked against the rules).
+#[derive(Debug, Clone)]
+pub struct CapturedPayment {
+    pub order_id: String,
+    /// Absent when the payment names no account.
+    pub account_id: Option<String>,
+    /// ISO 4217 code, lower case.
+    pub currency: String,
+    /// In the currency's minor unit (cents for USD), > 0.
+    pub amount_minor: i64,
+    pub source: &'static str,
+}
+
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct TopupResult {
     pub order_id: String,
-    pub account_id: String,
+    /// Absent only for an order in review whose payment named no usable account.
+    pub account_id: Option<String>,
+    /// `pending`, `succeeded`, `failed`, `needs_review` or `refund_noted`.
     pub status: String,
     pub paid_units: i64,
     pub credited_units: i64,
-    /// The entry that credited it (absent while pending or failed).
+    /// What the processor reported, in its currency's minor unit (absent for operator
+    /// top-ups, which are entered in USD).
+    pub currency: String,
+    pub amount_minor: Option<i64>,
+    /// Why the order waits for an operator (set while `needs_review`, kept afterwards).
+    pub review_reason: Option<String>,
+    /// `credited` or `refund_noted` once an operator resolved a review.
+    pub resolution: Option<String>,
+    pub resolved_by: Option<String>,
+    pub resolution_note: Option<String>,
+    /// The entry that credited it (absent while pending, failed or in review).
     pub entry: Option<Posted>,
+}
+
+/// What an operator decides for an order in review.
+#[derive(Debug, Clone)]
+pub enum Resolution {
+    /// Credit it: to the order's account, or to `account_id` when the payment named none;
+    /// `usd` is the USD amount paid (required when the payment was in another currency;
+    /// default: the payment's USD amount). Bonus tiers apply, limits do not.
+    Credit { account_id: Option<String>, usd: Option<rust_decimal::Decimal> },
+    /// The money was refunded outside Tally (e.g. in Stripe's dashboard): nothing is credited.
+    RefundNoted,
 }
 
 /// Record a payment that has not settled yet (shown as pending). Idempotent.
@@ -50,14 +97,7 @@ pub async fn record_pending(
     }
     insert_pending(&mut tx, req, paid, credited).await?;
     tx.commit().await?;
-    Ok(TopupResult {
-        order_id: req.order_id.clone(),
-        account_id: req.account_id.clone(),
-        status: "pending".into(),
-        paid_units: paid,
-        credited_units: credited,
-        entry: None,
-    })
+    Ok(new_result(req, "pending", paid, credited, None))
 }
 
 /// The payment succeeded: credit the account once. Idempotent by order id.
@@ -71,58 +111,315 @@ pub async fn complete(
     // Lock the balance row first (lock order: balance, then order), creating the account.
     super::lock_balances(&mut tx, &[req.account_id.as_str()]).await?;
     let existing = load_order(&mut tx, &req.order_id).await?;
-    match &existing {
+    let credited = match &existing {
+        Some(o) if o.status == "needs_review" && o.account_id.is_none() => {
+            // A payment recorded before anything named its account (a checkout's payment
+            // intent ahead of its session): this request names it, so the rules decide now.
+            sqlx::query(
+                "UPDATE topup_orders SET account_id = $2, paid_units = $3, credited_units = $4,
+                 status = 'pending', updated_at = now() WHERE order_id = $1",
+            )
+            .bind(&req.order_id)
+            .bind(&req.account_id)
+            .bind(paid)
+            .bind(credited)
+            .execute(&mut *tx)
+            .await?;
+            credited
+        }
         Some(o) => {
-            check_same(o, req, paid)?;
             match o.status.as_str() {
-                "succeeded" => {
+                "succeeded" | "needs_review" | "refund_noted" => {
+                    if o.account_id.as_deref() != Some(req.account_id.as_str()) {
+                        return Err(LedgerError::Conflict { key: format!("topup:{}", req.order_id) });
+                    }
+                    // An operator's order id is theirs: another amount under it is a
+                    // conflict. A processor's payment: the first record stands (module doc).
+                    if o.status == "succeeded" && req.source == "operator" {
+                        check_same(o, req, paid)?;
+                    }
                     tx.rollback().await?;
                     return Ok(o.clone());
                 }
                 "failed" => return Err(LedgerError::InvalidState(format!("order {} failed", req.order_id))),
-                _ => {}
+                _ => check_same(o, req, paid)?,
             }
+            // The order keeps the credit computed when it was first recorded (tiers may change).
+            o.credited_units
         }
-        None => insert_pending(&mut tx, req, paid, credited).await?,
+        None => {
+            insert_pending(&mut tx, req, paid, credited).await?;
+            credited
+        }
+    };
+    let via = format!("top-up {} USD via {}", req.paid_usd, req.source);
+    let posted = credit_order(&mut tx, &req.order_id, &req.account_id, (paid, credited), via, None).await?;
+    tx.commit().await?;
+    Ok(new_result(req, "succeeded", paid, credited, Some(posted)))
+}
+
+/// Why a captured payment cannot be credited by the rules: `Err(reason)`, or the request
+/// that credits it.
+pub fn check_captured(cfg: &TopupConfig, p: &CapturedPayment) -> Result<TopupRequest, String> {
+    let account_id = match &p.account_id {
+        None => return Err("missing_account: the payment names no account".into()),
+        Some(a) if a.is_empty() || a.len() > crate::event::ID_LEN_MAX => {
+            return Err(format!(
+                "invalid_account: account id must be 1..={} bytes",
+                crate::event::ID_LEN_MAX
+            ));
+        }
+        Some(a) => a.clone(),
+    };
+    if p.currency != "usd" {
+        return Err(format!("unsupported_currency: {} (Tally credits USD only)", p.currency));
     }
-    // The order keeps the credit computed when it was first recorded (tiers may change).
-    let credited = existing.as_ref().map_or(credited, |o| o.credited_units);
-    let key = format!("topup:{}", req.order_id);
-    let hash = hash_payload(&(&req.account_id, paid, credited));
+    let paid_usd = rust_decimal::Decimal::new(p.amount_minor, 2);
+    cfg.credit_for(paid_usd).map_err(|e| format!("outside_topup_rules: {e}"))?;
+    Ok(TopupRequest { order_id: p.order_id.clone(), account_id, paid_usd, source: p.source })
+}
+
+/// A processor reports money as captured: credit it by the rules, or record it in
+/// `needs_review` with the reason. Never refuses the payment itself. Idempotent by order id.
+pub async fn record_captured(
+    pool: &PgPool,
+    cfg: &TopupConfig,
+    p: &CapturedPayment,
+) -> Result<TopupResult, LedgerError> {
+    assert!(p.amount_minor > 0, "the edge refuses non-positive amounts");
+    let reason = match check_captured(cfg, p) {
+        Ok(req) => return complete(pool, cfg, &req).await,
+        Err(reason) => reason,
+    };
+    // An account is recorded if its id is usable (the order references it).
+    let account = p.account_id.as_deref().filter(|a| !a.is_empty() && a.len() <= crate::event::ID_LEN_MAX);
+    let mut tx = pool.begin().await?;
+    if let Some(a) = account {
+        super::lock_balances(&mut tx, &[a]).await?;
+    }
+    if let Some(o) = load_order(&mut tx, &p.order_id).await? {
+        if let (Some(a), Some(b)) = (account, o.account_id.as_deref())
+            && a != b
+        {
+            return Err(LedgerError::Conflict { key: format!("topup:{}", p.order_id) });
+        }
+        tx.rollback().await?;
+        return Ok(o);
+    }
+    sqlx::query(
+        "INSERT INTO topup_orders (order_id, account_id, source, paid_units, credited_units, status,
+             currency, amount_minor, review_reason)
+         VALUES ($1, $2, $3, 0, 0, 'needs_review', $4, $5, $6)",
+    )
+    .bind(&p.order_id)
+    .bind(account)
+    .bind(p.source)
+    .bind(&p.currency)
+    .bind(p.amount_minor)
+    .bind(&reason)
+    .execute(&mut *tx)
+    .await?;
+    let recorded = load_order(&mut tx, &p.order_id).await?.expect("inserted in this transaction");
+    tx.commit().await?;
+    Ok(recorded)
+}
+
+/// An operator resolves an order in review, exactly once: repeating the same resolution
+/// returns the order as it is; a different one, or an order not in review, is refused.
+pub async fn resolve(
+    pool: &PgPool,
+    cfg: &TopupConfig,
+    order_id: &str,
+    resolution: &Resolution,
+    by: &str,
+    note: &str,
+) -> Result<TopupResult, LedgerError> {
+    if by.trim().is_empty() || note.trim().is_empty() {
+        return Err(LedgerError::Invalid("a resolution needs who (--by) and why (--note)".into()));
+    }
+    // Lock order is balance, then order: find the account first, then lock both and recheck.
+    let peek: Option<(Option<String>,)> =
+        sqlx::query_as("SELECT account_id FROM topup_orders WHERE order_id = $1")
+            .bind(order_id)
+            .fetch_optional(pool)
+            .await?;
+    let Some((order_account,)) = peek else {
+        return Err(LedgerError::NotFound(format!("order {order_id}")));
+    };
+    let account = match (resolution, &order_account) {
+        (Resolution::Credit { account_id: Some(named), .. }, Some(known)) if named != known => {
+            return Err(LedgerError::Invalid(format!(
+                "order {order_id} belongs to account {known}, not {named}"
+            )));
+        }
+        (Resolution::Credit { account_id, .. }, known) => known.clone().or_else(|| account_id.clone()),
+        (Resolution::RefundNoted, known) => known.clone(),
+    };
+    if let Some(a) = &account
+        && (a.is_empty() || a.len() > crate::event::ID_LEN_MAX)
+    {
+        return Err(LedgerError::Invalid(format!(
+            "account id must be 1..={} bytes",
+            crate::event::ID_LEN_MAX
+        )));
+    }
+    let mut tx = pool.begin().await?;
+    if let Some(a) = &account {
+        super::lock_balances(&mut tx, &[a.as_str()]).await?;
+    }
+    let o = load_order(&mut tx, order_id).await?.expect("orders are never deleted");
+    if o.account_id != order_account {
+        return Err(LedgerError::InvalidState(format!(
+            "order {order_id} changed while resolving; try again"
+        )));
+    }
+    let wanted = match resolution {
+        Resolution::Credit { .. } => "credited",
+        Resolution::RefundNoted => "refund_noted",
+    };
+    if o.status != "needs_review" {
+        tx.rollback().await?;
+        return match o.resolution.as_deref() {
+            Some(done) if done == wanted => Ok(o),
+            _ => {
+                Err(LedgerError::InvalidState(format!("order {order_id} is {}, not needs_review", o.status)))
+            }
+        };
+    }
+    match resolution {
+        Resolution::RefundNoted => {
+            sqlx::query(
+                "UPDATE topup_orders SET status = 'refund_noted', resolution = 'refund_noted',
+                 resolved_by = $2, resolution_note = $3, resolved_at = now(), updated_at = now()
+                 WHERE order_id = $1",
+            )
+            .bind(order_id)
+            .bind(by)
+            .bind(note)
+            .execute(&mut *tx)
+            .await?;
+        }
+        Resolution::Credit { usd, .. } => {
+            let Some(account) = &account else {
+                return Err(LedgerError::Invalid(format!(
+                    "order {order_id} names no account: give the account to credit (--account)"
+                )));
+            };
+            let paid_usd = match (usd, o.currency.as_str(), o.amount_minor) {
+                (Some(usd), ..) => *usd,
+                (None, "usd", Some(cents)) => rust_decimal::Decimal::new(cents, 2),
+                (None, currency, _) => {
+                    return Err(LedgerError::Invalid(format!(
+                        "order {order_id} was paid in {currency}: give the USD amount to credit (--usd)"
+                    )));
+                }
+            };
+            let (paid, credited) = cfg.credit_with_bonus(paid_usd).map_err(LedgerError::Invalid)?;
+            // The amounts first: an order leaves review only with what it paid (CHECK).
+            sqlx::query(
+                "UPDATE topup_orders SET account_id = $2, paid_units = $3, credited_units = $4,
+                 resolution = 'credited', resolved_by = $5, resolution_note = $6, resolved_at = now()
+                 WHERE order_id = $1",
+            )
+            .bind(order_id)
+            .bind(account)
+            .bind(paid)
+            .bind(credited)
+            .bind(by)
+            .bind(note)
+            .execute(&mut *tx)
+            .await?;
+            let via = format!("top-up {paid_usd} USD via operator review of a {} payment", o.currency);
+            credit_order(&mut tx, order_id, account, (paid, credited), via, Some(by)).await?;
+        }
+    }
+    let resolved = load_order(&mut tx, order_id).await?.expect("orders are never deleted");
+    tx.commit().await?;
+    Ok(resolved)
+}
+
+/// Orders, newest first: one account's (`account_id`), or the operator's review queue
+/// (`status = needs_review` across accounts). At most `limit` (1..=500).
+pub async fn list(
+    pool: &PgPool,
+    account_id: Option<&str>,
+    status: Option<&str>,
+    limit: i64,
+) -> Result<Vec<TopupResult>, LedgerError> {
+    let ids: Vec<(String,)> = sqlx::query_as(
+        "SELECT order_id FROM topup_orders
+         WHERE ($1::text IS NULL OR account_id = $1) AND ($2::text IS NULL OR status = $2)
+         ORDER BY created_at DESC, order_id LIMIT $3",
+    )
+    .bind(account_id)
+    .bind(status)
+    .bind(limit.clamp(1, 500))
+    .fetch_all(pool)
+    .await?;
+    let mut out = Vec::with_capacity(ids.len());
+    let mut conn = pool.begin().await?;
+    for (id,) in ids {
+        out.extend(load_order_row(&mut conn, &id, false).await?);
+    }
+    conn.rollback().await?;
+    Ok(out)
+}
+
+/// One order, as it is now.
+pub async fn find(pool: &PgPool, order_id: &str) -> Result<Option<TopupResult>, LedgerError> {
+    let mut tx = pool.begin().await?;
+    let found = load_order_row(&mut tx, order_id, false).await?;
+    tx.rollback().await?;
+    Ok(found)
+}
+
+/// Orders waiting for an operator: (count, age of the oldest in seconds). For the gauges.
+pub async fn review_backlog(pool: &PgPool) -> Result<(i64, i64), sqlx::Error> {
+    sqlx::query_as(
+        "SELECT count(*), COALESCE(EXTRACT(EPOCH FROM now() - min(created_at))::bigint, 0)
+         FROM topup_orders WHERE status = 'needs_review'",
+    )
+    .fetch_one(pool)
+    .await
+}
+
+/// Post the order's `topup` entry (key `topup:<order_id>`) and mark it succeeded.
+async fn credit_order(
+    tx: &mut sqlx::Transaction<'_, sqlx::Postgres>,
+    order_id: &str,
+    account_id: &str,
+    (paid, credited): (i64, i64),
+    description: String,
+    created_by: Option<&str>,
+) -> Result<Posted, LedgerError> {
+    let key = format!("topup:{order_id}");
+    let hash = hash_payload(&(account_id, paid, credited));
     let posted = post(
-        &mut tx,
+        tx,
         Posting {
-            account_id: &req.account_id,
+            account_id,
             kind: "topup",
             amount: Amount::Delta(credited),
             idempotency_key: &key,
             payload_hash: &hash,
-            description: format!("top-up {} USD via {}", req.paid_usd, req.source),
-            created_by: None,
+            description,
+            created_by,
             corrects_entry_id: None,
-            metadata: serde_json::json!({"order_id": req.order_id, "paid_units": paid}),
+            metadata: serde_json::json!({"order_id": order_id, "paid_units": paid}),
         },
     )
     .await?;
     sqlx::query(
         "UPDATE topup_orders SET status = 'succeeded', entry_id = $2, updated_at = now() WHERE order_id = $1",
     )
-    .bind(&req.order_id)
+    .bind(order_id)
     .bind(posted.entry_id)
-    .execute(&mut *tx)
+    .execute(&mut **tx)
     .await?;
-    tx.commit().await?;
-    Ok(TopupResult {
-        order_id: req.order_id.clone(),
-        account_id: req.account_id.clone(),
-        status: "succeeded".into(),
-        paid_units: paid,
-        credited_units: credited,
-        entry: Some(posted),
-    })
+    Ok(posted)
 }
 
-/// An async payment failed: the pending order is closed without credit.
+/// An order fails when its async payment fails; one in review stays for the operator.
 pub async fn fail(pool: &PgPool, order_id: &str) -> Result<(), LedgerError> {
     let done = sqlx::query(
         "UPDATE topup_orders SET status = 'failed', updated_at = now() WHERE order_id = $1 AND status = 'pending'",
@@ -143,6 +440,29 @@ pub async fn fail(pool: &PgPool, order_id: &str) -> Result<(), LedgerError> {
         };
     }
     Ok(())
+}
+
+fn new_result(
+    req: &TopupRequest,
+    status: &str,
+    paid: i64,
+    credited: i64,
+    entry: Option<Posted>,
+) -> TopupResult {
+    TopupResult {
+        order_id: req.order_id.clone(),
+        account_id: Some(req.account_id.clone()),
+        status: status.into(),
+        paid_units: paid,
+        credited_units: credited,
+        currency: "usd".into(),
+        amount_minor: None,
+        review_reason: None,
+        resolution: None,
+        resolved_by: None,
+        resolution_note: None,
+        entry,
+    }
 }
 
 /// A new order, pending until its payment succeeds.
@@ -170,20 +490,26 @@ async fn load_order(
     tx: &mut sqlx::Transaction<'_, sqlx::Postgres>,
     order_id: &str,
 ) -> Result<Option<TopupResult>, LedgerError> {
-    type Row = (String, String, String, i64, i64, Option<i64>);
-    let row: Option<Row> = sqlx::query_as(
-        "SELECT order_id, account_id, status, paid_units, credited_units, entry_id
-         FROM topup_orders WHERE order_id = $1 FOR UPDATE",
-    )
-    .bind(order_id)
-    .fetch_optional(&mut **tx)
-    .await?;
-    let Some((order_id, account_id, status, paid_units, credited_units, entry_id)) = row else {
+    load_order_row(tx, order_id, true).await
+}
+
+async fn load_order_row(
+    tx: &mut sqlx::Transaction<'_, sqlx::Postgres>,
+    order_id: &str,
+    for_update: bool,
+) -> Result<Option<TopupResult>, LedgerError> {
+    let sql = format!(
+        "SELECT order_id, account_id, status, paid_units, credited_units, entry_id, currency, amount_minor,
+                review_reason, resolution, resolved_by, resolution_note
+         FROM topup_orders WHERE order_id = $1{}",
+        if for_update { " FOR UPDATE" } else { "" }
+    );
+    let row: Option<OrderRow> = sqlx::query_as(&sql).bind(order_id).fetch_optional(&mut **tx).await?;
+    let Some(r) = row else {
         return Ok(None);
     };
-    let entry = match entry_id {
-        None => None,
-        Some(id) => {
+    let entry = match (r.entry_id, &r.account_id) {
+        (Some(id), Some(account)) => {
             let (kind, amount, after): (String, i64, i64) = sqlx::query_as(
                 "SELECT kind, amount_units, balance_after_units FROM ledger_entries WHERE entry_id = $1",
             )
@@ -192,18 +518,48 @@ async fn load_order(
             .await?;
             Some(Posted {
                 entry_id: id,
-                account_id: account_id.clone(),
+                account_id: account.clone(),
                 kind,
                 amount_units: amount,
                 balance_after_units: after,
             })
         }
+        _ => None,
     };
-    Ok(Some(TopupResult { order_id, account_id, status, paid_units, credited_units, entry }))
+    Ok(Some(TopupResult {
+        order_id: r.order_id,
+        account_id: r.account_id,
+        status: r.status,
+        paid_units: r.paid_units,
+        credited_units: r.credited_units,
+        currency: r.currency,
+        amount_minor: r.amount_minor,
+        review_reason: r.review_reason,
+        resolution: r.resolution,
+        resolved_by: r.resolved_by,
+        resolution_note: r.resolution_note,
+        entry,
+    }))
+}
+
+#[derive(sqlx::FromRow)]
+struct OrderRow {
+    order_id: String,
+    account_id: Option<String>,
+    status: String,
+    paid_units: i64,
+    credited_units: i64,
+    entry_id: Option<i64>,
+    currency: String,
+    amount_minor: Option<i64>,
+    review_reason: Option<String>,
+    resolution: Option<String>,
+    resolved_by: Option<String>,
+    resolution_note: Option<String>,
 }
 
 fn check_same(existing: &TopupResult, req: &TopupRequest, paid: i64) -> Result<(), LedgerError> {
-    if existing.account_id != req.account_id || existing.paid_units != paid {
+    if existing.account_id.as_deref() != Some(req.account_id.as_str()) || existing.paid_units != paid {
         return Err(LedgerError::Conflict { key: format!("topup:{}", req.order_id) });
     }
     Ok(())

@@ -165,6 +165,9 @@ async fn refresh_quota_state(
 
 /// Periodic work beside the pipeline: expire overdue reservations (so holds never leak)
 /// and publish queued auto-reload requests. Errors are logged and retried next tick.
+/// How often the top-up review gauges are refreshed (one indexed count).
+const REVIEW_GAUGE_INTERVAL: Duration = Duration::from_secs(15);
+
 async fn housekeeping(
     pool: sqlx::PgPool,
     producer: rdkafka::producer::FutureProducer,
@@ -175,6 +178,9 @@ async fn housekeeping(
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let mut last_prune = std::time::Instant::now();
     let mut last_fold = std::time::Instant::now();
+    // In the past, so the gauges are set on the first tick.
+    let mut last_review_gauge =
+        std::time::Instant::now().checked_sub(REVIEW_GAUGE_INTERVAL).unwrap_or_else(std::time::Instant::now);
     loop {
         tokio::select! {
             _ = stop.cancelled() => return,
@@ -185,6 +191,16 @@ async fn housekeeping(
         }
         if let Err(e) = ledger::auto_reload::publish_pending(&pool, &producer, &auto_reload_topic).await {
             tracing::warn!(error = %e, "publishing auto-reload requests");
+        }
+        if last_review_gauge.elapsed() >= REVIEW_GAUGE_INTERVAL {
+            last_review_gauge = std::time::Instant::now();
+            match ledger::topup::review_backlog(&pool).await {
+                Ok((orders, oldest_secs)) => {
+                    metrics::gauge!(crate::metrics::TOPUP_ORDERS_NEEDS_REVIEW).set(orders as f64);
+                    metrics::gauge!(crate::metrics::TOPUP_REVIEW_OLDEST_SECONDS).set(oldest_secs as f64);
+                }
+                Err(e) => tracing::warn!(error = %e, "counting top-up orders in review"),
+            }
         }
         if last_fold.elapsed() >= FOLD_INTERVAL {
             last_fold = std::time::Instant::now();

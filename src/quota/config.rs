@@ -88,6 +88,49 @@ pub struct Plan {
     pub self_serve: bool,
 }
 
+/// An account's own terms for its plan, set by an operator only (BroomVA's enterprise:
+/// "custom credit allocation ... custom ceilings"). They replace the catalog's allocation,
+/// overage policy and soft-limit ceiling for that one account; name and rank stay the plan's.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, Deserialize)]
+pub struct CustomTerms {
+    pub allocation_units: i64,
+    pub policy: OveragePolicy,
+    pub soft_limit_percent: u32,
+}
+
+impl CustomTerms {
+    /// The same bounds as the catalog's plans.
+    pub fn validate(&self) -> Result<(), String> {
+        if self.allocation_units < 0 {
+            return Err("a custom allocation must not be negative".into());
+        }
+        if !(100..=1000).contains(&self.soft_limit_percent) {
+            return Err("a custom soft-limit ceiling must be within 100..=1000 percent".into());
+        }
+        Ok(())
+    }
+}
+
+impl Plan {
+    /// This plan with an account's custom terms.
+    pub fn with_terms(&self, terms: &CustomTerms) -> Plan {
+        Plan {
+            allocation_units: terms.allocation_units,
+            policy: terms.policy,
+            soft_limit_percent: terms.soft_limit_percent,
+            ..self.clone()
+        }
+    }
+}
+
+impl OveragePolicy {
+    pub fn parse(text: &str) -> Option<OveragePolicy> {
+        [OveragePolicy::HardLimit, OveragePolicy::SoftLimit, OveragePolicy::Warn]
+            .into_iter()
+            .find(|p| p.as_str() == text)
+    }
+}
+
 #[derive(Debug, Clone, Default, Deserialize)]
 #[serde(deny_unknown_fields)]
 struct LimitsFile {

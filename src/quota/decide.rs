@@ -42,7 +42,8 @@ pub struct AccountView<'a> {
     pub balance_units: i64,
     pub reserved_units: i64,
     pub pending_units: i64,
-    pub plan: Option<&'a Plan>,
+    /// The account's plan with its custom terms (owned only when it has custom terms).
+    pub plan: Option<std::borrow::Cow<'a, Plan>>,
     /// Spend of the account in the current period (plan period or calendar month).
     pub period_consumed_units: i64,
     /// (used in window, limit) for the requested feature, when it is gated for the tier.
@@ -123,7 +124,7 @@ fn refuse(status: u16, code: &'static str, message: String, overage: OverageResu
 }
 
 fn overage(a: &AccountView<'_>, estimate: i64) -> OverageResult {
-    let Some(plan) = a.plan else {
+    let Some(plan) = a.plan.as_deref() else {
         let effective = money::effective_units(a.balance_units, a.reserved_units, a.pending_units);
         let blocked = effective <= 0 || effective < estimate;
         let message = if blocked {
@@ -211,7 +212,11 @@ mod tests {
     }
 
     fn with_plan(p: &Plan, consumed: i64) -> AccountView<'_> {
-        AccountView { plan: Some(p), period_consumed_units: consumed, ..Default::default() }
+        AccountView {
+            plan: Some(std::borrow::Cow::Borrowed(p)),
+            period_consumed_units: consumed,
+            ..Default::default()
+        }
     }
 
     #[test]

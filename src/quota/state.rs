@@ -33,7 +33,7 @@
 //! `RwLock`; whoever applies changes takes one shard's write lock at a time, for that
 //! shard's share of the change only, so `authorize` stays fast while a batch lands.
 
-use super::config::{Cycle, QuotaConfig};
+use super::config::{CustomTerms, Cycle, Plan, QuotaConfig};
 use super::decide::AccountView;
 use super::store::{self, StateRead};
 use super::window::{self, Buckets, Totals};
@@ -41,6 +41,7 @@ use crate::batch::ValidItem;
 use crate::ledger::counting::ChangeRef;
 use chrono::{DateTime, Utc};
 use sqlx::PgPool;
+use std::borrow::Cow;
 use std::collections::{HashMap, HashSet};
 use std::sync::{Mutex, RwLock};
 use std::time::{Duration, Instant};
@@ -60,6 +61,9 @@ pub struct AccountState {
     pub last_purchase_at: Option<DateTime<Utc>>,
     pub last_deduction_at: Option<DateTime<Utc>>,
     pub plan: Option<(String, DateTime<Utc>)>,
+    /// The account's own terms for its plan (operator-set, enterprise); boxed: rare, and a
+    /// million accounts' state must stay small.
+    pub custom_terms: Option<Box<CustomTerms>>,
     /// (kind, key) -> hourly buckets; kinds: account, project, api_key, feature.
     pub usage: Counters,
     /// (scope, scope id) -> monthly cap in units.
@@ -379,7 +383,9 @@ fn apply_rows(accounts: &mut Accounts, read: &StateRead, rows: &ShardRows) {
         acct.last_deduction_at = b.last_deduction_at;
     }
     for p in rows.plans.iter().map(|i| &read.plans[*i]) {
-        account_mut(accounts, &p.account_id).plan = Some((p.plan.clone(), p.period_anchor));
+        let acct = account_mut(accounts, &p.account_id);
+        acct.plan = Some((p.plan.clone(), p.period_anchor));
+        acct.custom_terms = p.custom_terms().map(Box::new);
     }
     for l in rows.limits.iter().map(|i| &read.limits[*i]) {
         let acct = account_mut(accounts, &l.account_id);
@@ -398,6 +404,15 @@ pub fn period(cfg: &QuotaConfig, acct: &AccountState, now: DateTime<Utc>) -> (Da
 /// Spend of one counter in `[from, to)`.
 pub fn spent(acct: &AccountState, kind: &str, key: &str, from: DateTime<Utc>, to: DateTime<Utc>) -> Totals {
     acct.usage.get(kind, key).map(|b| b.sum(window::floor_hour(from), to.timestamp())).unwrap_or_default()
+}
+
+/// The account's plan with its custom terms, if it has a plan the catalog knows.
+pub fn plan<'a>(cfg: &'a QuotaConfig, acct: &AccountState) -> Option<Cow<'a, Plan>> {
+    let base = acct.plan.as_ref().and_then(|(name, _)| cfg.plans.get(name))?;
+    Some(match &acct.custom_terms {
+        Some(terms) => Cow::Owned(base.with_terms(terms)),
+        None => Cow::Borrowed(base),
+    })
 }
 
 /// The tier used for quotas: the plan name, or `free` without a plan.
@@ -420,7 +435,7 @@ pub fn view<'c>(
     now: DateTime<Utc>,
 ) -> AccountView<'c> {
     let (start, end) = period(cfg, acct, now);
-    let plan = acct.plan.as_ref().and_then(|(name, _)| cfg.plans.get(name));
+    let plan = plan(cfg, acct);
     let feature_quota = ask.feature.and_then(|f| {
         let limit = cfg.quota(f, tier(acct))?;
         let (from, to) = window::rolling_window(now);

@@ -2,6 +2,7 @@
 //! limits and the changelog) for `quota::state`, plans and plan changes, spend limits.
 //! Usage is *counted* by the ledger that writes it (`ledger::counting`).
 
+use super::config::{CustomTerms, OveragePolicy, Plan};
 use super::window::{HOUR_SECS, floor_hour};
 use crate::ledger::ops::{Amount, LedgerError, Posted, Posting, claim, finish, hash_payload, post};
 use chrono::{DateTime, Utc};
@@ -47,7 +48,24 @@ pub struct PlanRow {
     pub account_id: String,
     pub plan: String,
     pub period_anchor: DateTime<Utc>,
+    pub custom_allocation_units: Option<i64>,
+    pub custom_overage_policy: Option<String>,
+    pub custom_soft_limit_percent: Option<i32>,
 }
+
+impl PlanRow {
+    /// The row's custom terms (all three columns are set together: a CHECK).
+    pub fn custom_terms(&self) -> Option<CustomTerms> {
+        Some(CustomTerms {
+            allocation_units: self.custom_allocation_units?,
+            policy: OveragePolicy::parse(self.custom_overage_policy.as_deref()?)?,
+            soft_limit_percent: u32::try_from(self.custom_soft_limit_percent?).ok()?,
+        })
+    }
+}
+
+/// Columns of a `PlanRow`.
+const PLAN_COLUMNS: &str = "account_id, plan, period_anchor, custom_allocation_units, custom_overage_policy, custom_soft_limit_percent";
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, sqlx::FromRow)]
 pub struct LimitRow {
@@ -132,9 +150,9 @@ pub async fn read_state(
     .bind(since.to_string())
     .fetch_all(&mut *tx)
     .await?;
-    read.plans = sqlx::query_as(
-        "SELECT account_id, plan, period_anchor FROM account_plans WHERE changed_xid >= $1::text::xid8",
-    )
+    read.plans = sqlx::query_as(&format!(
+        "SELECT {PLAN_COLUMNS} FROM account_plans WHERE changed_xid >= $1::text::xid8"
+    ))
     .bind(since.to_string())
     .fetch_all(&mut *tx)
     .await?;
@@ -205,7 +223,12 @@ pub struct PlanChange {
 pub struct PlanChangeRequest<'a> {
     pub account_id: &'a str,
     pub new_plan: &'a super::config::Plan,
+    /// The account's current plan with its custom terms ([`plan_of`]).
     pub old_plan: Option<&'a super::config::Plan>,
+    /// The account's own terms on the new plan: operators only (enterprise).
+    pub custom_terms: Option<CustomTerms>,
+    /// An operator (the CLI) may assign plans that are not self-serve; the API may not.
+    pub by_operator: bool,
     pub idempotency_key: &'a str,
     pub created_by: &'a str,
     pub now: DateTime<Utc>,
@@ -231,17 +254,31 @@ pub async fn default_plan_key(
 
 /// Change plan: upgrades credit the allocation difference prorated over the rest of the
 /// period; downgrades cap the balance at the new allocation; same plan is a no-op; a
-/// plan that is not self-serve (enterprise) is refused. One ledger entry + one audit row.
+/// plan that is not self-serve (enterprise) is refused unless an operator assigns it.
+/// Custom terms (operators only) replace the plan's allocation, policy and ceiling for this
+/// account; changing them on the same plan is an upgrade or a downgrade by allocation.
+/// One ledger entry + one audit row.
 pub async fn change_plan(pool: &PgPool, req: &PlanChangeRequest<'_>) -> Result<PlanChange, LedgerError> {
-    let (new, old) = (req.new_plan, req.old_plan);
-    // The request is (account, target plan): a retry under the same key replays the first
-    // answer even though the account is on the target plan by then.
-    let hash = hash_payload(&(req.account_id, &new.name));
+    let old = req.old_plan;
+    if req.custom_terms.is_some() && !req.by_operator {
+        return Err(LedgerError::NotAllowed("custom plan terms are set by an operator".into()));
+    }
+    if let Some(t) = &req.custom_terms {
+        t.validate().map_err(LedgerError::Invalid)?;
+    }
+    let effective = req.custom_terms.map(|t| req.new_plan.with_terms(&t));
+    let new = effective.as_ref().unwrap_or(req.new_plan);
+    // The request is (account, target plan[, terms]): a retry under the same key replays
+    // the first answer even though the account is on the target plan by then.
+    let hash = match &req.custom_terms {
+        None => hash_payload(&(req.account_id, &new.name)),
+        Some(t) => hash_payload(&(req.account_id, &new.name, t)),
+    };
     let mut tx = pool.begin().await?;
     if let Some(saved) = claim::<PlanChange>(&mut tx, req.idempotency_key, "plan_change", &hash).await? {
         return Ok(saved);
     }
-    if old.map(|o| o.name == new.name).unwrap_or(false) {
+    if old.is_some_and(|o| o == new) {
         return Ok(PlanChange {
             account_id: req.account_id.into(),
             old_plan: Some(new.name.clone()),
@@ -251,7 +288,7 @@ pub async fn change_plan(pool: &PgPool, req: &PlanChangeRequest<'_>) -> Result<P
             entry: None,
         });
     }
-    if !new.self_serve && old.map(|o| o.rank < new.rank).unwrap_or(true) {
+    if !new.self_serve && !req.by_operator && old.map(|o| o.rank < new.rank).unwrap_or(true) {
         return Err(LedgerError::NotAllowed(format!(
             "changing to the {} plan needs a conversation with sales",
             new.name
@@ -262,10 +299,14 @@ pub async fn change_plan(pool: &PgPool, req: &PlanChangeRequest<'_>) -> Result<P
         super::config::Cycle::CalendarMonth => super::window::calendar_month(req.now),
         super::config::Cycle::Anchored30d => super::window::anchored_cycle(anchor, req.now),
     };
+    let upgrade =
+        |o: &Plan| new.rank > o.rank || (new.rank == o.rank && new.allocation_units > o.allocation_units);
     let (direction, amount) = match old {
-        Some(o) if new.rank > o.rank => (
+        Some(o) if upgrade(o) => (
             "upgrade",
-            Amount::Delta(prorate(new.allocation_units - o.allocation_units, req.now, start, end)),
+            // A higher rank with a smaller allocation (enterprise's catalog allocation is a
+            // placeholder) credits nothing rather than debiting the customer.
+            Amount::Delta(prorate((new.allocation_units - o.allocation_units).max(0), req.now, start, end)),
         ),
         Some(_) => ("downgrade", Amount::CapBalanceAt(new.allocation_units)),
         None => ("initial", Amount::Delta(new.allocation_units)),
@@ -285,14 +326,21 @@ pub async fn change_plan(pool: &PgPool, req: &PlanChangeRequest<'_>) -> Result<P
         },
     )
     .await?;
+    let terms = req.custom_terms.as_ref();
     sqlx::query(
-        "INSERT INTO account_plans (account_id, plan, period_anchor) VALUES ($1, $2, $3)
-         ON CONFLICT (account_id) DO UPDATE SET plan = $2, updated_at = clock_timestamp(),
-                                          changed_xid = pg_current_xact_id()",
+        "INSERT INTO account_plans (account_id, plan, period_anchor, custom_allocation_units,
+             custom_overage_policy, custom_soft_limit_percent)
+         VALUES ($1, $2, $3, $4, $5, $6)
+         ON CONFLICT (account_id) DO UPDATE SET plan = $2, custom_allocation_units = $4,
+             custom_overage_policy = $5, custom_soft_limit_percent = $6,
+             updated_at = clock_timestamp(), changed_xid = pg_current_xact_id()",
     )
     .bind(req.account_id)
     .bind(&new.name)
     .bind(anchor)
+    .bind(terms.map(|t| t.allocation_units))
+    .bind(terms.map(|t| t.policy.as_str()))
+    .bind(terms.map(|t| t.soft_limit_percent as i32))
     .execute(&mut *tx)
     .await?;
     if let Some(o) = old {
@@ -323,6 +371,28 @@ pub async fn change_plan(pool: &PgPool, req: &PlanChangeRequest<'_>) -> Result<P
     Ok(result)
 }
 
+/// The account's plan name (or quota tier), and that plan as the catalog `cfg` defines
+/// it with the account's custom terms (None for a tier that is not a catalog plan).
+pub async fn plan_of(
+    pool: &PgPool,
+    cfg: &super::config::QuotaConfig,
+    account: &str,
+) -> Result<(Option<String>, Option<Plan>), sqlx::Error> {
+    let row: Option<PlanRow> =
+        sqlx::query_as(&format!("SELECT {PLAN_COLUMNS} FROM account_plans WHERE account_id = $1"))
+            .bind(account)
+            .fetch_optional(pool)
+            .await?;
+    let Some(row) = row else {
+        return Ok((None, None));
+    };
+    let plan = cfg.plans.get(&row.plan).map(|p| match row.custom_terms() {
+        Some(t) => p.with_terms(&t),
+        None => p.clone(),
+    });
+    Ok((Some(row.plan), plan))
+}
+
 /// The account's plan (or quota tier) name, if any.
 pub async fn current_plan(pool: &PgPool, account: &str) -> Result<Option<String>, sqlx::Error> {
     let row: Option<(String,)> = sqlx::query_as("SELECT plan FROM account_plans WHERE account_id = $1")
@@ -346,8 +416,9 @@ pub async fn set_tier(
         .await?;
     sqlx::query(
         "INSERT INTO account_plans (account_id, plan, period_anchor) VALUES ($1, $2, $3)
-         ON CONFLICT (account_id) DO UPDATE SET plan = $2, updated_at = clock_timestamp(),
-                                          changed_xid = pg_current_xact_id()",
+         ON CONFLICT (account_id) DO UPDATE SET plan = $2, custom_allocation_units = NULL,
+             custom_overage_policy = NULL, custom_soft_limit_percent = NULL,
+             updated_at = clock_timestamp(), changed_xid = pg_current_xact_id()",
     )
     .bind(account)
     .bind(tier)

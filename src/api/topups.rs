@@ -1,0 +1,46 @@
+//! `GET /v1/accounts/{id}/topups?limit=`: the account's top-up orders, newest first, with
+//! their status: `pending`, `succeeded`, `failed`, `needs_review` (captured money the
+//! rules could not credit, with `review_reason`; an operator resolves it) or
+//! `refund_noted`. Capability: `Billing`. A payment that named no account is not any
+//! account's: it is in the operator's queue (`tally orders list`) and the
+//! `tally_topup_orders_needs_review` gauge.
+
+use super::auth::{Caller, Capability, check_existing};
+use super::extract::{ApiPath, ApiQuery, path_account_id};
+use super::{ApiError, AppState};
+use crate::ledger::topup::{self, TopupResult};
+use axum::Json;
+use axum::extract::State;
+use serde::{Deserialize, Serialize};
+
+/// Orders per answer when `limit` is absent, and the most.
+pub const LIMIT_DEFAULT: i64 = 50;
+pub const LIMIT_MAX: i64 = 500;
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TopupQuery {
+    limit: Option<i64>,
+}
+
+#[derive(Debug, Serialize)]
+pub struct TopupList {
+    pub topups: Vec<TopupResult>,
+}
+
+pub async fn list(
+    State(state): State<AppState>,
+    caller: Caller,
+    ApiPath(id): ApiPath<String>,
+    ApiQuery(q): ApiQuery<TopupQuery>,
+) -> Result<Json<TopupList>, ApiError> {
+    path_account_id(&id)?;
+    let limit = q.limit.unwrap_or(LIMIT_DEFAULT);
+    if !(1..=LIMIT_MAX).contains(&limit) {
+        return Err(ApiError::bad_request("invalid_query", format!("limit must be within 1..={LIMIT_MAX}")));
+    }
+    check_existing(&caller, &state.pool, &id, Capability::Billing).await?;
+    let topups =
+        topup::list(&state.pool, Some(&id), None, limit).await.map_err(super::stripe::ledger_error)?;
+    Ok(Json(TopupList { topups }))
+}

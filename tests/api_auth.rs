@@ -121,6 +121,7 @@ impl App {
             reservation_id: id.into(),
             amount_units: units,
             ttl_secs: 600,
+            overdraft_units: 0,
         };
         reservations::reserve(&self.env.pool, &req).await.unwrap();
     }

@@ -233,12 +233,25 @@ async fn quotas_limits_plans_and_balance_over_http() {
     assert_eq!((s, b["error"]["code"].as_str()), (422, Some("unknown_plan")));
     let (s, b) = app.call("GET", "/v1/accounts/acct-q/balance", Some(&banker), None).await;
     assert_eq!(s, 200);
+    // One model (issue 11.4): the plan's credits are the ledger balance (free's $0.50 +
+    // the prorated upgrade - the $0.22 spent), so remaining = effective balance and consumed
+    // = allocation - remaining; the period's spend is reported beside it.
+    let effective = b["effective_units"].as_i64().unwrap();
     assert_eq!(
-        (b["plan"]["plan"].as_str(), b["plan"]["consumed_units"].as_i64()),
-        (Some("pro"), Some(22_000_000)),
+        (b["plan"]["plan"].as_str(), b["plan"]["remaining_units"].as_i64()),
+        (Some("pro"), Some(effective)),
         "{b}"
     );
-    assert_eq!(b["plan"]["usage_percent"], "0.44");
+    assert!(
+        effective > 50_000_000 && effective < 5_000_000_000,
+        "free's allocation + a prorated upgrade: {b}"
+    );
+    assert_eq!(b["plan"]["consumed_units"].as_i64(), Some(5_000_000_000 - effective));
+    assert_eq!(b["period_consumed_units"].as_i64(), Some(22_000_000));
+    let percent = rust_decimal::Decimal::from(5_000_000_000 - effective) * rust_decimal::Decimal::from(100)
+        / rust_decimal::Decimal::from(5_000_000_000i64);
+    let percent = percent.round_dp_with_strategy(2, rust_decimal::RoundingStrategy::MidpointNearestEven);
+    assert_eq!(b["plan"]["usage_percent"], percent.to_string());
     assert!(b["projected_days_remaining"].is_string(), "a burn rate exists: {b}");
     // The same change made again later applies (it used to replay the first pro -> free
     // under the default key and leave the account on pro); a true retry, same key, replays.

@@ -156,6 +156,7 @@ async fn concurrent_reservations_never_overdraw() {
                     reservation_id: format!("r{i}"),
                     amount_units: 3_000_000,
                     ttl_secs: 600,
+                    overdraft_units: 0,
                 };
                 reservations::reserve(&pool, &req).await
             })
@@ -186,6 +187,7 @@ async fn holds_expire_settle_by_event_and_release() {
         reservation_id: id.into(),
         amount_units: units,
         ttl_secs: ttl,
+        overdraft_units: 0,
     };
     // Expiry: a 1-second hold disappears by itself.
     reservations::reserve(&env.pool, &reserve("short", 9 * USD, 1)).await.unwrap();
@@ -420,6 +422,7 @@ async fn hold_amounts_beyond_the_input_bound_are_refused_not_wrapped() {
         reservation_id: id.into(),
         amount_units: units,
         ttl_secs: 60,
+        overdraft_units: 0,
     };
     let too_big = tally::money::INPUT_UNITS_MAX + 1;
     assert!(matches!(
@@ -479,6 +482,7 @@ async fn a_settle_ends_in_exactly_one_debit_in_every_order() {
         reservation_id: id.into(),
         amount_units: USD,
         ttl_secs: ttl,
+        overdraft_units: 0,
     };
     let debits = |id: &'static str| {
         let pool = env.pool.clone();

@@ -358,12 +358,15 @@ async fn operators_assign_enterprise_with_custom_terms() {
         (300 * USD, OveragePolicy::SoftLimit, 150)
     );
 
-    // Authorize reads the account's terms: $330 spent of $300, ceiling 150% = $450.
+    // Authorize reads the account's terms on its balance (team's $200 + the prorated
+    // upgrade - $330 spent): the 150% ceiling lets it go $150 below zero, no further.
     apply_usage(&env, vec![spend("ent", a, 1_500, Utc::now())], 0).await;
-    let d = decide_now(&env.pool, &cfg, a, None, 120 * USD).await;
+    let balance = ledger::balance(&env.pool, a).await.unwrap().unwrap().balance_units;
+    assert!(balance < 0, "{balance}");
+    let d = decide_now(&env.pool, &cfg, a, None, balance + 150 * USD).await;
     assert!(d.allowed && d.overage.in_overage, "{d:?}");
     assert_eq!((d.overage.policy, d.overage.overage_amount), ("soft_limit", 150 * USD));
-    let d = decide_now(&env.pool, &cfg, a, None, 120 * USD + 1).await;
+    let d = decide_now(&env.pool, &cfg, a, None, balance + 150 * USD + 1).await;
     assert_eq!((d.status, d.code), (402, Some("credits_exhausted")));
 
     // New terms on the same plan: a larger allocation is an upgrade (prorated credit).
@@ -377,5 +380,105 @@ async fn operators_assign_enterprise_with_custom_terms() {
     assert_eq!(down.direction, "downgrade");
     let (name, plan) = store::plan_of(&env.pool, &cfg, a).await.unwrap();
     assert_eq!((name.as_deref(), plan.as_ref()), (Some("pro"), Some(&cfg.plans["pro"])));
+    ledger::verify(&env.pool).await.unwrap();
+}
+
+/// Issue 11.4, one model of a plan: the allocation is posted at each cycle start exactly
+/// once per account (two instances, a restart across boundaries), no rollover; authorize,
+/// reservations and the ledger balance agree, through an upgrade and a downgrade.
+#[tokio::test]
+async fn plan_cycles_post_the_allocation_once_per_cycle_and_everything_reads_the_balance() {
+    use tally::ledger::reservations::{self, ReserveRequest};
+    let env = TestEnv::new(1).await;
+    let cfg = config("broomva.toml"); // anchored 30-day cycles
+    let a = "acct-cycles";
+    let balance = |env: &TestEnv| {
+        let pool = env.pool.clone();
+        async move { ledger::balance(&pool, a).await.unwrap().unwrap().balance_units }
+    };
+    let next_cycle = |env: &TestEnv| {
+        let pool = env.pool.clone();
+        async move {
+            let (t,): (DateTime<Utc>,) =
+                sqlx::query_as("SELECT next_cycle_at FROM account_plans WHERE account_id = $1")
+                    .bind(a)
+                    .fetch_one(&pool)
+                    .await
+                    .unwrap();
+            t
+        }
+    };
+    change(&env, &cfg, a, "pro", "k1").await.unwrap();
+    assert_eq!(balance(&env).await, 50 * USD, "the first cycle's allocation");
+    apply_usage(&env, vec![spend("c1", a, 100, Utc::now())], 0).await; // $22
+    assert_eq!(balance(&env).await, 28 * USD);
+    assert_eq!(store::post_due_cycles(&env.pool, &cfg, Utc::now()).await.unwrap(), 0, "not due yet");
+
+    // Cycle 2: reset to the allocation ($22 spent, $28 left: nothing rolls over).
+    let t1 = next_cycle(&env).await;
+    assert!(t1 > Utc::now() + Duration::days(29), "{t1}");
+    assert_eq!(store::post_due_cycles(&env.pool, &cfg, t1).await.unwrap(), 1);
+    assert_eq!(store::post_due_cycles(&env.pool, &cfg, t1).await.unwrap(), 0, "once per cycle");
+    assert_eq!(balance(&env).await, 50 * USD);
+    assert_eq!(next_cycle(&env).await, t1 + Duration::days(30));
+
+    // Cycle 3 with two instances at once: still exactly one entry.
+    apply_usage(&env, vec![spend("c2", a, 300, Utc::now())], 1).await; // $66: $16 in overage
+    assert_eq!(balance(&env).await, -16 * USD);
+    let t2 = next_cycle(&env).await;
+    let (x, y) = tokio::join!(
+        store::post_due_cycles(&env.pool, &cfg, t2 + Duration::seconds(1)),
+        store::post_due_cycles(&env.pool, &cfg, t2 + Duration::seconds(1))
+    );
+    assert_eq!(x.unwrap() + y.unwrap(), 1);
+    assert_eq!(balance(&env).await, 50 * USD, "an overage does not carry into the next cycle");
+
+    // Down across two boundaries: the current cycle is posted once, on restart.
+    let t3 = next_cycle(&env).await;
+    let late = t3 + Duration::days(35);
+    assert_eq!(store::post_due_cycles(&env.pool, &cfg, late).await.unwrap(), 1);
+    assert_eq!(store::post_due_cycles(&env.pool, &cfg, late).await.unwrap(), 0);
+    assert_eq!(next_cycle(&env).await, t3 + Duration::days(60));
+    let resets = env
+        .count(&format!(
+            "SELECT count(*) FROM ledger_entries WHERE account_id = '{a}' AND kind = 'plan_reset'"
+        ))
+        .await;
+    assert_eq!(resets, 3, "cycles 2, 3 and the one after the downtime");
+
+    // Authorize reads the balance: pro is soft 120%, so $50 + $10 may be used.
+    let d = decide_now(&env.pool, &cfg, a, None, 60 * USD).await;
+    assert!(d.allowed && d.overage.in_overage, "{d:?}");
+    let d = decide_now(&env.pool, &cfg, a, None, 60 * USD + 1).await;
+    assert_eq!(d.code, Some("credits_exhausted"));
+    // ...and so does a hold, with the same overdraft.
+    let pro = &cfg.plans["pro"];
+    let hold = |id: &str, units: i64| ReserveRequest {
+        account_id: a.into(),
+        reservation_id: id.into(),
+        amount_units: units,
+        ttl_secs: 60,
+        overdraft_units: tally::quota::decide::overdraft_units(pro),
+    };
+    assert!(reservations::reserve(&env.pool, &hold("h-over", 60 * USD + 1)).await.is_err());
+    reservations::reserve(&env.pool, &hold("h-ok", 60 * USD)).await.unwrap();
+    let d = decide_now(&env.pool, &cfg, a, None, 1).await;
+    assert_eq!(d.code, Some("credits_exhausted"), "the hold used everything authorize allows");
+    reservations::release(&env.pool, "h-ok").await.unwrap();
+
+    // Downgrade to free (hard $0.50): the balance is capped, authorize follows it.
+    change(&env, &cfg, a, "free", "k2").await.unwrap();
+    assert_eq!(balance(&env).await, USD / 2);
+    assert!(decide_now(&env.pool, &cfg, a, None, USD / 2).await.allowed);
+    assert!(!decide_now(&env.pool, &cfg, a, None, USD / 2 + 1).await.allowed);
+    // Upgrade back mid-cycle: the prorated difference is credited and usable at once.
+    change(&env, &cfg, a, "pro", "k3").await.unwrap();
+    let b = balance(&env).await;
+    assert!(b > USD / 2 && b <= 50 * USD, "{b}");
+    assert!(decide_now(&env.pool, &cfg, a, None, b + 10 * USD).await.allowed);
+    // The cycle is the account's: the next allocation is still posted once, at its start.
+    let t4 = next_cycle(&env).await;
+    assert_eq!(store::post_due_cycles(&env.pool, &cfg, t4).await.unwrap(), 1);
+    assert_eq!(balance(&env).await, 50 * USD);
     ledger::verify(&env.pool).await.unwrap();
 }

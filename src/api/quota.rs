@@ -165,13 +165,19 @@ pub fn plan_and_burn(
         state::spent(acct, "account", "", now - Duration::days(7), now + Duration::hours(1)).cost_units;
     let daily_burn = Decimal::from(week) / Decimal::from(7);
     let plan = state::plan(cfg, acct);
-    let remaining = plan.as_ref().map_or(effective_units, |p| p.allocation_units.saturating_sub(consumed));
+    // One model (issue 11.4): a plan's remaining credits are the effective ledger balance.
+    let remaining = effective_units;
+    let plan_consumed = |p: &crate::quota::config::Plan| {
+        let c = i128::from(p.allocation_units) - i128::from(effective_units);
+        i64::try_from(c).unwrap_or(if c < 0 { i64::MIN } else { i64::MAX })
+    };
     let projected_days = (daily_burn > Decimal::ZERO).then(|| {
         (Decimal::from(remaining.max(0)) / daily_burn).round_dp_with_strategy(1, money::ROUNDING).to_string()
     });
     let plan_json = plan.map(|p| {
+        let used = plan_consumed(&p);
         let percent = if p.allocation_units > 0 {
-            (Decimal::from(consumed) * Decimal::from(100) / Decimal::from(p.allocation_units))
+            (Decimal::from(used) * Decimal::from(100) / Decimal::from(p.allocation_units))
                 .round_dp_with_strategy(2, money::ROUNDING)
                 .to_string()
         } else {
@@ -181,8 +187,8 @@ pub fn plan_and_burn(
             "plan": p.name,
             "policy": p.policy.as_str(),
             "allocated_units": p.allocation_units,
-            "consumed_units": consumed,
-            "remaining_units": p.allocation_units.saturating_sub(consumed),
+            "consumed_units": used,
+            "remaining_units": remaining,
             "usage_percent": percent,
         })
     });

@@ -101,7 +101,18 @@ pub async fn reserve(
             format!("ttl_secs must be within 1..={TTL_SECS_MAX}"),
         ));
     }
-    let req = ReserveRequest { account_id: body.account_id, reservation_id, amount_units, ttl_secs };
+    // One model of a plan (issue 11.4): a hold may use what authorize would allow.
+    let overdraft_units = state.quota.with_account(&body.account_id, |acct| {
+        crate::quota::state::plan(&state.quota_config, acct)
+            .map_or(0, |p| crate::quota::decide::overdraft_units(&p))
+    });
+    let req = ReserveRequest {
+        account_id: body.account_id,
+        reservation_id,
+        amount_units,
+        ttl_secs,
+        overdraft_units,
+    };
     let r = reservations::reserve(&state.pool, &req).await.map_err(reservation_error)?;
     Ok((StatusCode::CREATED, Json(r.into())))
 }

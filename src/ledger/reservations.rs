@@ -44,9 +44,14 @@ pub struct ReserveRequest {
     pub reservation_id: String,
     pub amount_units: i64,
     pub ttl_secs: u32,
+    /// How far below zero the effective balance may go with this hold: 0 for a prepaid
+    /// wallet or a hard-limit plan, the soft ceiling over the allocation for a soft-limit
+    /// plan, i64::MAX for a warn plan (`quota::decide::overdraft_units`): the same rule as
+    /// authorize, on the same balance.
+    pub overdraft_units: i64,
 }
 
-/// Hold `amount_units` if the effective balance covers it. Idempotent by reservation id:
+/// Hold `amount_units` if the effective balance (plus the plan's overdraft) covers it. Idempotent by reservation id:
 /// repeating the same request returns the same reservation.
 pub async fn reserve(pool: &PgPool, req: &ReserveRequest) -> Result<Reservation, LedgerError> {
     if req.amount_units <= 0 || req.amount_units > crate::money::INPUT_UNITS_MAX {
@@ -67,7 +72,7 @@ pub async fn reserve(pool: &PgPool, req: &ReserveRequest) -> Result<Reservation,
     let (balance, reserved, pending) = lock_projection(&mut tx, &req.account_id).await?;
     let (reserved, pending) = expire_for_account(&mut tx, &req.account_id, reserved, pending).await?;
     let effective = crate::money::effective_units(balance, reserved, pending);
-    if effective < req.amount_units {
+    if i128::from(effective) + i128::from(req.overdraft_units.max(0)) < i128::from(req.amount_units) {
         // Not stored under the key: after a top-up the same request may succeed.
         return Err(LedgerError::InsufficientFunds {
             effective_units: effective,

@@ -66,10 +66,18 @@ pub async fn run(
         quota: quota_state.clone(),
         quota_config: Arc::new(quota_config),
     };
+    // Plan rows from before cycles were posted keep their balance for the current cycle.
+    let adopted = crate::quota::store::adopt_plan_cycles(&pool, &http_state.quota_config, chrono::Utc::now())
+        .await
+        .context("recording plan cycles")?;
+    if adopted > 0 {
+        tracing::info!(accounts = adopted, "plan cycles recorded; next allocations at their cycle start");
+    }
     let producer = kafka::producer(&c.brokers)?;
     let refresher = tokio::spawn(refresh_quota_state(quota_state.clone(), pool.clone(), shutdown.clone()));
     let housekeeping = tokio::spawn(housekeeping(
         pool.clone(),
+        http_state.quota_config.clone(),
         producer.clone(),
         settings.auto_reload_topic.clone(),
         shutdown.clone(),
@@ -170,6 +178,7 @@ const REVIEW_GAUGE_INTERVAL: Duration = Duration::from_secs(15);
 
 async fn housekeeping(
     pool: sqlx::PgPool,
+    quota_config: Arc<crate::quota::config::QuotaConfig>,
     producer: rdkafka::producer::FutureProducer,
     auto_reload_topic: String,
     stop: CancellationToken,
@@ -188,6 +197,10 @@ async fn housekeeping(
         }
         if let Err(e) = ledger::reservations::expire_due(&pool).await {
             tracing::warn!(error = %e, "expiring reservations");
+        }
+        // Each plan account's allocation at its cycle start, exactly once (any instance).
+        if let Err(e) = crate::quota::store::post_due_cycles(&pool, &quota_config, chrono::Utc::now()).await {
+            tracing::warn!(error = %e, "posting plan cycle allocations");
         }
         if let Err(e) = ledger::auto_reload::publish_pending(&pool, &producer, &auto_reload_topic).await {
             tracing::warn!(error = %e, "publishing auto-reload requests");

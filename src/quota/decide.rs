@@ -44,7 +44,8 @@ pub struct AccountView<'a> {
     pub pending_units: i64,
     /// The account's plan with its custom terms (owned only when it has custom terms).
     pub plan: Option<std::borrow::Cow<'a, Plan>>,
-    /// Spend of the account in the current period (plan period or calendar month).
+    /// With a plan: the allocation minus the effective balance (what the plan's credits
+    /// lost this cycle, by the ledger: `state::plan_consumed`). Unused without a plan.
     pub period_consumed_units: i64,
     /// (used in window, limit) for the requested feature, when it is gated for the tier.
     pub feature_quota: Option<(u64, u64)>,
@@ -188,6 +189,18 @@ fn overage(a: &AccountView<'_>, estimate: i64) -> OverageResult {
         }
     };
     OverageResult { in_overage, overage_amount, policy: plan.policy.as_str(), blocked, message }
+}
+
+/// How far below zero a plan account's effective balance may go: the same limits as
+/// [`decide`] (a plan's credits are its balance, `state::plan_consumed`).
+pub fn overdraft_units(plan: &Plan) -> i64 {
+    match plan.policy {
+        OveragePolicy::HardLimit => 0,
+        OveragePolicy::SoftLimit => soft_ceiling(plan.allocation_units, plan.soft_limit_percent)
+            .saturating_sub(plan.allocation_units)
+            .max(0),
+        OveragePolicy::Warn => i64::MAX,
+    }
 }
 
 /// allocation x percent / 100, rounded half to even (the one rounding rule).

@@ -415,6 +415,18 @@ pub fn plan<'a>(cfg: &'a QuotaConfig, acct: &AccountState) -> Option<Cow<'a, Pla
     })
 }
 
+/// One model of a plan (issue 11.4): a plan account's credits are its ledger balance, set
+/// to the allocation at each cycle start (`store::post_due_cycles`), raised by prorated
+/// upgrades and capped by downgrades. What the period consumed is what the effective
+/// balance (holds and pending settles included) lost against the allocation, so authorize,
+/// reservations and the balance endpoint all read the ledger's number.
+pub fn plan_consumed(plan: &Plan, acct: &AccountState) -> i64 {
+    let effective =
+        crate::money::effective_units(acct.balance_units, acct.reserved_units, acct.pending_units);
+    let consumed = i128::from(plan.allocation_units) - i128::from(effective);
+    i64::try_from(consumed).unwrap_or(if consumed < 0 { i64::MIN } else { i64::MAX })
+}
+
 /// The tier used for quotas: the plan name, or `free` without a plan.
 pub fn tier(acct: &AccountState) -> &str {
     acct.plan.as_ref().map_or("free", |(p, _)| p.as_str())
@@ -457,12 +469,16 @@ pub fn view<'c>(
     if let Some(k) = ask.api_key_id {
         cap("api key", "api_key", k);
     }
+    let period_consumed_units = match &plan {
+        Some(p) => plan_consumed(p, acct),
+        None => spent(acct, "account", "", start, end).cost_units,
+    };
     AccountView {
         balance_units: acct.balance_units,
         reserved_units: acct.reserved_units,
         pending_units: acct.pending_units,
         plan,
-        period_consumed_units: spent(acct, "account", "", start, end).cost_units,
+        period_consumed_units,
         feature_quota,
         spend_caps,
     }

@@ -2,7 +2,7 @@
 //! limits and the changelog) for `quota::state`, plans and plan changes, spend limits.
 //! Usage is *counted* by the ledger that writes it (`ledger::counting`).
 
-use super::config::{CustomTerms, OveragePolicy, Plan};
+use super::config::{CustomTerms, Cycle, OveragePolicy, Plan};
 use super::window::{HOUR_SECS, floor_hour};
 use crate::ledger::ops::{Amount, LedgerError, Posted, Posting, claim, finish, hash_payload, post};
 use chrono::{DateTime, Utc};
@@ -295,10 +295,7 @@ pub async fn change_plan(pool: &PgPool, req: &PlanChangeRequest<'_>) -> Result<P
         )));
     }
     let anchor = current_anchor(&mut tx, req.account_id).await?.unwrap_or(req.now);
-    let (start, end) = match req.cycle {
-        super::config::Cycle::CalendarMonth => super::window::calendar_month(req.now),
-        super::config::Cycle::Anchored30d => super::window::anchored_cycle(anchor, req.now),
-    };
+    let (start, end) = cycle_at(req.cycle, anchor, req.now);
     let upgrade =
         |o: &Plan| new.rank > o.rank || (new.rank == o.rank && new.allocation_units > o.allocation_units);
     let (direction, amount) = match old {
@@ -327,12 +324,17 @@ pub async fn change_plan(pool: &PgPool, req: &PlanChangeRequest<'_>) -> Result<P
     )
     .await?;
     let terms = req.custom_terms.as_ref();
+    // The allocation (initial) or the change posted here stands for the current cycle; the
+    // next cycle's allocation is posted at its start (`post_due_cycles`). A change between
+    // plans keeps the cycle already recorded.
     sqlx::query(
         "INSERT INTO account_plans (account_id, plan, period_anchor, custom_allocation_units,
-             custom_overage_policy, custom_soft_limit_percent)
-         VALUES ($1, $2, $3, $4, $5, $6)
+             custom_overage_policy, custom_soft_limit_percent, cycle_start, next_cycle_at)
+         VALUES ($1, $2, $3, $4, $5, $6, $7, $8)
          ON CONFLICT (account_id) DO UPDATE SET plan = $2, custom_allocation_units = $4,
              custom_overage_policy = $5, custom_soft_limit_percent = $6,
+             cycle_start = COALESCE(account_plans.cycle_start, $7),
+             next_cycle_at = COALESCE(account_plans.next_cycle_at, $8),
              updated_at = clock_timestamp(), changed_xid = pg_current_xact_id()",
     )
     .bind(req.account_id)
@@ -341,6 +343,8 @@ pub async fn change_plan(pool: &PgPool, req: &PlanChangeRequest<'_>) -> Result<P
     .bind(terms.map(|t| t.allocation_units))
     .bind(terms.map(|t| t.policy.as_str()))
     .bind(terms.map(|t| t.soft_limit_percent as i32))
+    .bind(start)
+    .bind(end)
     .execute(&mut *tx)
     .await?;
     if let Some(o) = old {
@@ -386,10 +390,7 @@ pub async fn plan_of(
     let Some(row) = row else {
         return Ok((None, None));
     };
-    let plan = cfg.plans.get(&row.plan).map(|p| match row.custom_terms() {
-        Some(t) => p.with_terms(&t),
-        None => p.clone(),
-    });
+    let plan = effective_plan(cfg, &row);
     Ok((Some(row.plan), plan))
 }
 
@@ -418,6 +419,7 @@ pub async fn set_tier(
         "INSERT INTO account_plans (account_id, plan, period_anchor) VALUES ($1, $2, $3)
          ON CONFLICT (account_id) DO UPDATE SET plan = $2, custom_allocation_units = NULL,
              custom_overage_policy = NULL, custom_soft_limit_percent = NULL,
+             cycle_start = NULL, next_cycle_at = NULL,
              updated_at = clock_timestamp(), changed_xid = pg_current_xact_id()",
     )
     .bind(account)
@@ -467,4 +469,151 @@ mod tests {
         assert_eq!(prorate(3_000, end, start, end), 0);
         assert_eq!(prorate(1, t("2026-11-16T00:00:00Z"), start, end), 0); // 0.5 -> 0 (even)
     }
+}
+
+/// Most due accounts handled per call of [`post_due_cycles`] (a limit on every batch).
+pub const CYCLES_PER_CALL_MAX: i64 = 500;
+
+/// Post every due account's cycle allocation (issue 11.4, one model of a plan): at the
+/// start of each cycle (calendar month, or 30 days from the plan's anchor) the account's
+/// balance is set to its plan's allocation, custom terms included, by one `plan_reset`
+/// entry keyed `plan_cycle:<account>:<cycle start, Unix seconds>` (no rollover). Exactly
+/// once per account per cycle: the row is taken `FOR UPDATE SKIP LOCKED` (another
+/// instance posting it is skipped), the key is claimed, and `next_cycle_at` moves to the
+/// cycle's end in the same transaction. After downtime spanning boundaries, only the
+/// current cycle is posted (a reset sets the balance; the cycles missed would have been
+/// overwritten by it). Returns how many cycles were posted.
+pub async fn post_due_cycles(
+    pool: &PgPool,
+    cfg: &super::config::QuotaConfig,
+    now: DateTime<Utc>,
+) -> Result<usize, LedgerError> {
+    let due: Vec<(String,)> = sqlx::query_as(
+        "SELECT account_id FROM account_plans WHERE next_cycle_at <= $1 ORDER BY next_cycle_at LIMIT $2",
+    )
+    .bind(now)
+    .bind(CYCLES_PER_CALL_MAX)
+    .fetch_all(pool)
+    .await?;
+    let mut posted = 0;
+    for (account,) in &due {
+        if post_cycle(pool, cfg, account, now).await? {
+            posted += 1;
+        }
+    }
+    Ok(posted)
+}
+
+async fn post_cycle(
+    pool: &PgPool,
+    cfg: &super::config::QuotaConfig,
+    account: &str,
+    now: DateTime<Utc>,
+) -> Result<bool, LedgerError> {
+    let mut tx = pool.begin().await?;
+    // Lock order as in change_plan: the plan row, then the balance (in `post`).
+    let row: Option<PlanRow> = sqlx::query_as(&format!(
+        "SELECT {PLAN_COLUMNS} FROM account_plans
+         WHERE account_id = $1 AND next_cycle_at <= $2 FOR UPDATE SKIP LOCKED"
+    ))
+    .bind(account)
+    .bind(now)
+    .fetch_optional(&mut *tx)
+    .await?;
+    let Some(row) = row else {
+        return Ok(false); // posted meanwhile, or being posted by another instance
+    };
+    let Some(plan) = effective_plan(cfg, &row) else {
+        // The plan left the catalog: nothing to allocate until the account gets a plan.
+        sqlx::query("UPDATE account_plans SET next_cycle_at = NULL WHERE account_id = $1")
+            .bind(account)
+            .execute(&mut *tx)
+            .await?;
+        tx.commit().await?;
+        return Ok(false);
+    };
+    let (start, end) = cycle_at(cfg.cycle, row.period_anchor, now);
+    let key = format!("plan_cycle:{account}:{}", start.timestamp());
+    // The key names the cycle; the terms may differ between instances' catalogs, never the cycle.
+    let hash = hash_payload(&(account, start.timestamp()));
+    if claim::<serde_json::Value>(&mut tx, &key, "plan_cycle", &hash).await?.is_none() {
+        let posted = post(
+            &mut tx,
+            Posting {
+                account_id: account,
+                kind: "plan_reset",
+                amount: Amount::SetBalanceTo(plan.allocation_units),
+                idempotency_key: &key,
+                payload_hash: &hash,
+                description: format!(
+                    "{} plan allocation, cycle from {}",
+                    plan.name,
+                    start.format("%Y-%m-%d %H:%M UTC")
+                ),
+                created_by: None,
+                corrects_entry_id: None,
+                metadata: serde_json::json!({
+                    "plan": plan.name, "cycle_start": start, "cycle_end": end,
+                    "allocation_units": plan.allocation_units,
+                }),
+            },
+        )
+        .await?;
+        finish(&mut tx, &key, &posted).await?;
+    }
+    sqlx::query("UPDATE account_plans SET cycle_start = $2, next_cycle_at = $3 WHERE account_id = $1")
+        .bind(account)
+        .bind(start)
+        .bind(end)
+        .execute(&mut *tx)
+        .await?;
+    tx.commit().await?;
+    Ok(true)
+}
+
+/// Accounts on a catalog plan whose cycle was never recorded (rows from before cycles
+/// were posted): their current balance stands for the current cycle, and the next one is
+/// posted at its start. Run once at `tally run` start; returns how many were adopted.
+pub async fn adopt_plan_cycles(
+    pool: &PgPool,
+    cfg: &super::config::QuotaConfig,
+    now: DateTime<Utc>,
+) -> Result<usize, sqlx::Error> {
+    let names: Vec<&str> = cfg.plans.keys().map(String::as_str).collect();
+    let rows: Vec<(String, DateTime<Utc>)> = sqlx::query_as(
+        "SELECT account_id, period_anchor FROM account_plans WHERE next_cycle_at IS NULL AND plan = ANY($1)",
+    )
+    .bind(&names)
+    .fetch_all(pool)
+    .await?;
+    for (account, anchor) in &rows {
+        let (start, end) = cycle_at(cfg.cycle, *anchor, now);
+        sqlx::query(
+            "UPDATE account_plans SET cycle_start = $2, next_cycle_at = $3
+             WHERE account_id = $1 AND next_cycle_at IS NULL",
+        )
+        .bind(account)
+        .bind(start)
+        .bind(end)
+        .execute(pool)
+        .await?;
+    }
+    Ok(rows.len())
+}
+
+/// The cycle containing `now`: the calendar month, or the 30-day cycle from `anchor`.
+pub fn cycle_at(cycle: Cycle, anchor: DateTime<Utc>, now: DateTime<Utc>) -> (DateTime<Utc>, DateTime<Utc>) {
+    match cycle {
+        Cycle::CalendarMonth => super::window::calendar_month(now),
+        Cycle::Anchored30d => super::window::anchored_cycle(anchor, now),
+    }
+}
+
+/// A plan row's plan as the catalog defines it, with the account's custom terms.
+fn effective_plan(cfg: &super::config::QuotaConfig, row: &PlanRow) -> Option<Plan> {
+    let base = cfg.plans.get(&row.plan)?;
+    Some(match row.custom_terms() {
+        Some(t) => base.with_terms(&t),
+        None => base.clone(),
+    })
 }

@@ -11,14 +11,14 @@ use serde::Serialize;
 
 /// ClickHouse DDL, applied in order by [`migrate`]; each file is one statement.
 /// Order matters: a rollup's backfill runs before its view exists (see 0003).
-const MIGRATIONS: [(&str, &str); 7] = [
+/// (0005-0007 made `usage_daily` a table fed by a second materialized view; 0008 makes it a
+/// view over `usage_hourly`, and [`migrate`] drops the old table first.)
+const MIGRATIONS: [(&str, &str); 5] = [
     ("0001_usage_log", include_str!("../schemas/clickhouse/0001_usage_log.sql")),
     ("0002_usage_hourly", include_str!("../schemas/clickhouse/0002_usage_hourly.sql")),
     ("0003_usage_hourly_backfill", include_str!("../schemas/clickhouse/0003_usage_hourly_backfill.sql")),
     ("0004_usage_hourly_mv", include_str!("../schemas/clickhouse/0004_usage_hourly_mv.sql")),
-    ("0005_usage_daily", include_str!("../schemas/clickhouse/0005_usage_daily.sql")),
-    ("0006_usage_daily_backfill", include_str!("../schemas/clickhouse/0006_usage_daily_backfill.sql")),
-    ("0007_usage_daily_mv", include_str!("../schemas/clickhouse/0007_usage_daily_mv.sql")),
+    ("0008_usage_daily_view", include_str!("../schemas/clickhouse/0008_usage_daily_view.sql")),
 ];
 
 pub fn client(url: &str, database: &str) -> Client {
@@ -34,6 +34,17 @@ pub async fn migrate(url: &str, database: &str) -> anyhow::Result<()> {
         .execute()
         .await?;
     let c = client(url, database);
+    // A database from before 0008 has usage_daily as a table fed by usage_daily_mv: every
+    // insert into usage_log paid for it. Drop both (the view rebuilds the days from the
+    // hours, which hold the same events); only while it is not already the view.
+    let engine: Vec<String> = c
+        .query("SELECT engine FROM system.tables WHERE database = currentDatabase() AND name = 'usage_daily'")
+        .fetch_all()
+        .await?;
+    if engine.iter().any(|e| e != "View") {
+        c.query("DROP TABLE IF EXISTS usage_daily_mv").execute().await?;
+        c.query("DROP TABLE IF EXISTS usage_daily").execute().await?;
+    }
     for (name, sql) in MIGRATIONS {
         c.query(sql).execute().await.map_err(|e| anyhow::anyhow!("clickhouse migration {name}: {e}"))?;
     }

@@ -19,11 +19,11 @@ use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 
 const DRAIN_TIMEOUT: Duration = Duration::from_secs(30);
-/// How often housekeeping folds `state_changes` into `usage_hourly`. Longer folds
+/// How often `state_changes` are folded into `usage_hourly` (`fold_and_prune`). Longer folds
 /// aggregate more increments per bucket (cheaper in total); the unfolded rest is what a
 /// restarting instance reads on top of `usage_hourly` (about this long of changes).
 const FOLD_INTERVAL: Duration = Duration::from_secs(30);
-/// How often housekeeping deletes `state_changes` rows past their retention.
+/// How often `state_changes` rows past their retention are deleted.
 const CHANGES_PRUNE_INTERVAL: Duration = Duration::from_secs(300);
 
 pub async fn run(
@@ -82,6 +82,7 @@ pub async fn run(
         settings.auto_reload_topic.clone(),
         shutdown.clone(),
     ));
+    let fold = tokio::spawn(fold_and_prune(pool.clone(), shutdown.clone()));
     let http_stop = CancellationToken::new();
     let http = tokio::spawn(api::serve(listener, http_state, http_stop.clone()));
 
@@ -144,6 +145,7 @@ pub async fn run(
     http_stop.cancel();
     let _ = http.await;
     let _ = housekeeping.await;
+    let _ = fold.await;
     let _ = refresher.await;
     pool.close().await;
     reader_result.context("reader")?;
@@ -185,8 +187,6 @@ async fn housekeeping(
 ) {
     let mut tick = tokio::time::interval(Duration::from_secs(1));
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-    let mut last_prune = std::time::Instant::now();
-    let mut last_fold = std::time::Instant::now();
     // In the past, so the gauges are set on the first tick.
     let mut last_review_gauge =
         std::time::Instant::now().checked_sub(REVIEW_GAUGE_INTERVAL).unwrap_or_else(std::time::Instant::now);
@@ -215,17 +215,30 @@ async fn housekeeping(
                 Err(e) => tracing::warn!(error = %e, "counting top-up orders in review"),
             }
         }
-        if last_fold.elapsed() >= FOLD_INTERVAL {
-            last_fold = std::time::Instant::now();
-            // Fold until caught up (each call folds at most FOLD_CHANGES_MAX changes).
-            loop {
-                match crate::ledger::counting::fold_changes(&pool).await {
-                    Ok(n) if n as i64 == crate::ledger::counting::FOLD_CHANGES_MAX => continue,
-                    Ok(_) => break,
-                    Err(e) => {
-                        tracing::warn!(error = %e, "folding state changes");
-                        break;
-                    }
+    }
+}
+
+/// Fold `state_changes` into `usage_hourly` every [`FOLD_INTERVAL`] and prune old changes.
+/// Its own task: a fold can take seconds under load, and hold expiry, plan cycles and
+/// auto-reload requests must not wait behind it.
+async fn fold_and_prune(pool: sqlx::PgPool, stop: CancellationToken) {
+    let mut tick = tokio::time::interval(FOLD_INTERVAL);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    tick.tick().await; // the first tick is immediate: fold one interval after start
+    let mut last_prune = std::time::Instant::now();
+    loop {
+        tokio::select! {
+            _ = stop.cancelled() => return,
+            _ = tick.tick() => {}
+        }
+        // Fold until caught up (each call folds at most FOLD_CHANGES_MAX changes).
+        while !stop.is_cancelled() {
+            match crate::ledger::counting::fold_changes(&pool).await {
+                Ok(n) if n as i64 == crate::ledger::counting::FOLD_CHANGES_MAX => continue,
+                Ok(_) => break,
+                Err(e) => {
+                    tracing::warn!(error = %e, "folding state changes");
+                    break;
                 }
             }
         }

@@ -551,3 +551,79 @@ async fn a_settle_ends_in_exactly_one_debit_in_every_order() {
     }
     ledger::verify(&env.pool).await.unwrap();
 }
+
+/// Issue 11.1 and 11.6 from the operator's side: the review queue and its resolution, and
+/// an enterprise assignment with custom terms, through the CLI.
+#[tokio::test]
+async fn operator_cli_resolves_reviews_and_assigns_enterprise() {
+    let env = TestEnv::new(1).await;
+    let tally = |args: &[&str]| {
+        let out = std::process::Command::new(env!("CARGO_BIN_EXE_tally"))
+            .args(args)
+            .env("TALLY_DATABASE_URL", &env.database_url)
+            .env("TALLY_CONFIG", repo().join("examples/broomva.toml"))
+            .output()
+            .unwrap();
+        (
+            out.status.code(),
+            String::from_utf8_lossy(&out.stdout).into_owned(),
+            String::from_utf8_lossy(&out.stderr).into_owned(),
+        )
+    };
+    // A captured payment in euros: recorded for review, listed in the queue.
+    let eur = tally::ledger::topup::CapturedPayment {
+        order_id: "pi_cli".into(),
+        account_id: Some("acct-op".into()),
+        currency: "eur".into(),
+        amount_minor: 2_000,
+        source: "stripe",
+    };
+    tally::ledger::topup::record_captured(&env.pool, &Default::default(), &eur).await.unwrap();
+    let (code, out, _) = tally(&["orders", "list"]);
+    assert_eq!(code, Some(0));
+    assert!(out.contains("\"order_id\":\"pi_cli\"") && out.contains("\"status\":\"needs_review\""), "{out}");
+    // A credit needs who, why and (for euros) the USD amount.
+    let (code, _, err) = tally(&["orders", "resolve", "pi_cli", "--credit", "--by", "ops", "--note", "fx"]);
+    assert_eq!(code, Some(1));
+    assert!(err.contains("--usd"), "{err}");
+    let credit =
+        ["orders", "resolve", "pi_cli", "--credit", "--usd", "21.80", "--by", "ops", "--note", "fx 1.09"];
+    let (code, out, err) = tally(&credit);
+    assert_eq!(code, Some(0), "{err}");
+    assert!(
+        out.contains("\"resolution\": \"credited\"") && out.contains("\"status\": \"succeeded\""),
+        "{out}"
+    );
+    assert_eq!(tally(&credit).0, Some(0), "the same resolution again returns the order");
+    let (code, _, _) =
+        tally(&["orders", "resolve", "pi_cli", "--refund-noted", "--by", "ops", "--note", "x"]);
+    assert_eq!(code, Some(1), "another resolution is refused");
+    assert_eq!(ledger::balance(&env.pool, "acct-op").await.unwrap().unwrap().balance_units, 2_180_000_000);
+    assert_eq!(tally(&["orders", "list"]).1.trim(), "", "the queue is empty");
+
+    // Enterprise with custom terms: an operator may; the terms are stored and read back.
+    let assign = [
+        "plan",
+        "acct-op",
+        "enterprise",
+        "--by-user",
+        "sales",
+        "--allocation-usd",
+        "5000",
+        "--overage-policy",
+        "soft_limit",
+        "--soft-limit-percent",
+        "150",
+    ];
+    let (code, out, err) = tally(&assign);
+    assert_eq!(code, Some(0), "{err}");
+    assert!(out.contains("\"new_plan\": \"enterprise\""), "{out}");
+    let cfg = tally::quota::config::QuotaConfig::load(&repo().join("examples/broomva.toml")).unwrap();
+    let (_, plan) = tally::quota::store::plan_of(&env.pool, &cfg, "acct-op").await.unwrap();
+    let plan = plan.unwrap();
+    assert_eq!((plan.allocation_units, plan.soft_limit_percent), (5_000 * USD, 150));
+    let (code, _, err) =
+        tally(&["plan", "acct-op", "enterprise", "--by-user", "s", "--overage-policy", "warn"]);
+    assert_ne!(code, Some(0), "terms without an allocation are refused: {err}");
+    ledger::verify(&env.pool).await.unwrap();
+}

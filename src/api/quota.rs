@@ -167,15 +167,11 @@ pub fn plan_and_burn(
     let plan = state::plan(cfg, acct);
     // One model (issue 11.4): a plan's remaining credits are the effective ledger balance.
     let remaining = effective_units;
-    let plan_consumed = |p: &crate::quota::config::Plan| {
-        let c = i128::from(p.allocation_units) - i128::from(effective_units);
-        i64::try_from(c).unwrap_or(if c < 0 { i64::MIN } else { i64::MAX })
-    };
     let projected_days = (daily_burn > Decimal::ZERO).then(|| {
         (Decimal::from(remaining.max(0)) / daily_burn).round_dp_with_strategy(1, money::ROUNDING).to_string()
     });
     let plan_json = plan.map(|p| {
-        let used = plan_consumed(&p);
+        let used = crate::quota::decide::plan_consumed(&p, effective_units);
         let percent = if p.allocation_units > 0 {
             (Decimal::from(used) * Decimal::from(100) / Decimal::from(p.allocation_units))
                 .round_dp_with_strategy(2, money::ROUNDING)

@@ -346,31 +346,25 @@ pub async fn list(
     status: Option<&str>,
     limit: i64,
 ) -> Result<Vec<TopupResult>, LedgerError> {
-    let ids: Vec<(String,)> = sqlx::query_as(
-        "SELECT order_id FROM topup_orders
-         WHERE ($1::text IS NULL OR account_id = $1) AND ($2::text IS NULL OR status = $2)
-         ORDER BY created_at DESC, order_id LIMIT $3",
-    )
+    let rows: Vec<OrderRow> = sqlx::query_as(&format!(
+        "{ORDER_SELECT} WHERE ($1::text IS NULL OR o.account_id = $1) AND ($2::text IS NULL OR o.status = $2)
+         ORDER BY o.created_at DESC, o.order_id LIMIT $3"
+    ))
     .bind(account_id)
     .bind(status)
     .bind(limit.clamp(1, 500))
     .fetch_all(pool)
     .await?;
-    let mut out = Vec::with_capacity(ids.len());
-    let mut conn = pool.begin().await?;
-    for (id,) in ids {
-        out.extend(load_order_row(&mut conn, &id, false).await?);
-    }
-    conn.rollback().await?;
-    Ok(out)
+    Ok(rows.into_iter().map(TopupResult::from).collect())
 }
 
 /// One order, as it is now.
 pub async fn find(pool: &PgPool, order_id: &str) -> Result<Option<TopupResult>, LedgerError> {
-    let mut tx = pool.begin().await?;
-    let found = load_order_row(&mut tx, order_id, false).await?;
-    tx.rollback().await?;
-    Ok(found)
+    let row: Option<OrderRow> = sqlx::query_as(&format!("{ORDER_SELECT} WHERE o.order_id = $1"))
+        .bind(order_id)
+        .fetch_optional(pool)
+        .await?;
+    Ok(row.map(TopupResult::from))
 }
 
 /// Orders waiting for an operator: (count, age of the oldest in seconds). For the gauges.
@@ -486,61 +480,25 @@ async fn insert_pending(
     Ok(())
 }
 
+/// An order with its credit entry, locked for the rest of the transaction.
 async fn load_order(
     tx: &mut sqlx::Transaction<'_, sqlx::Postgres>,
     order_id: &str,
 ) -> Result<Option<TopupResult>, LedgerError> {
-    load_order_row(tx, order_id, true).await
+    let row: Option<OrderRow> =
+        sqlx::query_as(&format!("{ORDER_SELECT} WHERE o.order_id = $1 FOR UPDATE OF o"))
+            .bind(order_id)
+            .fetch_optional(&mut **tx)
+            .await?;
+    Ok(row.map(TopupResult::from))
 }
 
-async fn load_order_row(
-    tx: &mut sqlx::Transaction<'_, sqlx::Postgres>,
-    order_id: &str,
-    for_update: bool,
-) -> Result<Option<TopupResult>, LedgerError> {
-    let sql = format!(
-        "SELECT order_id, account_id, status, paid_units, credited_units, entry_id, currency, amount_minor,
-                review_reason, resolution, resolved_by, resolution_note
-         FROM topup_orders WHERE order_id = $1{}",
-        if for_update { " FOR UPDATE" } else { "" }
-    );
-    let row: Option<OrderRow> = sqlx::query_as(&sql).bind(order_id).fetch_optional(&mut **tx).await?;
-    let Some(r) = row else {
-        return Ok(None);
-    };
-    let entry = match (r.entry_id, &r.account_id) {
-        (Some(id), Some(account)) => {
-            let (kind, amount, after): (String, i64, i64) = sqlx::query_as(
-                "SELECT kind, amount_units, balance_after_units FROM ledger_entries WHERE entry_id = $1",
-            )
-            .bind(id)
-            .fetch_one(&mut **tx)
-            .await?;
-            Some(Posted {
-                entry_id: id,
-                account_id: account.clone(),
-                kind,
-                amount_units: amount,
-                balance_after_units: after,
-            })
-        }
-        _ => None,
-    };
-    Ok(Some(TopupResult {
-        order_id: r.order_id,
-        account_id: r.account_id,
-        status: r.status,
-        paid_units: r.paid_units,
-        credited_units: r.credited_units,
-        currency: r.currency,
-        amount_minor: r.amount_minor,
-        review_reason: r.review_reason,
-        resolution: r.resolution,
-        resolved_by: r.resolved_by,
-        resolution_note: r.resolution_note,
-        entry,
-    }))
-}
+/// An order and the entry that credited it, in one read.
+const ORDER_SELECT: &str = "SELECT o.order_id, o.account_id, o.status, o.paid_units, o.credited_units,
+        o.entry_id, o.currency, o.amount_minor, o.review_reason, o.resolution, o.resolved_by,
+        o.resolution_note, e.kind AS entry_kind, e.amount_units AS entry_amount_units,
+        e.balance_after_units AS entry_balance_after_units
+    FROM topup_orders o LEFT JOIN ledger_entries e ON e.entry_id = o.entry_id";
 
 #[derive(sqlx::FromRow)]
 struct OrderRow {
@@ -556,6 +514,46 @@ struct OrderRow {
     resolution: Option<String>,
     resolved_by: Option<String>,
     resolution_note: Option<String>,
+    entry_kind: Option<String>,
+    entry_amount_units: Option<i64>,
+    entry_balance_after_units: Option<i64>,
+}
+
+impl From<OrderRow> for TopupResult {
+    fn from(r: OrderRow) -> TopupResult {
+        let entry = match (
+            r.entry_id,
+            &r.account_id,
+            r.entry_kind,
+            r.entry_amount_units,
+            r.entry_balance_after_units,
+        ) {
+            (Some(entry_id), Some(account), Some(kind), Some(amount_units), Some(balance_after_units)) => {
+                Some(Posted {
+                    entry_id,
+                    account_id: account.clone(),
+                    kind,
+                    amount_units,
+                    balance_after_units,
+                })
+            }
+            _ => None,
+        };
+        TopupResult {
+            order_id: r.order_id,
+            account_id: r.account_id,
+            status: r.status,
+            paid_units: r.paid_units,
+            credited_units: r.credited_units,
+            currency: r.currency,
+            amount_minor: r.amount_minor,
+            review_reason: r.review_reason,
+            resolution: r.resolution,
+            resolved_by: r.resolved_by,
+            resolution_note: r.resolution_note,
+            entry,
+        }
+    }
 }
 
 fn check_same(existing: &TopupResult, req: &TopupRequest, paid: i64) -> Result<(), LedgerError> {

@@ -421,16 +421,18 @@ async fn post_debits(
     applied: &mut Applied,
 ) -> Result<HashSet<String>, sqlx::Error> {
     let mut refused = HashSet::new();
-    let mut accounts: Vec<String> = new_events
+    let mut touched_accounts: Vec<&str> = new_events
         .iter()
         .filter(|v| v.charge.cost_units > 0 || v.event.reservation_id.is_some())
-        .map(|v| v.event.account_id.clone())
+        .map(|v| v.event.account_id.as_str())
         .collect();
-    if accounts.is_empty() {
+    if touched_accounts.is_empty() {
         return Ok(refused);
     }
-    accounts.sort_unstable();
-    accounts.dedup();
+    touched_accounts.sort_unstable();
+    touched_accounts.dedup();
+    // Owned (one per account, not per event): `new_events` is updated below under the locks.
+    let accounts: Vec<String> = touched_accounts.into_iter().map(str::to_owned).collect();
     let sorted: Vec<&str> = accounts.iter().map(String::as_str).collect();
     let mut balances = super::lock_balances(tx, &sorted).await?;
     // Under those locks: events whose hold was already billed at its deadline.

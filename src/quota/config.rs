@@ -112,13 +112,16 @@ impl CustomTerms {
 }
 
 impl Plan {
-    /// This plan with an account's custom terms.
-    pub fn with_terms(&self, terms: &CustomTerms) -> Plan {
-        Plan {
-            allocation_units: terms.allocation_units,
-            policy: terms.policy,
-            soft_limit_percent: terms.soft_limit_percent,
-            ..self.clone()
+    /// This plan with an account's custom terms, if it has any (borrowed otherwise).
+    pub fn with_terms(&self, terms: Option<&CustomTerms>) -> std::borrow::Cow<'_, Plan> {
+        match terms {
+            None => std::borrow::Cow::Borrowed(self),
+            Some(t) => std::borrow::Cow::Owned(Plan {
+                allocation_units: t.allocation_units,
+                policy: t.policy,
+                soft_limit_percent: t.soft_limit_percent,
+                ..self.clone()
+            }),
         }
     }
 }

@@ -45,7 +45,7 @@ pub struct AccountView<'a> {
     /// The account's plan with its custom terms (owned only when it has custom terms).
     pub plan: Option<std::borrow::Cow<'a, Plan>>,
     /// With a plan: the allocation minus the effective balance (what the plan's credits
-    /// lost this cycle, by the ledger: `state::plan_consumed`). Unused without a plan.
+    /// lost this cycle, by the ledger: [`plan_consumed`]). Unused without a plan.
     pub period_consumed_units: i64,
     /// (used in window, limit) for the requested feature, when it is gated for the tier.
     pub feature_quota: Option<(u64, u64)>,
@@ -191,8 +191,19 @@ fn overage(a: &AccountView<'_>, estimate: i64) -> OverageResult {
     OverageResult { in_overage, overage_amount, policy: plan.policy.as_str(), blocked, message }
 }
 
+/// One model of a plan (issue 11.4): a plan account's credits are its ledger balance, set
+/// to the allocation at each cycle start (`store::post_due_cycles`), raised by prorated
+/// upgrades and capped by downgrades. What the cycle consumed is what the effective
+/// balance (holds and pending settles included) lost against the allocation, so authorize,
+/// reservations and the balance endpoint all read the ledger's number. Exact in i128,
+/// clamped to i64.
+pub fn plan_consumed(plan: &Plan, effective_units: i64) -> i64 {
+    let consumed = i128::from(plan.allocation_units) - i128::from(effective_units);
+    i64::try_from(consumed).unwrap_or(if consumed < 0 { i64::MIN } else { i64::MAX })
+}
+
 /// How far below zero a plan account's effective balance may go: the same limits as
-/// [`decide`] (a plan's credits are its balance, `state::plan_consumed`).
+/// [`decide`] (a plan's credits are its balance, [`plan_consumed`]).
 pub fn overdraft_units(plan: &Plan) -> i64 {
     match plan.policy {
         OveragePolicy::HardLimit => 0,

@@ -34,7 +34,7 @@
 //! shard's share of the change only, so `authorize` stays fast while a batch lands.
 
 use super::config::{CustomTerms, Cycle, Plan, QuotaConfig};
-use super::decide::AccountView;
+use super::decide::{self, AccountView};
 use super::store::{self, StateRead};
 use super::window::{self, Buckets, Totals};
 use crate::batch::ValidItem;
@@ -409,22 +409,7 @@ pub fn spent(acct: &AccountState, kind: &str, key: &str, from: DateTime<Utc>, to
 /// The account's plan with its custom terms, if it has a plan the catalog knows.
 pub fn plan<'a>(cfg: &'a QuotaConfig, acct: &AccountState) -> Option<Cow<'a, Plan>> {
     let base = acct.plan.as_ref().and_then(|(name, _)| cfg.plans.get(name))?;
-    Some(match &acct.custom_terms {
-        Some(terms) => Cow::Owned(base.with_terms(terms)),
-        None => Cow::Borrowed(base),
-    })
-}
-
-/// One model of a plan (issue 11.4): a plan account's credits are its ledger balance, set
-/// to the allocation at each cycle start (`store::post_due_cycles`), raised by prorated
-/// upgrades and capped by downgrades. What the period consumed is what the effective
-/// balance (holds and pending settles included) lost against the allocation, so authorize,
-/// reservations and the balance endpoint all read the ledger's number.
-pub fn plan_consumed(plan: &Plan, acct: &AccountState) -> i64 {
-    let effective =
-        crate::money::effective_units(acct.balance_units, acct.reserved_units, acct.pending_units);
-    let consumed = i128::from(plan.allocation_units) - i128::from(effective);
-    i64::try_from(consumed).unwrap_or(if consumed < 0 { i64::MIN } else { i64::MAX })
+    Some(base.with_terms(acct.custom_terms.as_deref()))
 }
 
 /// The tier used for quotas: the plan name, or `free` without a plan.
@@ -470,7 +455,10 @@ pub fn view<'c>(
         cap("api key", "api_key", k);
     }
     let period_consumed_units = match &plan {
-        Some(p) => plan_consumed(p, acct),
+        Some(p) => decide::plan_consumed(
+            p,
+            crate::money::effective_units(acct.balance_units, acct.reserved_units, acct.pending_units),
+        ),
         None => spent(acct, "account", "", start, end).cost_units,
     };
     AccountView {

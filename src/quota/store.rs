@@ -266,8 +266,8 @@ pub async fn change_plan(pool: &PgPool, req: &PlanChangeRequest<'_>) -> Result<P
     if let Some(t) = &req.custom_terms {
         t.validate().map_err(LedgerError::Invalid)?;
     }
-    let effective = req.custom_terms.map(|t| req.new_plan.with_terms(&t));
-    let new = effective.as_ref().unwrap_or(req.new_plan);
+    let new = req.new_plan.with_terms(req.custom_terms.as_ref());
+    let new = new.as_ref();
     // The request is (account, target plan[, terms]): a retry under the same key replays
     // the first answer even though the account is on the target plan by then.
     let hash = match &req.custom_terms {
@@ -392,15 +392,6 @@ pub async fn plan_of(
     };
     let plan = effective_plan(cfg, &row);
     Ok((Some(row.plan), plan))
-}
-
-/// The account's plan (or quota tier) name, if any.
-pub async fn current_plan(pool: &PgPool, account: &str) -> Result<Option<String>, sqlx::Error> {
-    let row: Option<(String,)> = sqlx::query_as("SELECT plan FROM account_plans WHERE account_id = $1")
-        .bind(account)
-        .fetch_optional(pool)
-        .await?;
-    Ok(row.map(|r| r.0))
 }
 
 /// Put an account on a quota tier that is not a credit plan (Reeve's free / pro /
@@ -611,9 +602,5 @@ pub fn cycle_at(cycle: Cycle, anchor: DateTime<Utc>, now: DateTime<Utc>) -> (Dat
 
 /// A plan row's plan as the catalog defines it, with the account's custom terms.
 fn effective_plan(cfg: &super::config::QuotaConfig, row: &PlanRow) -> Option<Plan> {
-    let base = cfg.plans.get(&row.plan)?;
-    Some(match row.custom_terms() {
-        Some(t) => base.with_terms(&t),
-        None => base.clone(),
-    })
+    Some(cfg.plans.get(&row.plan)?.with_terms(row.custom_terms().as_ref()).into_owned())
 }

@@ -27,6 +27,10 @@ pub const FRAME_BYTES_MAX: usize = 64 * 1024;
 
 static SCHEMA_V1: LazyLock<Schema> =
     LazyLock::new(|| Schema::parse_str(USAGE_EVENT_V1).expect("compiled-in schema is valid"));
+/// Built once: building resolves the schema's names, which per message cost as much as
+/// decoding a small record.
+static READER_V1: LazyLock<GenericDatumReader<'static>> =
+    LazyLock::new(|| GenericDatumReader::builder(&SCHEMA_V1).build().expect("compiled-in schema resolves"));
 
 /// Why a frame could not be decoded.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -61,9 +65,7 @@ pub fn decode(frame: &[u8]) -> Result<RawUsageEvent, DecodeError> {
         return Err(err("unknown_schema", format!("schema id {id} is not known")));
     }
     let mut body = StrictReader { rest: &frame[5..], read_past_end: false };
-    let reader =
-        GenericDatumReader::builder(&SCHEMA_V1).build().map_err(|e| err("bad_avro", e.to_string()))?;
-    let value = reader.read_value(&mut body).map_err(|e| err("bad_avro", e.to_string()))?;
+    let value = READER_V1.read_value(&mut body).map_err(|e| err("bad_avro", e.to_string()))?;
     if body.read_past_end {
         return Err(err("truncated", "the record ends before its last field"));
     }

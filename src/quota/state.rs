@@ -181,7 +181,16 @@ impl QuotaState {
         let mut fresh: Vec<Accounts> =
             if since.is_none() { (0..SHARDS).map(|_| Accounts::new()).collect() } else { Vec::new() };
         let oldest = store::retention_start(Utc::now());
-        let read = store::read_state(pool, since, oldest, |b| {
+        // Safe to leave out: each of these is counted by the time it could matter (applied
+        // already, or the writer applies it after COMMIT or finds it never committed), which
+        // is exactly why `apply_read` would skip it.
+        let known: Vec<i64> = if since.is_some() {
+            let meta = self.meta.lock().expect("state meta lock");
+            meta.local.iter().chain(meta.applied.keys()).copied().collect()
+        } else {
+            Vec::new()
+        };
+        let read = store::read_state(pool, since, &known, oldest, |b| {
             let acct = fresh[shard_of(&b.account_id)].entry(b.account_id).or_default();
             let t = Totals { events: b.events, cost_units: b.cost_units };
             if let Some(buckets) = acct.usage.get_or_insert(&b.kind, &b.key) {

@@ -29,6 +29,9 @@ pub const CLICKHOUSE_REPLAYED_ROWS_SKIPPED: &str = "tally_clickhouse_replayed_ro
 pub const KAFKA_ERRORS: &str = "tally_kafka_errors_total";
 pub const HTTP_REQUESTS: &str = "tally_http_requests_total";
 pub const HTTP_REQUEST_SECONDS: &str = "tally_http_request_duration_seconds";
+/// Holds (reservations, holding authorizations) that expired with nothing reported: a
+/// gateway that holds and never settles or releases (leak detection), by `kind`.
+pub const HOLDS_EXPIRED: &str = "tally_holds_expired_total";
 /// Captured payments recorded in `needs_review` (the rules could not credit them).
 pub const TOPUP_NEEDS_REVIEW: &str = "tally_topup_needs_review_total";
 /// Gauge: top-up orders waiting for an operator (`tally orders resolve`): alert on > 0.
@@ -58,6 +61,7 @@ pub fn install() -> anyhow::Result<PrometheusHandle> {
 fn describe() {
     use metrics::{describe_counter, describe_histogram};
     describe_counter!(EVENTS_CONSUMED, "Messages read from the usage topic");
+    describe_counter!(HOLDS_EXPIRED, "Holds that expired with nothing reported (leak detection), by kind");
     describe_counter!(EVENTS_PRICED, "Valid events priced");
     describe_counter!(EVENTS_APPLIED, "Events committed for the first time (ledger + usage log)");
     describe_counter!(EVENTS_DUPLICATE, "Events skipped as exact duplicates of an applied event id");

@@ -301,3 +301,124 @@ async fn malformed_requests_are_json_4xx_never_500() {
         assert!(b["error"]["code"].is_string(), "{method} {path} {body}: JSON error body, got {b}");
     }
 }
+
+/// An ad_generations call (demo catalog: $0.02 flat) that names a hold.
+fn feature_event(id: &str, account: &str, hold: &str, status: &str, at: chrono::DateTime<Utc>) -> UsageEvent {
+    UsageEvent::parse(RawUsageEvent {
+        event_id: Some(id.into()),
+        occurred_at: Some(at.to_rfc3339()),
+        account_id: Some(account.into()),
+        provider: Some("platform".into()),
+        model: Some("ad_generations".into()),
+        modality: Some("feature".into()),
+        feature: Some("ad_generations".into()),
+        status: Some(status.into()),
+        reservation_id: (!hold.is_empty()).then(|| hold.to_string()),
+        ..Default::default()
+    })
+    .unwrap()
+}
+
+async fn credit(app: &App, account: &str, units: i64) {
+    let req = tally::ledger::ops::ManualRequest {
+        account_id: account.into(),
+        idempotency_key: format!("fund-{account}"),
+        kind: tally::ledger::ops::ManualKind::Addition(units),
+        created_by: "test".into(),
+        reason: "fund".into(),
+    };
+    tally::ledger::ops::manual(&app.env.pool, &req).await.unwrap();
+}
+
+async fn reservation_status(app: &App, id: &str) -> (String, Option<i64>) {
+    sqlx::query_as("SELECT status, actual_units FROM reservations WHERE reservation_id = $1")
+        .bind(id)
+        .fetch_one(&app.env.pool)
+        .await
+        .unwrap()
+}
+
+/// Issue 16, one instance: hold -> exactly at / one over the quota, a replay holds nothing
+/// more, release frees the unit, an event settles at its real cost, a failed call frees the
+/// unit, the counters' lag never frees a unit early, expiry frees it, BYOK holds no money.
+#[tokio::test]
+async fn holding_authorize_holds_settles_releases_and_expires() {
+    let app = spawn_app().await;
+    let gw = app.token(None, Role::Service).await;
+    credit(&app, "acct-h", 1_000_000_000).await; // $10
+    let hold = |id: &str| {
+        serde_json::json!({"account_id": "acct-h", "feature": "ad_generations", "hold": true,
+                           "estimated_cost_usd": "0.05", "authorization_id": id})
+    };
+    // Free tier: 2 ad_generations. A one-hour-past-the-window call never counts.
+    let old = Utc::now() - chrono::Duration::days(30) - chrono::Duration::hours(1);
+    apply_usage(&app.env, vec![feature_event("h-old", "acct-h", "", "success", old)], 0).await;
+    app.quota.refresh(&app.env.pool).await.unwrap();
+    let (s, a) = app.authorize(&gw, hold("auth-a")).await;
+    assert_eq!(
+        (s, a["authorization_id"].as_str(), a["held_units"].as_i64()),
+        (200, Some("auth-a"), Some(5_000_000)),
+        "{a}"
+    );
+    assert!(a["hold_expires_at"].is_string(), "{a}");
+    assert_eq!(app.authorize(&gw, hold("auth-b")).await.0, 200, "exactly at the quota");
+    let (s, b) = app.authorize(&gw, hold("auth-c")).await;
+    assert_eq!((s, b["error"]["code"].as_str()), (429, Some("quota_exceeded")), "one over: {b}");
+    // The same request again: the same answer, nothing more held.
+    let (s, again) = app.authorize(&gw, hold("auth-a")).await;
+    assert_eq!((s, &again), (200, &a));
+    let (reserved,): (i64,) =
+        sqlx::query_as("SELECT reserved_units FROM account_balances WHERE account_id = 'acct-h'")
+            .fetch_one(&app.env.pool)
+            .await
+            .unwrap();
+    assert_eq!(reserved, 10_000_000, "two holds of $0.05");
+    // Release B early: its unit is free again (once).
+    let (s, r) = app.call("POST", "/v1/authorizations/auth-b/release", Some(&gw), None).await;
+    assert_eq!(
+        (s, r["status"].as_str(), r["kind"].as_str()),
+        (200, Some("released"), Some("authorization")),
+        "{r}"
+    );
+    assert_eq!(app.authorize(&gw, hold("auth-c")).await.0, 200);
+    assert_eq!(app.authorize(&gw, hold("auth-d")).await.0, 429);
+    // A's call happens and costs $0.02, not the $0.05 estimate: settled at its real cost.
+    apply_usage(&app.env, vec![feature_event("h-a", "acct-h", "auth-a", "success", Utc::now())], 1).await;
+    assert_eq!(reservation_status(&app, "auth-a").await, ("settled".into(), Some(2_000_000)));
+    // The counters here have not read A's usage yet, and A is no longer open: A still
+    // counts (as a hold closed into uncounted usage), so D is refused, not over-admitted.
+    assert_eq!(app.authorize(&gw, hold("auth-d")).await.0, 429, "the counters' lag never frees a unit");
+    app.quota.refresh(&app.env.pool).await.unwrap();
+    assert_eq!(app.authorize(&gw, hold("auth-d")).await.0, 429, "A counts once, as usage now");
+    // C's call fails: failed calls consume no quota, so its unit is free once counted.
+    apply_usage(&app.env, vec![feature_event("h-c", "acct-h", "auth-c", "error", Utc::now())], 2).await;
+    app.quota.refresh(&app.env.pool).await.unwrap();
+    let (s, d) = app.authorize(&gw, hold("auth-d")).await;
+    assert_eq!(s, 200, "{d}");
+    let (balance,): (i64,) =
+        sqlx::query_as("SELECT balance_units FROM account_balances WHERE account_id = 'acct-h'")
+            .fetch_one(&app.env.pool)
+            .await
+            .unwrap();
+    assert_eq!(balance, 1_000_000_000 - 2 * 2_000_000, "the old call and A at $0.02; the failed call free");
+    // Expiry: a 1-second hold frees its unit when it expires (any later hold finds it).
+    credit(&app, "acct-e", 100_000_000).await;
+    let short = serde_json::json!({"account_id": "acct-e", "feature": "ad_generations", "hold": true,
+                                   "hold_ttl_secs": 1, "authorization_id": "auth-e1"});
+    assert_eq!(app.authorize(&gw, short).await.0, 200);
+    let byok = serde_json::json!({"account_id": "acct-e", "feature": "ad_generations", "hold": true,
+                                  "billing_mode": "byok", "estimated_cost_usd": "9"});
+    let (s, b) = app.authorize(&gw, byok.clone()).await;
+    assert_eq!((s, b["held_units"].as_i64()), (200, Some(0)), "BYOK holds its unit, no money: {b}");
+    assert_eq!(app.authorize(&gw, byok.clone()).await.0, 429);
+    tokio::time::sleep(std::time::Duration::from_millis(1_200)).await;
+    assert_eq!(app.authorize(&gw, byok).await.0, 200, "the expired hold's unit is free");
+    assert_eq!(reservation_status(&app, "auth-e1").await.0, "expired");
+    // Bad input: 4xx with a JSON error, never a hold.
+    let bad = serde_json::json!({"account_id": "acct-e", "hold": true, "hold_ttl_secs": 0});
+    assert_eq!(app.authorize(&gw, bad).await.0, 422);
+    let bad = serde_json::json!({"account_id": "acct-e", "authorization_id": "x"});
+    assert_eq!(app.authorize(&gw, bad).await.0, 422, "an authorization id without a hold");
+    let (s, _) = app.call("POST", "/v1/authorizations/nope/release", Some(&gw), None).await;
+    assert_eq!(s, 404);
+}

@@ -125,6 +125,45 @@ async fn reeve_quota_counts_a_rolling_30_day_window_and_survives_restart() {
     );
 }
 
+/// Issue 16: a window roll-over while a hold is open. The hold counts until it is settled,
+/// released or expired, whatever the hour; usage leaves the window with its hour.
+#[tokio::test]
+async fn an_open_hold_keeps_counting_while_old_usage_rolls_out_of_the_window() {
+    let env = TestEnv::new(1).await;
+    let cfg = config("reeve.toml");
+    let a = "acct-roll";
+    fund(&env, a).await;
+    let now = Utc::now();
+    // 8 calls now and 1 call in the oldest hour of the window (720 hours, the current one
+    // included): it leaves the window within the next hour.
+    let oldest_hour = tally::quota::window::rolling_window(now).0;
+    let leaving = DateTime::from_timestamp(oldest_hour + 60, 0).unwrap();
+    let mut events: Vec<_> =
+        (0..8).map(|i| feature_call(&format!("r{i}"), a, "ad_generations", now)).collect();
+    events.push(feature_call("leaving", a, "ad_generations", leaving));
+    apply_usage(&env, events, 0).await;
+    let s = QuotaState::default();
+    s.refresh(&env.pool).await.unwrap();
+    let ask = Ask { api_key_id: None, project_id: None, feature: Some("ad_generations") };
+    let one_held = decide::HeldTotals { feature_units: 1, ..Default::default() };
+    let decide_at = |t: DateTime<Utc>, held: &decide::HeldTotals| {
+        s.with_account(a, |acct| {
+            let mut view = state::view(&cfg, acct, &ask, t);
+            let balance = (view.balance_units, view.reserved_units, view.pending_units);
+            decide::with_holds(&mut view, balance, held);
+            decide::decide(&view, Some("ad_generations"), 0)
+        })
+    };
+    // Now: 9 used + 1 held = the free tier's 10: the next call is refused.
+    assert_eq!(decide_at(now, &one_held).code, Some("quota_exceeded"));
+    assert!(decide_at(now, &decide::HeldTotals::default()).allowed, "without the hold: the 10th call");
+    // An hour later the old call has rolled out; the open hold still counts: 8 + 1 + 1.
+    let later = now + Duration::hours(1);
+    assert!(decide_at(later, &one_held).allowed, "the 10th call, the hold counted");
+    let two_held = decide::HeldTotals { feature_units: 2, ..Default::default() };
+    assert_eq!(decide_at(later, &two_held).code, Some("quota_exceeded"), "one over");
+}
+
 #[tokio::test]
 async fn spend_limits_per_account_project_and_key_reset_on_the_first() {
     let env = TestEnv::new(1).await;

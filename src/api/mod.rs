@@ -56,6 +56,7 @@ pub fn router(state: AppState) -> Router {
         .route("/v1/reservations", post(reservations::reserve))
         .route("/v1/reservations/{id}/settle", post(reservations::settle))
         .route("/v1/reservations/{id}/release", post(reservations::release))
+        .route("/v1/authorizations/{id}/release", post(reservations::release_authorization))
         .route("/v1/deductions", post(deductions::single))
         .route("/v1/deductions/batch", post(deductions::batch))
         .route("/v1/authorize", post(quota::authorize))

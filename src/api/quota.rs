@@ -3,11 +3,15 @@
 //! `POST /v1/accounts/{id}/plan`, and the plan and burn-rate part of the balance.
 //!
 //! Authorize and quota reads are answered from the in-memory [`QuotaState`] (no database
-//! round trip); see `quota::state` for how it is kept current across instances.
+//! round trip); see `quota::state` for how it is kept current across instances. A
+//! *holding* authorize (`"hold": true`) is one Postgres transaction under the account's
+//! lock instead, so concurrent calls can never be over-admitted (ARCHITECTURE.md,
+//! "Holding authorize").
 
 use super::auth::{Caller, Capability};
 use super::extract::{ApiJson, ApiPath};
 use super::{ApiError, AppState};
+use crate::ledger::reservations::{self, HoldOutcome, HoldRequest};
 use crate::money;
 use crate::quota::decide::{self, OverageResult};
 use crate::quota::state::{self, AccountState, Ask};
@@ -35,6 +39,16 @@ pub struct AuthorizeRequest {
     /// and caps only, never the wallet (see `decide::decide_for`).
     #[serde(default)]
     pub billing_mode: Option<crate::event::BillingMode>,
+    /// Check *and hold* what the call will consume (one unit of the feature's quota, the
+    /// estimate against the balance and the spend caps), atomically: concurrent calls can
+    /// never be over-admitted. Default: the catalog's `[reservations] hold_on_authorize`.
+    pub hold: Option<bool>,
+    /// With a hold: the id the usage event names in `reservation_id` to settle it (and the
+    /// idempotency key of this request). Generated when absent.
+    pub authorization_id: Option<String>,
+    /// With a hold: how long it lives unless settled or released (default: the catalog's
+    /// `[reservations] ttl_secs`).
+    pub hold_ttl_secs: Option<u32>,
 }
 
 #[derive(Debug, Serialize)]
@@ -82,6 +96,15 @@ pub async fn authorize(
     }
     caller.check(&req.account_id, Capability::Gateway)?;
     let estimate = estimate_units(&req)?;
+    if req.hold.unwrap_or(state.ledger_config.reservations.hold_on_authorize) {
+        return authorize_holding(&state, req, estimate).await;
+    }
+    if req.authorization_id.is_some() || req.hold_ttl_secs.is_some() {
+        return Err(ApiError::unprocessable(
+            "invalid_request",
+            "authorization_id and hold_ttl_secs go with \"hold\": true",
+        ));
+    }
     let ask = Ask {
         api_key_id: req.api_key_id.as_deref(),
         project_id: req.project_id.as_deref(),
@@ -104,6 +127,94 @@ pub async fn authorize(
         "overage": d.overage,
     });
     Ok((status, Json(body)).into_response())
+}
+
+/// Holding authorize (issue 16): decide and hold in one Postgres transaction under the
+/// account's balance row lock, the one authority per account whichever instance answers.
+/// The balance, reserved and pending amounts come from that locked row (exact); the
+/// feature's window usage and the period's spend come from this instance's counters, plus
+/// every open hold, plus every hold already closed into usage that those counters do not
+/// include yet (`QuotaState::counted`): a call is counted as a hold or as usage, never as
+/// neither. Cost: one transaction per call (~1 ms here); the non-holding path stays in memory.
+async fn authorize_holding(
+    state: &AppState,
+    req: AuthorizeRequest,
+    estimate: i64,
+) -> Result<Response, ApiError> {
+    let authorization_id = match req.authorization_id {
+        Some(id) => {
+            check_id("authorization_id", &id)?;
+            id
+        }
+        None => format!("auth_{}", uuid::Uuid::new_v4().simple()),
+    };
+    let ttl_secs = req.hold_ttl_secs.unwrap_or(state.ledger_config.reservations.ttl_secs);
+    if !(1..=super::reservations::TTL_SECS_MAX).contains(&ttl_secs) {
+        return Err(ApiError::unprocessable(
+            "invalid_ttl",
+            format!("hold_ttl_secs must be within 1..={}", super::reservations::TTL_SECS_MAX),
+        ));
+    }
+    let mode = req.billing_mode.unwrap_or(crate::event::BillingMode::Platform);
+    // A bring-your-own-key call costs nothing here: it holds its quota unit only.
+    let held_units = match mode {
+        crate::event::BillingMode::Platform => estimate,
+        crate::event::BillingMode::Byok => 0,
+    };
+    let now = Utc::now();
+    let hold = HoldRequest {
+        account_id: req.account_id.clone(),
+        authorization_id,
+        amount_units: held_units,
+        feature: req.feature.clone(),
+        project_id: req.project_id.clone(),
+        api_key_id: req.api_key_id.clone(),
+        expires_at: now + Duration::seconds(i64::from(ttl_secs)),
+    };
+    let ask = Ask {
+        api_key_id: req.api_key_id.as_deref(),
+        project_id: req.project_id.as_deref(),
+        feature: req.feature.as_deref(),
+    };
+    let cfg = &state.quota_config;
+    let counters = &state.quota;
+    let outcome = reservations::hold(&state.pool, &hold, counters.counted_below(), |locked| {
+        let held = decide::held_totals(&locked.holds, ask.feature, ask.project_id, ask.api_key_id, |xid| {
+            counters.counted(xid)
+        });
+        let d = counters.with_account(&req.account_id, |acct| {
+            let mut view = state::view(cfg, acct, &ask, now);
+            let balance = (locked.balance_units, locked.reserved_units, locked.pending_units);
+            decide::with_holds(&mut view, balance, &held);
+            decide::decide_for(&view, ask.feature, estimate, mode)
+        });
+        // Stored with the hold as JSON, so that a repeated request gets the same answer.
+        (d.allowed, serde_json::to_value(&d).expect("a decision serializes"))
+    })
+    .await
+    .map_err(super::reservations::reservation_error)?;
+    Ok(match outcome {
+        HoldOutcome::Held { reservation, decision } => {
+            let body = serde_json::json!({
+                "allowed": true,
+                "message": decision["message"],
+                "overage": decision["overage"],
+                "authorization_id": reservation.reservation_id,
+                "hold_expires_at": reservation.expires_at,
+                "held_units": reservation.amount_units,
+            });
+            Json(body).into_response()
+        }
+        HoldOutcome::Refused(decision) => {
+            let status = decision["status"].as_u64().and_then(|s| StatusCode::from_u16(s as u16).ok());
+            let body = serde_json::json!({
+                "allowed": false,
+                "error": {"code": decision["code"], "message": decision["message"]},
+                "overage": decision["overage"],
+            });
+            (status.unwrap_or(StatusCode::PAYMENT_REQUIRED), Json(body)).into_response()
+        }
+    })
 }
 
 #[derive(Debug, Serialize)]

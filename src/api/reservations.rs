@@ -49,6 +49,10 @@ pub struct SettleBody {
 pub struct ReservationView {
     pub reservation_id: String,
     pub account_id: String,
+    /// `reservation` (a hold of an amount) or `authorization` (a holding authorize).
+    pub kind: String,
+    /// The feature whose quota unit an authorization holds.
+    pub feature: Option<String>,
     /// active, settling, settled, released or expired.
     pub status: String,
     pub amount: String,
@@ -65,6 +69,8 @@ impl From<Reservation> for ReservationView {
         ReservationView {
             reservation_id: r.reservation_id,
             account_id: r.account_id,
+            kind: r.kind,
+            feature: r.feature,
             status: r.status,
             amount: units_to_usd_string(r.amount_units),
             amount_units: r.amount_units,
@@ -142,6 +148,26 @@ pub async fn release(
     Ok(Json(r.into()))
 }
 
+/// `POST /v1/authorizations/{id}/release`: release a holding authorize's hold early (the
+/// call will not happen, or failed before reaching a provider). The same machinery as a
+/// reservation; releasing twice returns the released hold.
+pub async fn release_authorization(
+    State(state): State<AppState>,
+    caller: Caller,
+    ApiPath(id): ApiPath<String>,
+) -> Result<Json<ReservationView>, ApiError> {
+    let renamed = |e: ApiError| {
+        if e.status == StatusCode::NOT_FOUND && e.code == "reservation_not_found" {
+            ApiError::not_found("authorization_not_found", format!("no authorization {id}"))
+        } else {
+            e
+        }
+    };
+    visible(&state, &caller, &id).await.map_err(renamed)?;
+    let r = reservations::release(&state.pool, &id).await.map_err(reservation_error).map_err(renamed)?;
+    Ok(Json(r.into()))
+}
+
 /// The role first (403 says nothing about the reservation), then existence and scope
 /// together (one 404 for both).
 async fn visible(state: &AppState, caller: &Caller, id: &str) -> Result<(), ApiError> {
@@ -174,7 +200,7 @@ fn one_amount(name: &str, usd: Option<ExactDecimal>, units: Option<i64>) -> Resu
     }
 }
 
-fn reservation_error(e: LedgerError) -> ApiError {
+pub(super) fn reservation_error(e: LedgerError) -> ApiError {
     match e {
         LedgerError::NotFound(what) => {
             ApiError::not_found("reservation_not_found", format!("{what} not found"))

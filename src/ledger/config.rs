@@ -9,7 +9,8 @@
 //! bonus_percent = "10"
 //!
 //! [reservations]
-//! ttl_secs = 900         # holds expire so none can leak
+//! ttl_secs = 900            # holds expire so none can leak
+//! hold_on_authorize = false # true: POST /v1/authorize holds unless asked "hold": false
 //! ```
 //!
 //! Every table is optional; absent means no limits, no bonus, 15-minute holds.
@@ -50,6 +51,9 @@ pub struct BonusTier {
 pub struct ReservationConfig {
     #[serde(default = "default_ttl_secs")]
     pub ttl_secs: u32,
+    /// `POST /v1/authorize` holds by default (a request may still say `"hold": false`).
+    #[serde(default)]
+    pub hold_on_authorize: bool,
 }
 
 /// 15 minutes: longer than any single agent run Struere describes (10 LLM iterations).
@@ -59,7 +63,7 @@ const fn default_ttl_secs() -> u32 {
 
 impl Default for ReservationConfig {
     fn default() -> Self {
-        ReservationConfig { ttl_secs: default_ttl_secs() }
+        ReservationConfig { ttl_secs: default_ttl_secs(), hold_on_authorize: false }
     }
 }
 
@@ -152,6 +156,16 @@ mod tests {
 
     fn d(s: &str) -> Decimal {
         Decimal::from_str(s).unwrap()
+    }
+
+    #[test]
+    fn holding_authorize_is_off_unless_the_catalog_turns_it_on() {
+        let off = LedgerConfig::from_toml_str("[catalog]\nname = \"x\"\n", "t.toml").unwrap();
+        assert!(!off.reservations.hold_on_authorize);
+        let reeve =
+            LedgerConfig::from_toml_str(include_str!("../../examples/reeve.toml"), "reeve.toml").unwrap();
+        assert!(reeve.reservations.hold_on_authorize, "Reeve gates on quotas: it holds by default");
+        assert_eq!(reeve.reservations.ttl_secs, 900);
     }
 
     fn brievio() -> TopupConfig {

@@ -26,10 +26,19 @@ use chrono::{DateTime, Duration, Utc};
 use serde::{Deserialize, Serialize};
 use sqlx::{PgPool, Postgres, Transaction};
 
+/// The columns of a [`Reservation`], for `SELECT` and `RETURNING`.
+const COLUMNS: &str = "reservation_id, account_id, kind, feature, amount_units, pending_units, actual_units, \
+                       status, expires_at, created_at";
+
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, sqlx::FromRow)]
 pub struct Reservation {
     pub reservation_id: String,
     pub account_id: String,
+    /// `reservation` (a hold of an amount) or `authorization` (a holding authorize: one
+    /// unit of a feature's quota plus an estimate, which may be zero).
+    pub kind: String,
+    /// The feature whose quota unit an authorization holds.
+    pub feature: Option<String>,
     pub amount_units: i64,
     pub pending_units: i64,
     pub actual_units: Option<i64>,
@@ -70,7 +79,8 @@ pub async fn reserve(pool: &PgPool, req: &ReserveRequest) -> Result<Reservation,
         return Ok(saved);
     }
     let (balance, reserved, pending) = lock_projection(&mut tx, &req.account_id).await?;
-    let (reserved, pending) = expire_for_account(&mut tx, &req.account_id, reserved, pending).await?;
+    let (reserved, pending, expired) =
+        expire_for_account(&mut tx, &req.account_id, reserved, pending).await?;
     let effective = crate::money::effective_units(balance, reserved, pending);
     if i128::from(effective) + i128::from(req.overdraft_units.max(0)) < i128::from(req.amount_units) {
         // Not stored under the key: after a top-up the same request may succeed.
@@ -80,12 +90,11 @@ pub async fn reserve(pool: &PgPool, req: &ReserveRequest) -> Result<Reservation,
         });
     }
     let expires_at = Utc::now() + Duration::seconds(i64::from(req.ttl_secs));
-    let r: Reservation = sqlx::query_as(
+    let r: Reservation = sqlx::query_as(&format!(
         "INSERT INTO reservations (reservation_id, account_id, amount_units, status, expires_at)
          VALUES ($1, $2, $3, 'active', $4)
-         RETURNING reservation_id, account_id, amount_units, pending_units, actual_units, status,
-                   expires_at, created_at",
-    )
+         RETURNING {COLUMNS}"
+    ))
     .bind(&req.reservation_id)
     .bind(&req.account_id)
     .bind(req.amount_units)
@@ -96,7 +105,141 @@ pub async fn reserve(pool: &PgPool, req: &ReserveRequest) -> Result<Reservation,
     set_projection(&mut tx, &req.account_id, reserved, pending).await?;
     finish(&mut tx, &key, &r).await?;
     tx.commit().await?;
+    expired.record();
     Ok(r)
+}
+
+/// A holding authorize (`POST /v1/authorize` with `"hold": true`): what to hold if the
+/// decision allows it.
+#[derive(Debug, Clone, Serialize)]
+pub struct HoldRequest {
+    pub account_id: String,
+    /// Also the reservation id the usage event names (`reservation_id`) to settle it.
+    pub authorization_id: String,
+    /// The estimated cost held against the balance (0: a quota-only or BYOK call).
+    pub amount_units: i64,
+    /// The feature whose quota unit is held (one unit per call).
+    pub feature: Option<String>,
+    pub project_id: Option<String>,
+    pub api_key_id: Option<String>,
+    #[serde(skip)]
+    pub expires_at: DateTime<Utc>,
+}
+
+/// What a holding authorize decides on, read under the account's balance row lock.
+#[derive(Debug, Clone)]
+pub struct Locked {
+    pub balance_units: i64,
+    pub reserved_units: i64,
+    pub pending_units: i64,
+    /// The account's open holds, and those closed into usage (settled by their event, or
+    /// billed at their deadline) since `counted_from_xid`.
+    pub holds: Vec<HeldRow>,
+}
+
+/// One hold as a holding authorize counts it.
+#[derive(Debug, Clone, sqlx::FromRow)]
+pub struct HeldRow {
+    pub feature: Option<String>,
+    pub quota_units: i32,
+    pub project_id: Option<String>,
+    pub api_key_id: Option<String>,
+    /// The money it stands for now: the amount while active, the reported cost while
+    /// settling, the debit once closed into usage.
+    pub money_units: i64,
+    /// `None` while open; the closing transaction's xid once closed into usage (its usage
+    /// may not be in an instance's counters yet: see migration 0009).
+    pub closed_xid: Option<i64>,
+}
+
+/// How a holding authorize ended.
+#[derive(Debug)]
+pub enum HoldOutcome<T> {
+    /// Allowed and held (or the same request was held before: the same answer).
+    Held { reservation: Reservation, decision: T },
+    /// Refused: nothing held, nothing stored (the same request may pass later).
+    Refused(T),
+}
+
+/// Check and hold atomically: under the account's balance row lock (the one authority per
+/// account, whichever instance answers), read the balance and the holds, let `decide` judge
+/// them, and insert the hold if it allows. Idempotent by authorization id: a repeated
+/// request returns the first answer and holds nothing more.
+///
+/// `counted_from_xid`: holds closed into usage by a transaction at or after this xid are
+/// returned too; `decide` counts those the caller's counters do not include yet.
+pub async fn hold<T: Serialize + serde::de::DeserializeOwned>(
+    pool: &PgPool,
+    req: &HoldRequest,
+    counted_from_xid: i64,
+    decide: impl FnOnce(&Locked) -> (bool, T),
+) -> Result<HoldOutcome<T>, LedgerError> {
+    if !(0..=crate::money::INPUT_UNITS_MAX).contains(&req.amount_units) {
+        return Err(LedgerError::Invalid(format!(
+            "the estimate must be between 0 and {} USD",
+            crate::money::INPUT_USD_MAX
+        )));
+    }
+    if req.authorization_id.is_empty() || req.authorization_id.len() > 128 {
+        return Err(LedgerError::Invalid("authorization id must be 1..=128 bytes".into()));
+    }
+    let key = format!("authorize:{}", req.authorization_id);
+    let hash = hash_payload(req);
+    let mut tx = pool.begin().await?;
+    if let Some((reservation, decision)) =
+        claim::<(Reservation, T)>(&mut tx, &key, "authorize", &hash).await?
+    {
+        return Ok(HoldOutcome::Held { reservation, decision });
+    }
+    let (balance, reserved, pending) = lock_projection(&mut tx, &req.account_id).await?;
+    let (reserved, pending, expired) =
+        expire_for_account(&mut tx, &req.account_id, reserved, pending).await?;
+    let holds: Vec<HeldRow> = sqlx::query_as(
+        "SELECT feature, quota_units, project_id, api_key_id,
+                CASE status WHEN 'active' THEN amount_units ELSE pending_units END AS money_units,
+                NULL::bigint AS closed_xid
+         FROM reservations WHERE account_id = $1 AND status IN ('active', 'settling')
+         UNION ALL
+         SELECT feature, quota_units, project_id, api_key_id, COALESCE(actual_units, 0),
+                closed_xid::text::bigint
+         FROM reservations
+         WHERE account_id = $1 AND closed_xid >= $2::text::xid8 AND status NOT IN ('active', 'settling')",
+    )
+    .bind(&req.account_id)
+    .bind(counted_from_xid.max(0).to_string())
+    .fetch_all(&mut *tx)
+    .await?;
+    let locked = Locked { balance_units: balance, reserved_units: reserved, pending_units: pending, holds };
+    let (allowed, decision) = decide(&locked);
+    if !allowed {
+        // Expired holds found on the way stay open until something commits their expiry.
+        return Ok(HoldOutcome::Refused(decision));
+    }
+    let inserted: Option<Reservation> = sqlx::query_as(&format!(
+        "INSERT INTO reservations (reservation_id, account_id, kind, feature, quota_units, project_id,
+                                   api_key_id, amount_units, status, expires_at)
+         VALUES ($1, $2, 'authorization', $3, $4, $5, $6, $7, 'active', $8)
+         ON CONFLICT (reservation_id) DO NOTHING
+         RETURNING {COLUMNS}"
+    ))
+    .bind(&req.authorization_id)
+    .bind(&req.account_id)
+    .bind(&req.feature)
+    .bind(i32::from(req.feature.is_some()))
+    .bind(&req.project_id)
+    .bind(&req.api_key_id)
+    .bind(req.amount_units)
+    .bind(req.expires_at)
+    .fetch_optional(&mut *tx)
+    .await?;
+    // The id is already a reservation's (its own key space): the client reused an id.
+    let reservation = inserted.ok_or_else(|| LedgerError::Conflict { key: req.authorization_id.clone() })?;
+    let reserved = reserved.checked_add(req.amount_units).ok_or_else(holds_out_of_range)?;
+    set_projection(&mut tx, &req.account_id, reserved, pending).await?;
+    finish(&mut tx, &key, &(&reservation, &decision)).await?;
+    tx.commit().await?;
+    expired.record();
+    Ok(HoldOutcome::Held { reservation, decision })
 }
 
 /// Release a hold (the call failed). Releasing a closed reservation is an invalid state,
@@ -136,7 +279,7 @@ async fn transition(pool: &PgPool, reservation_id: &str, t: Transition) -> Resul
     let (account,) = account.ok_or_else(|| LedgerError::NotFound(format!("reservation {reservation_id}")))?;
     let mut tx = pool.begin().await?;
     let (_, reserved, pending) = lock_projection(&mut tx, &account).await?;
-    let (reserved, pending) = expire_for_account(&mut tx, &account, reserved, pending).await?;
+    let (reserved, pending, expired) = expire_for_account(&mut tx, &account, reserved, pending).await?;
     let r = fetch_locked(&mut tx, reservation_id).await?;
     let (status, new_pending, reserved, pending) = match (t, r.status.as_str()) {
         (Transition::Release, "active") => ("released", 0, reserved - r.amount_units, pending),
@@ -153,14 +296,13 @@ async fn transition(pool: &PgPool, reservation_id: &str, t: Transition) -> Resul
         }
     };
     let closed = status == "released";
-    let r: Reservation = sqlx::query_as(
+    let r: Reservation = sqlx::query_as(&format!(
         "UPDATE reservations SET status = $2, pending_units = $3,
              actual_units = CASE WHEN $2 = 'settling' THEN $3 ELSE actual_units END,
              closed_at = CASE WHEN $4 THEN now() ELSE closed_at END
          WHERE reservation_id = $1
-         RETURNING reservation_id, account_id, amount_units, pending_units, actual_units, status,
-                   expires_at, created_at",
-    )
+         RETURNING {COLUMNS}"
+    ))
     .bind(reservation_id)
     .bind(status)
     .bind(new_pending)
@@ -169,6 +311,7 @@ async fn transition(pool: &PgPool, reservation_id: &str, t: Transition) -> Resul
     .await?;
     set_projection(&mut tx, &account, reserved, pending).await?;
     tx.commit().await?;
+    expired.record();
     Ok(r)
 }
 
@@ -178,24 +321,18 @@ fn holds_out_of_range() -> LedgerError {
 }
 
 pub async fn get(pool: &PgPool, reservation_id: &str) -> Result<Option<Reservation>, LedgerError> {
-    Ok(sqlx::query_as(
-        "SELECT reservation_id, account_id, amount_units, pending_units, actual_units, status, expires_at, created_at
-         FROM reservations WHERE reservation_id = $1",
-    )
-    .bind(reservation_id)
-    .fetch_optional(pool)
-    .await?)
+    Ok(sqlx::query_as(&format!("SELECT {COLUMNS} FROM reservations WHERE reservation_id = $1"))
+        .bind(reservation_id)
+        .fetch_optional(pool)
+        .await?)
 }
 
 async fn fetch_locked(tx: &mut Transaction<'_, Postgres>, id: &str) -> Result<Reservation, LedgerError> {
-    sqlx::query_as(
-        "SELECT reservation_id, account_id, amount_units, pending_units, actual_units, status, expires_at, created_at
-         FROM reservations WHERE reservation_id = $1 FOR UPDATE",
-    )
-    .bind(id)
-    .fetch_optional(&mut **tx)
-    .await?
-    .ok_or_else(|| LedgerError::NotFound(format!("reservation {id}")))
+    sqlx::query_as(&format!("SELECT {COLUMNS} FROM reservations WHERE reservation_id = $1 FOR UPDATE"))
+        .bind(id)
+        .fetch_optional(&mut **tx)
+        .await?
+        .ok_or_else(|| LedgerError::NotFound(format!("reservation {id}")))
 }
 
 /// Lock the account's balance row (creating the account if needed) and read
@@ -242,26 +379,33 @@ async fn expire_for_account(
     account: &str,
     reserved: i64,
     pending: i64,
-) -> Result<(i64, i64), LedgerError> {
+) -> Result<(i64, i64, Expired), LedgerError> {
     let expired: Vec<(String,)> = sqlx::query_as(
         "UPDATE reservations SET status = 'expired', closed_at = now()
          WHERE account_id = $1 AND status = 'active' AND expires_at <= now()
-         RETURNING reservation_id",
+         RETURNING kind",
     )
     .bind(account)
     .fetch_all(&mut **tx)
     .await?;
     let billed: Vec<(String, i64)> = sqlx::query_as(
         "UPDATE reservations SET status = 'settled', actual_units = pending_units, pending_units = 0,
-                closed_at = now()
+                closed_at = now(), closed_xid = pg_current_xact_id()
          WHERE account_id = $1 AND status = 'settling' AND expires_at <= now()
          RETURNING reservation_id, actual_units",
     )
     .bind(account)
     .fetch_all(&mut **tx)
     .await?;
+    let mut gone = Expired::default();
+    for (kind,) in &expired {
+        match kind.as_str() {
+            "authorization" => gone.authorizations += 1,
+            _ => gone.reservations += 1,
+        }
+    }
     if expired.is_empty() && billed.is_empty() {
-        return Ok((reserved, pending));
+        return Ok((reserved, pending, gone));
     }
     let mut spend = Vec::new();
     for (id, units) in &billed {
@@ -282,7 +426,29 @@ async fn expire_for_account(
     .fetch_one(&mut **tx)
     .await?;
     set_projection(tx, account, r, p).await?;
-    Ok((r, p))
+    Ok((r, p, gone))
+}
+
+/// Holds that expired with nothing reported (no usage event, no settle): leak detection.
+/// Counted in `tally_holds_expired_total{kind}` once the expiring transaction commits.
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+pub struct Expired {
+    pub reservations: u64,
+    pub authorizations: u64,
+}
+
+impl Expired {
+    /// Call after COMMIT.
+    fn record(self) {
+        if self.reservations > 0 {
+            metrics::counter!(crate::metrics::HOLDS_EXPIRED, "kind" => "reservation")
+                .increment(self.reservations);
+        }
+        if self.authorizations > 0 {
+            metrics::counter!(crate::metrics::HOLDS_EXPIRED, "kind" => "authorization")
+                .increment(self.authorizations);
+        }
+    }
 }
 
 /// The debit of a settled hold whose usage event did not arrive by its deadline.
@@ -347,8 +513,9 @@ pub async fn expire_due(pool: &PgPool) -> Result<usize, LedgerError> {
     for (account,) in &accounts {
         let mut tx = pool.begin().await?;
         let (_, reserved, pending) = lock_projection(&mut tx, account).await?;
-        expire_for_account(&mut tx, account, reserved, pending).await?;
+        let (_, _, expired) = expire_for_account(&mut tx, account, reserved, pending).await?;
         tx.commit().await?;
+        expired.record();
     }
     Ok(accounts.len())
 }
@@ -370,7 +537,7 @@ pub(crate) async fn settle_from_events(
     // close another account's hold.
     let closed: Vec<(String,)> = sqlx::query_as(
         "UPDATE reservations r SET status = 'settled', actual_units = u.c, pending_units = 0,
-                closed_at = now(), event_id = u.e
+                closed_at = now(), event_id = u.e, closed_xid = pg_current_xact_id()
          FROM UNNEST($1::text[], $2::text[], $3::bigint[], $4::text[]) AS u(id, a, c, e)
          WHERE r.reservation_id = u.id AND r.account_id = u.a AND r.status IN ('active', 'settling')
          RETURNING r.account_id",

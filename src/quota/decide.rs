@@ -220,6 +220,65 @@ pub fn soft_ceiling(allocation_units: i64, percent: u32) -> i64 {
     i64::try_from(exact.round_dp_with_strategy(0, money::ROUNDING)).unwrap_or(i64::MAX)
 }
 
+/// What an account's holds add, for a holding authorize: quota units of the requested
+/// feature, and money per spend-cap scope.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct HeldTotals {
+    pub feature_units: u64,
+    pub account_units: i64,
+    pub project_units: i64,
+    pub api_key_units: i64,
+}
+
+/// Sum the holds that count for a call of `feature` / `project_id` / `api_key_id`: every
+/// open hold, and every hold closed into usage whose closing transaction `counted` says
+/// the counters do not include yet (so each call is counted once: as a hold or as usage).
+pub fn held_totals(
+    holds: &[crate::ledger::reservations::HeldRow],
+    feature: Option<&str>,
+    project_id: Option<&str>,
+    api_key_id: Option<&str>,
+    counted: impl Fn(i64) -> bool,
+) -> HeldTotals {
+    let mut t = HeldTotals::default();
+    for h in holds.iter().filter(|h| h.closed_xid.is_none_or(|x| !counted(x))) {
+        if feature.is_some() && h.feature.as_deref() == feature {
+            t.feature_units = t.feature_units.saturating_add(u64::try_from(h.quota_units).unwrap_or(0));
+        }
+        t.account_units = t.account_units.saturating_add(h.money_units);
+        if project_id.is_some() && h.project_id.as_deref() == project_id {
+            t.project_units = t.project_units.saturating_add(h.money_units);
+        }
+        if api_key_id.is_some() && h.api_key_id.as_deref() == api_key_id {
+            t.api_key_units = t.api_key_units.saturating_add(h.money_units);
+        }
+    }
+    t
+}
+
+/// The view a holding authorize decides on: the balance and holds read under the
+/// account's lock replace the in-memory ones (so the wallet and the plan's consumption are
+/// exact), and what is held counts as used against the feature quota and the spend caps.
+pub fn with_holds(view: &mut AccountView<'_>, balance: (i64, i64, i64), held: &HeldTotals) {
+    (view.balance_units, view.reserved_units, view.pending_units) = balance;
+    if let Some(p) = view.plan.as_deref() {
+        let effective = money::effective_units(view.balance_units, view.reserved_units, view.pending_units);
+        view.period_consumed_units = plan_consumed(p, effective);
+    }
+    if let Some((used, limit)) = view.feature_quota {
+        view.feature_quota = Some((used.saturating_add(held.feature_units), limit));
+    }
+    for (scope, spent, _) in &mut view.spend_caps {
+        let add = match *scope {
+            "account" => held.account_units,
+            "project" => held.project_units,
+            "api key" => held.api_key_units,
+            other => unreachable!("spend cap scope {other} is one of account, project, api key"),
+        };
+        *spent = spent.saturating_add(add);
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -299,6 +358,65 @@ mod tests {
         assert_eq!((d.status, d.code, d.overage.policy), (402, Some("insufficient_quota"), "prepaid"));
         assert!(!decide(&a(0, 0), None, 0).allowed);
         assert!(!decide(&a(100, 60), None, 41).allowed, "holds count against the balance");
+    }
+
+    fn held(
+        feature: Option<&str>,
+        project: Option<&str>,
+        money: i64,
+        closed: Option<i64>,
+    ) -> crate::ledger::reservations::HeldRow {
+        crate::ledger::reservations::HeldRow {
+            feature: feature.map(str::to_string),
+            quota_units: i32::from(feature.is_some()),
+            project_id: project.map(str::to_string),
+            api_key_id: None,
+            money_units: money,
+            closed_xid: closed,
+        }
+    }
+
+    #[test]
+    fn a_closed_hold_counts_until_the_counters_include_its_usage() {
+        let holds = [
+            held(Some("f"), Some("p1"), 3, None),
+            held(Some("f"), None, 5, Some(100)),
+            held(Some("g"), Some("p1"), 7, Some(200)),
+        ];
+        // Counters include everything below 150: the hold closed by xid 100 is usage now.
+        let t = held_totals(&holds, Some("f"), Some("p1"), None, |x| x < 150);
+        assert_eq!(
+            t,
+            HeldTotals { feature_units: 1, account_units: 10, project_units: 10, api_key_units: 0 }
+        );
+        // Unsure about everything: every hold counts (refuse earlier, never admit more).
+        let t = held_totals(&holds, Some("f"), Some("p1"), None, |_| false);
+        assert_eq!(
+            t,
+            HeldTotals { feature_units: 2, account_units: 15, project_units: 10, api_key_units: 0 }
+        );
+    }
+
+    #[test]
+    fn held_units_count_against_the_quota_caps_and_wallet_exactly_at_and_one_over() {
+        let mut v = AccountView {
+            feature_quota: Some((7, 10)),
+            spend_caps: vec![("account", 40, 100), ("project", 0, 50)],
+            ..Default::default()
+        };
+        let held = HeldTotals { feature_units: 2, account_units: 30, project_units: 20, api_key_units: 0 };
+        with_holds(&mut v, (100, 30, 0), &held);
+        assert_eq!(v.feature_quota, Some((9, 10)));
+        // The 10th unit is allowed (9 used or held + 1 = 10), estimate 30: caps 70+30 = 100
+        // (exactly at), project 20+30 = 50 (exactly at), wallet 100-30 = 70 >= 30.
+        assert!(decide(&v, Some("f"), 30).allowed);
+        assert_eq!(decide(&v, Some("f"), 31).code, Some("spend_limit_exceeded"));
+        with_holds(&mut v, (100, 30, 0), &HeldTotals { feature_units: 3, ..held });
+        assert_eq!(decide(&v, Some("f"), 0).code, Some("quota_exceeded"));
+        let mut w = AccountView::default();
+        with_holds(&mut w, (100, 97, 0), &HeldTotals::default());
+        assert!(decide(&w, None, 3).allowed);
+        assert_eq!(decide(&w, None, 4).code, Some("insufficient_quota"));
     }
 
     #[test]

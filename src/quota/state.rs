@@ -42,7 +42,7 @@ use crate::ledger::counting::ChangeRef;
 use chrono::{DateTime, Utc};
 use sqlx::PgPool;
 use std::borrow::Cow;
-use std::collections::{HashMap, HashSet};
+use std::collections::HashMap;
 use std::sync::{Mutex, RwLock};
 use std::time::{Duration, Instant};
 
@@ -131,8 +131,12 @@ struct Meta {
     /// change_id -> xid of bucket changes counted here that a later read may still return
     /// (xid >= the last read's xmin).
     applied: HashMap<i64, i64>,
-    /// Changes this process's writer made and will apply itself after COMMIT.
-    local: HashSet<i64>,
+    /// Changes this process's writer made and will apply itself after COMMIT: change_id ->
+    /// xid.
+    local: HashMap<i64, i64>,
+    /// Every transaction with a smaller xid is counted here (or never counted anything):
+    /// the xmin of the last read applied, 0 when unsure (see [`QuotaState::counted`]).
+    counted_below: i64,
 }
 
 /// Where the next refresh reads from.
@@ -186,7 +190,7 @@ impl QuotaState {
         // is exactly why `apply_read` would skip it.
         let known: Vec<i64> = if since.is_some() {
             let meta = self.meta.lock().expect("state meta lock");
-            meta.local.iter().chain(meta.applied.keys()).copied().collect()
+            meta.local.keys().chain(meta.applied.keys()).copied().collect()
         } else {
             Vec::new()
         };
@@ -232,6 +236,7 @@ impl QuotaState {
         }
         let mut meta = self.meta.lock().expect("state meta lock");
         meta.restored_xmin = read.xmin;
+        meta.counted_below = read.xmin;
         meta.applied = read.changes_included.iter().copied().collect();
         for (lock, accounts) in self.shards.iter().zip(fresh) {
             *lock.write().expect("state lock") = accounts;
@@ -243,7 +248,7 @@ impl QuotaState {
         let mut meta = self.meta.lock().expect("state meta lock");
         let mut by_shard: Vec<Vec<(usize, usize)>> = vec![Vec::new(); SHARDS];
         for (n, c) in read.changes.iter().enumerate() {
-            if meta.local.contains(&c.change_id) || meta.applied.contains_key(&c.change_id) {
+            if meta.local.contains_key(&c.change_id) || meta.applied.contains_key(&c.change_id) {
                 continue;
             }
             for_change_rows(c, |i| by_shard[shard_of(&c.accounts[i])].push((n, i)));
@@ -265,14 +270,38 @@ impl QuotaState {
         }
         // Reads from now on ask for xid >= read.xmin: older ids can never come back. A
         // restored id the writer still holds stays until the writer has looked at it.
-        let Meta { applied, local, .. } = &mut *meta;
-        applied.retain(|id, xid| *xid >= read.xmin || local.contains(id));
+        let Meta { applied, local, counted_below, .. } = &mut *meta;
+        applied.retain(|id, xid| *xid >= read.xmin || local.contains_key(id));
+        // A transaction below this xmin had finished at the snapshot: its change was in
+        // this read or an earlier one (counted), or is the writer's own and still in
+        // `local` (counted() checks that first).
+        *counted_below = read.xmin;
+    }
+
+    /// Whether the usage counted by transaction `xid` (a `state_changes` row with that xid,
+    /// if it wrote one) is in this instance's counters. `false` when unsure: a holding
+    /// authorize then counts the hold that transaction closed, which can only refuse
+    /// earlier, never admit more (see `api::quota`).
+    pub fn counted(&self, xid: i64) -> bool {
+        let meta = self.meta.lock().expect("state meta lock");
+        if meta.local.values().any(|x| *x == xid) {
+            return false;
+        }
+        xid < meta.counted_below || meta.applied.values().any(|x| *x == xid)
+    }
+
+    /// Transactions from this xid on may not be counted here: the lower bound of what a
+    /// holding authorize must look at.
+    pub fn counted_below(&self) -> i64 {
+        let meta = self.meta.lock().expect("state meta lock");
+        let local_min = meta.local.values().copied().min().unwrap_or(i64::MAX);
+        meta.counted_below.min(local_min)
     }
 
     /// The writer wrote `change` in a transaction it is about to commit: the reader must
     /// leave it to the writer (see the module doc).
     pub fn begin_local(&self, change: ChangeRef) {
-        self.meta.lock().expect("state meta lock").local.insert(change.change_id);
+        self.meta.lock().expect("state meta lock").local.insert(change.change_id, change.xid);
     }
 
     /// The writer's transaction with `change` committed: apply its events' usage here,
@@ -311,7 +340,12 @@ impl QuotaState {
         if committed_maybe {
             self.cursor.lock().await.xmin = None;
         }
-        self.meta.lock().expect("state meta lock").local.remove(&change.change_id);
+        let mut meta = self.meta.lock().expect("state meta lock");
+        meta.local.remove(&change.change_id);
+        if committed_maybe {
+            // It may have committed uncounted: nothing is known counted until the restore.
+            meta.counted_below = 0;
+        }
     }
 
     pub fn account(&self, account_id: &str) -> Option<AccountState> {

@@ -454,21 +454,6 @@ pub fn retention_start(now: DateTime<Utc>) -> DateTime<Utc> {
     DateTime::<Utc>::from_timestamp(floor_hour(now) - 40 * 24 * HOUR_SECS, 0).expect("in range")
 }
 
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn proration_credits_the_remaining_share_half_to_even() {
-        let t = |s: &str| DateTime::parse_from_rfc3339(s).unwrap().with_timezone(&Utc);
-        let (start, end) = (t("2026-11-01T00:00:00Z"), t("2026-12-01T00:00:00Z"));
-        assert_eq!(prorate(3_000, t("2026-11-16T00:00:00Z"), start, end), 1_500);
-        assert_eq!(prorate(3_000, start, start, end), 3_000);
-        assert_eq!(prorate(3_000, end, start, end), 0);
-        assert_eq!(prorate(1, t("2026-11-16T00:00:00Z"), start, end), 0); // 0.5 -> 0 (even)
-    }
-}
-
 /// Most due accounts handled per call of [`post_due_cycles`] (a limit on every batch).
 pub const CYCLES_PER_CALL_MAX: i64 = 500;
 
@@ -610,4 +595,19 @@ pub fn cycle_at(cycle: Cycle, anchor: DateTime<Utc>, now: DateTime<Utc>) -> (Dat
 /// A plan row's plan as the catalog defines it, with the account's custom terms.
 fn effective_plan(cfg: &super::config::QuotaConfig, row: &PlanRow) -> Option<Plan> {
     Some(cfg.plans.get(&row.plan)?.with_terms(row.custom_terms().as_ref()).into_owned())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn proration_credits_the_remaining_share_half_to_even() {
+        let t = |s: &str| DateTime::parse_from_rfc3339(s).unwrap().with_timezone(&Utc);
+        let (start, end) = (t("2026-11-01T00:00:00Z"), t("2026-12-01T00:00:00Z"));
+        assert_eq!(prorate(3_000, t("2026-11-16T00:00:00Z"), start, end), 1_500);
+        assert_eq!(prorate(3_000, start, start, end), 3_000);
+        assert_eq!(prorate(3_000, end, start, end), 0);
+        assert_eq!(prorate(1, t("2026-11-16T00:00:00Z"), start, end), 0); // 0.5 -> 0 (even)
+    }
 }

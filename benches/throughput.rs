@@ -18,6 +18,8 @@
 //! 4. Once more with one instance, and meanwhile `POST /v1/authorize` at a fixed rate
 //!    (`BENCH_AUTHORIZE_RPS`, default 10,000 req/s; 0 skips this run; open loop: latency counts from each
 //!    request's scheduled time, so a stall is not hidden by the generator waiting): p50/p99.
+//!    Then again with *holding* authorize (`"hold": true`, one Postgres transaction each,
+//!    `BENCH_HOLD_RPS`, default 5,000 req/s; 0 skips): p50/p99.
 //!
 //! 5. Memory of the quota state: `BENCH_STATE_ACCOUNTS` (default 1,000,000) accounts, each
 //!    with a balance and 3 counters x 4 hourly buckets, written straight into a fresh
@@ -101,25 +103,39 @@ async fn main() {
     println!("  raw: ClickHouse RowBinary insert          {ch:>10.0} rows/s");
 
     let authorize_rps = env_usize("BENCH_AUTHORIZE_RPS", if measuring { 10_000 } else { 500 }) as u64;
+    let hold_rps = env_usize("BENCH_HOLD_RPS", if measuring { 5_000 } else { 200 }) as u64;
     println!(
-        "  (runs: baseline if BENCH_BASELINE_BIN, tally x{{BENCH_INSTANCES}}, then tally x1 with authorize at a fixed rate)"
+        "  (runs: baseline if BENCH_BASELINE_BIN, tally x{{BENCH_INSTANCES}}, then tally x1 with authorize, then with holding authorize, at a fixed rate)"
     );
-    let target = Drain { env: &env, messages: messages as i64, distinct, malformed, authorize_rps };
+    let target = Drain { env: &env, messages: messages as i64, distinct, malformed };
     let mut runs = Vec::new();
     if let Ok(baseline) = std::env::var("BENCH_BASELINE_BIN") {
-        runs.push(("baseline", PathBuf::from(baseline), 1, false));
+        runs.push(("baseline", PathBuf::from(baseline), 1, Load::None));
     }
     let instances = std::env::var("BENCH_INSTANCES").unwrap_or_else(|_| "1,2".into());
     for n in instances.split(',').filter_map(|n| n.trim().parse::<usize>().ok()) {
-        runs.push(("tally", PathBuf::from(env!("CARGO_BIN_EXE_tally")), n, false));
+        runs.push(("tally", PathBuf::from(env!("CARGO_BIN_EXE_tally")), n, Load::None));
     }
     if authorize_rps > 0 {
-        runs.push(("tally + authorize load", PathBuf::from(env!("CARGO_BIN_EXE_tally")), 1, true));
+        runs.push((
+            "tally + authorize load",
+            PathBuf::from(env!("CARGO_BIN_EXE_tally")),
+            1,
+            Load::Authorize(authorize_rps),
+        ));
+    }
+    if hold_rps > 0 {
+        runs.push((
+            "tally + holding authorize",
+            PathBuf::from(env!("CARGO_BIN_EXE_tally")),
+            1,
+            Load::Hold(hold_rps),
+        ));
     }
     let state_accounts = env_usize("BENCH_STATE_ACCOUNTS", if measuring { 1_000_000 } else { 1_000 });
     let mut one_instance = None;
-    for (i, (label, bin, n, with_authorize)) in runs.iter().enumerate() {
-        let r = target.run(bin, *n, i, *with_authorize).await;
+    for (i, (label, bin, n, load)) in runs.iter().enumerate() {
+        let r = target.run(bin, *n, i, *load).await;
         let name = format!("{label} run x{n}");
         println!(
             "  {name:<41} {:>10.0} msg/s  ({:.1} s; {:.2} CPU-s per 1,000 msg = {:.1} us/msg; peak RSS {} MB)",
@@ -130,9 +146,10 @@ async fn main() {
             r.rss_peak_kb / 1024
         );
         println!("    ratio to Postgres 1-conn upsert rate    {:>10.3}", r.rate / pg1);
-        if let Some(a) = &r.authorize {
+        if let (Some(a), Load::Authorize(rps) | Load::Hold(rps)) = (&r.authorize, load) {
+            let what = if matches!(load, Load::Hold(_)) { "holding authorize" } else { "authorize" };
             println!(
-                "    authorize while draining: {:.0} req/s (target {authorize_rps}), p50 {} us, p99 {} us, max {} us, statuses {:?}",
+                "    {what} while draining: {:.0} req/s (target {rps}), p50 {} us, p99 {} us, max {} us, statuses {:?}",
                 a.rps, a.p50_us, a.p99_us, a.max_us, a.statuses
             );
         }
@@ -185,6 +202,7 @@ async fn bare_consume(env: &TestEnv, messages: usize) -> f64 {
 fn priced_rows(all: &[tally::simulate::Message], n: usize) -> Vec<UsageRow> {
     let t = Transformer {
         catalog: Arc::new(Catalog::load(&repo().join(CATALOG)).expect("catalog")),
+        schemas: std::sync::Arc::new(tally::codec::Schemas::new(None)),
         future_skew: chrono::Duration::seconds(300),
         age_max: chrono::Duration::days(400),
         cost_units_max: tally::pipeline::reader::EVENT_COST_UNITS_MAX_DEFAULT,
@@ -295,8 +313,18 @@ struct Drain<'a> {
     messages: i64,
     distinct: i64,
     malformed: i64,
-    /// Fixed authorize rate during the 1-instance drain of the current binary.
-    authorize_rps: u64,
+}
+
+/// Load on the API during a drain, at a fixed rate (requests per second).
+#[derive(Clone, Copy)]
+enum Load {
+    None,
+    /// `POST /v1/authorize` (answered from memory).
+    Authorize(u64),
+    /// `POST /v1/authorize` with `"hold": true`: one Postgres transaction each. Bring-your-own-
+    /// key calls without a feature, so every hold is allowed and inserted (a refused one
+    /// writes nothing and would flatter the figure); 30-second holds, so expiry runs too.
+    Hold(u64),
 }
 
 struct DrainResult {
@@ -321,6 +349,7 @@ async fn authorize_at_rate(
     base: String,
     token: String,
     rps: u64,
+    hold: bool,
     stop: tokio_util::sync::CancellationToken,
 ) -> Latency {
     const CONNECTIONS: u64 = 16;
@@ -339,8 +368,14 @@ async fn authorize_at_rate(
                         _ = stop.cancelled() => break,
                         t = tick.tick() => t,
                     };
-                    let body = serde_json::json!({"account_id": format!("acct-{:04}", (c * 131 + i) % 2000),
-                        "feature": "ad_generations", "estimated_cost_usd": "0.01"});
+                    let account = format!("acct-{:04}", (c * 131 + i) % 2000);
+                    let body = if hold {
+                        serde_json::json!({"account_id": account, "hold": true, "billing_mode": "byok",
+                            "estimated_cost_usd": "0.01", "hold_ttl_secs": 30})
+                    } else {
+                        serde_json::json!({"account_id": account, "feature": "ad_generations",
+                            "estimated_cost_usd": "0.01"})
+                    };
                     let Ok(r) = http
                         .post(format!("{base}/v1/authorize"))
                         .bearer_auth(&token)
@@ -381,7 +416,7 @@ async fn authorize_at_rate(
 }
 
 impl Drain<'_> {
-    async fn run(&self, bin: &Path, instances: usize, n: usize, with_authorize: bool) -> DrainResult {
+    async fn run(&self, bin: &Path, instances: usize, n: usize, load: Load) -> DrainResult {
         let (db, url) = fresh_database(&format!("{}_d{n}", self.env.ch_database)).await;
         let group = format!("{}-d{n}", self.env.group);
         let ports: Vec<u16> = (0..instances).map(|_| free_port()).collect();
@@ -407,13 +442,17 @@ impl Drain<'_> {
         };
         // Authorize at a fixed rate while one instance of the current binary drains.
         let load_stop = tokio_util::sync::CancellationToken::new();
-        let load = with_authorize.then(|| {
+        let rate = match load {
+            Load::None => None,
+            Load::Authorize(rps) => Some((rps, false)),
+            Load::Hold(rps) => Some((rps, true)),
+        };
+        let load = rate.map(|(rps, hold)| {
             let (pool, stop, base) =
                 (pool.clone(), load_stop.clone(), format!("http://127.0.0.1:{}", ports[0]));
-            let rps = self.authorize_rps;
             tokio::spawn(async move {
                 let token = platform_token(&pool, tally::api::auth::Role::Service).await;
-                authorize_at_rate(base, token, rps, stop).await
+                authorize_at_rate(base, token, rps, hold, stop).await
             })
         });
         let mut rss_peak_kb = 0;

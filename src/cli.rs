@@ -24,6 +24,10 @@ pub enum Command {
     /// Catalog tools.
     #[command(subcommand)]
     Catalog(CatalogCommand),
+    /// Writer schemas of the usage topic: list the known ids, check a schema before a
+    /// producer ships it.
+    #[command(subcommand)]
+    Schema(SchemaCommand),
     /// Ledger tools.
     #[command(subcommand)]
     Ledger(LedgerCommand),
@@ -118,6 +122,25 @@ pub enum CatalogCommand {
     Check {
         #[arg(long = "config")]
         catalog_path: PathBuf,
+    },
+}
+
+#[derive(Debug, Subcommand)]
+pub enum SchemaCommand {
+    /// Every writer schema id Tally knows: compiled in, from the schema directory, and, with
+    /// a registry, the ids it lists (`GET /schemas/ids/{id}` for each id given by `--id`).
+    List {
+        #[command(flatten)]
+        sources: crate::config::SchemaSources,
+        /// Also ask the registry for these ids (repeatable).
+        #[arg(long = "id")]
+        ids: Vec<u32>,
+    },
+    /// Can Tally read events written with this schema (BACKWARD compatibility against its
+    /// reader schema)? Prints why not, naming the field; exit code 1 if not.
+    Check {
+        /// An Avro schema file (`.avsc`).
+        file: PathBuf,
     },
 }
 

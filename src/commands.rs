@@ -1,6 +1,8 @@
 //! What each CLI verb does.
 
-use crate::cli::{CatalogCommand, Command, LedgerCommand, MigrateArgs, ReportArgs, SimulateArgs};
+use crate::cli::{
+    CatalogCommand, Command, LedgerCommand, MigrateArgs, ReportArgs, SchemaCommand, SimulateArgs,
+};
 use crate::pricing::Catalog;
 use crate::simulate::{Generator, Kind, SimulateOptions};
 use crate::{analytics, kafka, ledger, money, pipeline};
@@ -41,6 +43,39 @@ pub async fn dispatch(command: Command) -> anyhow::Result<ExitCode> {
             ledger::config::LedgerConfig::load(&catalog_path).map_err(|e| anyhow::anyhow!(e))?;
             crate::quota::config::QuotaConfig::load(&catalog_path).map_err(|e| anyhow::anyhow!(e))?;
             println!("{}: ok", catalog_path.display());
+        }
+        Command::Schema(SchemaCommand::List { sources, ids }) => {
+            let schemas = sources.load()?;
+            let stop = tokio_util::sync::CancellationToken::new();
+            for id in ids {
+                // A 5-byte header is all `prepare` reads: the id.
+                let mut frame = vec![0u8];
+                frame.extend_from_slice(&id.to_be_bytes());
+                let asked = schemas.prepare(&frame, &stop);
+                tokio::time::timeout(std::time::Duration::from_secs(30), asked)
+                    .await
+                    .with_context(|| format!("the schema registry did not answer for id {id}"))?;
+            }
+            for (id, source, summary, incompatible) in schemas.list() {
+                let line = serde_json::json!({
+                    "id": id, "source": source, "schema": summary,
+                    "readable": incompatible.is_none(), "reason": incompatible,
+                });
+                println!("{line}");
+            }
+        }
+        Command::Schema(SchemaCommand::Check { file }) => {
+            let text =
+                std::fs::read_to_string(&file).with_context(|| format!("reading {}", file.display()))?;
+            let schema = apache_avro::Schema::parse_str(&text)
+                .map_err(|e| anyhow::anyhow!("{}: not an Avro schema: {e}", file.display()))?;
+            match crate::codec::schemas::check(&schema) {
+                Ok(()) => println!("{}: ok, Tally can read events written with this schema", file.display()),
+                Err(why) => {
+                    println!("{}: INCOMPATIBLE: {why}", file.display());
+                    return Ok(ExitCode::from(1));
+                }
+            }
         }
         Command::Ledger(LedgerCommand::Verify { database_url }) => {
             let pool = ledger::connect(&database_url, 2).await?;

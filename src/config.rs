@@ -34,6 +34,29 @@ pub struct Topics {
     pub dlq_topic: String,
 }
 
+/// Where writer schemas other than the compiled-in one come from (see `codec::schemas`).
+#[derive(Debug, Clone, Default, Args)]
+pub struct SchemaSources {
+    /// Directory of `*.avsc` writer schemas, each carrying its id as `"tally.schema_id": N`.
+    #[arg(long, env = "TALLY_SCHEMA_DIR")]
+    pub schema_dir: Option<std::path::PathBuf>,
+    /// Confluent-compatible schema registry (`GET /schemas/ids/{id}`), asked for ids not
+    /// compiled in or in the directory.
+    #[arg(long, env = "TALLY_SCHEMA_REGISTRY_URL")]
+    pub schema_registry_url: Option<String>,
+}
+
+impl SchemaSources {
+    /// The compiled-in schema, the directory's files, and the registry to ask.
+    pub fn load(&self) -> anyhow::Result<crate::codec::Schemas> {
+        let schemas = crate::codec::Schemas::new(self.schema_registry_url.as_deref());
+        if let Some(dir) = &self.schema_dir {
+            schemas.load_dir(dir).map_err(|e| anyhow::anyhow!("schema directory: {e}"))?;
+        }
+        Ok(schemas)
+    }
+}
+
 /// Settings of `tally run`.
 #[derive(Debug, Clone, Args)]
 pub struct RunSettings {
@@ -41,6 +64,8 @@ pub struct RunSettings {
     pub connections: Connections,
     #[command(flatten)]
     pub topics: Topics,
+    #[command(flatten)]
+    pub schemas: SchemaSources,
     /// Consumer group. Progress is stored per group in Postgres.
     #[arg(long, env = "TALLY_GROUP", default_value = "tally")]
     pub group: String,

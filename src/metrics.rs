@@ -29,6 +29,8 @@ pub const CLICKHOUSE_REPLAYED_ROWS_SKIPPED: &str = "tally_clickhouse_replayed_ro
 pub const KAFKA_ERRORS: &str = "tally_kafka_errors_total";
 pub const HTTP_REQUESTS: &str = "tally_http_requests_total";
 pub const HTTP_REQUEST_SECONDS: &str = "tally_http_request_duration_seconds";
+/// Failed requests to the schema registry (each retried: the batch waits).
+pub const SCHEMA_REGISTRY_ERRORS: &str = "tally_schema_registry_errors_total";
 /// Holds (reservations, holding authorizations) that expired with nothing reported: a
 /// gateway that holds and never settles or releases (leak detection), by `kind`.
 pub const HOLDS_EXPIRED: &str = "tally_holds_expired_total";
@@ -61,6 +63,7 @@ pub fn install() -> anyhow::Result<PrometheusHandle> {
 fn describe() {
     use metrics::{describe_counter, describe_histogram};
     describe_counter!(EVENTS_CONSUMED, "Messages read from the usage topic");
+    describe_counter!(SCHEMA_REGISTRY_ERRORS, "Failed schema registry requests (retried; the batch waits)");
     describe_counter!(HOLDS_EXPIRED, "Holds that expired with nothing reported (leak detection), by kind");
     describe_counter!(EVENTS_PRICED, "Valid events priced");
     describe_counter!(EVENTS_APPLIED, "Events committed for the first time (ledger + usage log)");

@@ -641,6 +641,7 @@ fn chat(
 async fn apply_and_log(env: &TestEnv, events: &[UsageEvent]) -> HashMap<String, i64> {
     let t = Transformer {
         catalog: Arc::new(Catalog::load(&repo().join("examples/demo.toml")).unwrap()),
+        schemas: std::sync::Arc::new(tally::codec::Schemas::new(None)),
         future_skew: chrono::Duration::seconds(300),
         age_max: chrono::Duration::days(400),
         cost_units_max: tally::pipeline::reader::EVENT_COST_UNITS_MAX_DEFAULT,

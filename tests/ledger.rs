@@ -360,6 +360,7 @@ fn batch_at(messages: &[(&UsageEvent, i32, i64)]) -> tally::batch::Batch {
         catalog: std::sync::Arc::new(
             tally::pricing::Catalog::load(&repo().join("examples/demo.toml")).unwrap(),
         ),
+        schemas: std::sync::Arc::new(tally::codec::Schemas::new(None)),
         future_skew: chrono::Duration::seconds(300),
         age_max: chrono::Duration::days(400),
         cost_units_max: tally::pipeline::reader::EVENT_COST_UNITS_MAX_DEFAULT,

@@ -19,6 +19,8 @@ use tokio_util::sync::CancellationToken;
 /// Turns one message's bytes into an item. Pure apart from the clock value passed in.
 pub struct Transformer {
     pub catalog: Arc<Catalog>,
+    /// Writer schemas by id (compiled in, directory, registry).
+    pub schemas: Arc<codec::Schemas>,
     pub future_skew: ChronoDuration,
     pub age_max: ChronoDuration,
     /// Largest cost one event may bill, internal units. Beyond it (or when the price does
@@ -44,7 +46,7 @@ impl Transformer {
                 payload: payload.to_vec(),
             })
         };
-        let raw = match codec::decode(payload) {
+        let raw = match self.schemas.decode(payload) {
             Ok(raw) => raw,
             Err(e) => return dead(e.code, e.reason, None),
         };
@@ -133,7 +135,14 @@ impl Reader {
                 }
             };
             let pos = SourcePos { partition: msg.partition(), offset: msg.offset() };
-            let item = self.transformer.transform(pos, msg.key(), msg.payload().unwrap_or(&[]), Utc::now());
+            let payload = msg.payload().unwrap_or(&[]);
+            // A schema id seen for the first time is fetched from the registry here; during
+            // a registry outage this waits (the batch with it), so nothing is dead-lettered
+            // for an outage.
+            if !self.transformer.schemas.prepare(payload, &self.shutdown).await {
+                return Ok((batch, true));
+            }
+            let item = self.transformer.transform(pos, msg.key(), payload, Utc::now());
             m::record_item(&item);
             batch.items.push(item);
             *handled += 1;
@@ -157,6 +166,7 @@ mod tests {
         let path = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("examples/demo.toml");
         Transformer {
             catalog: Arc::new(Catalog::load(&path).unwrap()),
+            schemas: Arc::new(codec::Schemas::new(None)),
             future_skew: ChronoDuration::seconds(300),
             age_max: ChronoDuration::days(400),
             cost_units_max: EVENT_COST_UNITS_MAX_DEFAULT,

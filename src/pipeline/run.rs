@@ -91,6 +91,7 @@ pub async fn run(
         consumer: consumer.clone(),
         transformer: Transformer {
             catalog: Arc::new(catalog),
+            schemas: Arc::new(settings.schemas.load()?),
             future_skew: chrono::Duration::seconds(i64::from(settings.future_skew_secs_max)),
             age_max: chrono::Duration::days(i64::from(settings.event_age_days_max)),
             cost_units_max: settings.event_cost_units_max()?,

@@ -238,6 +238,7 @@ pub async fn apply_usage(
     let catalog = tally::pricing::Catalog::load(&repo().join("examples/demo.toml")).expect("catalog");
     let t = Transformer {
         catalog: std::sync::Arc::new(catalog),
+        schemas: std::sync::Arc::new(tally::codec::Schemas::new(None)),
         future_skew: chrono::Duration::seconds(300),
         age_max: chrono::Duration::days(400),
         cost_units_max: tally::pipeline::reader::EVENT_COST_UNITS_MAX_DEFAULT,

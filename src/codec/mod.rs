@@ -1,8 +1,12 @@
 //! Wire codec: Confluent-framed Avro <-> [`RawUsageEvent`].
 //!
-//! Frame: magic byte `0`, 4-byte big-endian schema id, Avro binary body. No schema registry
-//! runs here: known schemas are compiled in from `schemas/avro/` with fixed ids, which keeps
-//! the frames registry-compatible (register the same schema under the same id in production).
+//! Frame: magic byte `0`, 4-byte big-endian schema id, Avro binary body. The id names the
+//! *writer* schema: schema 1 (`schemas/avro/usage_event.v1.avsc`, compiled in, which is also
+//! Tally's reader schema), a file of a schema directory, or a Confluent-compatible schema
+//! registry ([`schemas`]). Each writer schema is checked against the reader once, when it is
+//! first known; its events then decode by field name: fields the writer added are skipped,
+//! fields it lacks take the reader's default, `int` promotes to `long` and `bytes` to
+//! `string` (the Avro specification's resolution rules for this record).
 //!
 //! Decoding is strict because a billing pipeline must not guess: the body must be consumed
 //! exactly (apache-avro decodes some truncated strings as `Null` instead of failing, so
@@ -18,26 +22,26 @@ use apache_avro::writer::datum::GenericDatumWriter;
 use chrono::{DateTime, SecondsFormat, Utc};
 use std::sync::LazyLock;
 
+pub mod schemas;
+pub use schemas::Schemas;
+
 /// Schema id of `schemas/avro/usage_event.v1.avsc`.
 pub const USAGE_EVENT_V1_ID: u32 = 1;
-const USAGE_EVENT_V1: &str = include_str!("../schemas/avro/usage_event.v1.avsc");
+const USAGE_EVENT_V1: &str = include_str!("../../schemas/avro/usage_event.v1.avsc");
 /// Largest frame accepted. A usage event is ~200-600 bytes; 64 KiB bounds the work a
 /// single hostile message can cause.
 pub const FRAME_BYTES_MAX: usize = 64 * 1024;
 
+/// Tally's reader schema (and writer schema 1).
 static SCHEMA_V1: LazyLock<Schema> =
     LazyLock::new(|| Schema::parse_str(USAGE_EVENT_V1).expect("compiled-in schema is valid"));
-/// Built once: building resolves the schema's names, which per message cost as much as
-/// decoding a small record.
-static READER_V1: LazyLock<GenericDatumReader<'static>> =
-    LazyLock::new(|| GenericDatumReader::builder(&SCHEMA_V1).build().expect("compiled-in schema resolves"));
 
 /// Why a frame could not be decoded.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 #[error("{code}: {reason}")]
 pub struct DecodeError {
     /// Stable, low-cardinality code: `empty`, `too_large`, `bad_magic`, `unknown_schema`,
-    /// `bad_avro`, `truncated`, `trailing_bytes`, `bad_shape`.
+    /// `incompatible_schema`, `bad_avro`, `truncated`, `trailing_bytes`, `bad_shape`.
     pub code: &'static str,
     pub reason: String,
 }
@@ -46,8 +50,14 @@ fn err(code: &'static str, reason: impl Into<String>) -> DecodeError {
     DecodeError { code, reason: reason.into() }
 }
 
-/// Decode one Confluent-framed Avro message.
+/// Decode one Confluent-framed Avro message written with the compiled-in schema (tools and
+/// tests; the pipeline decodes with its [`Schemas`]).
 pub fn decode(frame: &[u8]) -> Result<RawUsageEvent, DecodeError> {
+    Schemas::builtin().decode(frame)
+}
+
+/// The schema id of a frame, after the header checks.
+pub fn frame_schema_id(frame: &[u8]) -> Result<u32, DecodeError> {
     if frame.is_empty() {
         return Err(err("empty", "empty message"));
     }
@@ -60,19 +70,24 @@ pub fn decode(frame: &[u8]) -> Result<RawUsageEvent, DecodeError> {
     if frame.len() < 5 {
         return Err(err("bad_magic", "frame shorter than its 5-byte header"));
     }
-    let id = u32::from_be_bytes([frame[1], frame[2], frame[3], frame[4]]);
-    if id != USAGE_EVENT_V1_ID {
-        return Err(err("unknown_schema", format!("schema id {id} is not known")));
-    }
-    let mut body = StrictReader { rest: &frame[5..], read_past_end: false };
-    let value = READER_V1.read_value(&mut body).map_err(|e| err("bad_avro", e.to_string()))?;
+    Ok(u32::from_be_bytes([frame[1], frame[2], frame[3], frame[4]]))
+}
+
+/// Decode a frame's body with its writer schema's reader (see [`schemas::Writer`]).
+fn decode_body(
+    reader: &GenericDatumReader<'static>,
+    body: &[u8],
+    exact: bool,
+) -> Result<RawUsageEvent, DecodeError> {
+    let mut body = StrictReader { rest: body, read_past_end: false };
+    let value = reader.read_value(&mut body).map_err(|e| err("bad_avro", e.to_string()))?;
     if body.read_past_end {
         return Err(err("truncated", "the record ends before its last field"));
     }
     if !body.rest.is_empty() {
         return Err(err("trailing_bytes", format!("{} bytes left after the record", body.rest.len())));
     }
-    from_value(value)
+    from_value(value, exact)
 }
 
 /// A slice reader that remembers whether the decoder asked for bytes past the end.
@@ -108,7 +123,9 @@ pub fn encode(raw: &RawUsageEvent) -> Vec<u8> {
     frame
 }
 
-fn to_value(r: &RawUsageEvent) -> Value {
+/// The raw event as a record of the compiled-in schema (the simulator's writer; tests build
+/// other writers' records from it).
+pub fn to_value(r: &RawUsageEvent) -> Value {
     let s = |v: &Option<String>| Value::String(v.clone().unwrap_or_default());
     let opt = |v: &Option<String>| match v {
         None => Value::Union(0, Box::new(Value::Null)),
@@ -165,9 +182,11 @@ fn to_value(r: &RawUsageEvent) -> Value {
     Value::Record(fields.into_iter().map(|(k, v)| (k.to_string(), v)).collect())
 }
 
-/// Map a decoded record onto the raw event. Required strings that came back as anything
-/// but a string (the truncation quirk) are shape errors, not empty values.
-fn from_value(value: Value) -> Result<RawUsageEvent, DecodeError> {
+/// Map a decoded record onto the raw event, by field name. Required strings that came back
+/// as anything but a string (the truncation quirk) are shape errors, not empty values.
+/// `exact`: the writer schema is the reader schema, so an unknown field is a shape error;
+/// otherwise fields the writer added are skipped (its schema was checked compatible).
+fn from_value(value: Value, exact: bool) -> Result<RawUsageEvent, DecodeError> {
     let Value::Record(fields) = value else {
         return Err(err("bad_shape", "top-level value is not a record"));
     };
@@ -208,7 +227,8 @@ fn from_value(value: Value) -> Result<RawUsageEvent, DecodeError> {
             "latency_ms" => r.latency_ms = opt_long(&name, v)?,
             "request_ip" => r.request_ip = opt_string(&name, v)?,
             "user_agent" => r.user_agent = opt_string(&name, v)?,
-            other => return Err(err("bad_shape", format!("unexpected field {other}"))),
+            other if exact => return Err(err("bad_shape", format!("unexpected field {other}"))),
+            _ => {}
         }
     }
     Ok(r)
@@ -217,6 +237,10 @@ fn from_value(value: Value) -> Result<RawUsageEvent, DecodeError> {
 fn string(name: &str, v: Value) -> Result<String, DecodeError> {
     match v {
         Value::String(s) => Ok(s),
+        // Avro promotes bytes to string.
+        Value::Bytes(b) => {
+            String::from_utf8(b).map_err(|_| err("bad_shape", format!("{name}: bytes that are not UTF-8")))
+        }
         other => Err(err("bad_shape", format!("{name}: expected a string, got {other:?}"))),
     }
 }

@@ -78,9 +78,12 @@ pub async fn reserve(pool: &PgPool, req: &ReserveRequest) -> Result<Reservation,
     if let Some(saved) = claim::<Reservation>(&mut tx, &key, "reserve", &hash).await? {
         return Ok(saved);
     }
+    // Holds are added under the account's holds lock (shared with holding authorize), then
+    // the balance lock (expiry may bill a settled hold).
+    lock_holds(&mut tx, &req.account_id).await?;
     let (balance, reserved, pending) = lock_projection(&mut tx, &req.account_id).await?;
-    let (reserved, pending, expired) =
-        expire_for_account(&mut tx, &req.account_id, reserved, pending).await?;
+    let (_, _, expired) = expire_for_account(&mut tx, &req.account_id, reserved, pending).await?;
+    let (reserved, pending) = open_sums(&mut tx, &req.account_id).await?;
     let effective = crate::money::effective_units(balance, reserved, pending);
     if i128::from(effective) + i128::from(req.overdraft_units.max(0)) < i128::from(req.amount_units) {
         // Not stored under the key: after a top-up the same request may succeed.
@@ -107,6 +110,100 @@ pub async fn reserve(pool: &PgPool, req: &ReserveRequest) -> Result<Reservation,
     tx.commit().await?;
     expired.record();
     Ok(r)
+}
+
+/// Take the account's *holds lock*: its `accounts` row `FOR NO KEY UPDATE`. Every
+/// operation that adds a hold (reserve, holding authorize) takes it first, so two of them
+/// never both see the same free room. Ingest never takes it (it locks balance rows), so a
+/// holding authorize does not wait behind a batch (see ARCHITECTURE.md).
+async fn lock_holds(tx: &mut Transaction<'_, Postgres>, account: &str) -> Result<(), LedgerError> {
+    sqlx::query("INSERT INTO accounts (account_id) VALUES ($1) ON CONFLICT DO NOTHING")
+        .bind(account)
+        .execute(&mut **tx)
+        .await?;
+    sqlx::query("SELECT 1 FROM accounts WHERE account_id = $1 FOR NO KEY UPDATE")
+        .bind(account)
+        .execute(&mut **tx)
+        .await?;
+    Ok(())
+}
+
+/// (reserved, pending) of the account's open holds, from the rows themselves (the
+/// projection in `account_balances` may lag a holding authorize by a moment).
+async fn open_sums(tx: &mut Transaction<'_, Postgres>, account: &str) -> Result<(i64, i64), LedgerError> {
+    let (r, p): (i64, i64) = sqlx::query_as(
+        "SELECT LEAST(COALESCE(sum(amount_units) FILTER (WHERE status = 'active'), 0),
+                      9223372036854775807)::bigint,
+                LEAST(COALESCE(sum(pending_units) FILTER (WHERE status = 'settling'), 0),
+                      9223372036854775807)::bigint
+         FROM reservations WHERE account_id = $1 AND status IN ('active', 'settling')",
+    )
+    .bind(account)
+    .fetch_one(&mut **tx)
+    .await?;
+    Ok((r, p))
+}
+
+/// Bring `reserved_units` / `pending_units` on the balance rows up to date with the open
+/// holds (a holding authorize adds holds without the balance lock, see [`hold`]). With
+/// `account`: that account only; without: every account whose projection differs
+/// (`tally run`'s housekeeping, every second). Never waits: a row a batch holds is left to
+/// the next reconcile (a batch that settles an account's holds recomputes its row itself).
+/// The sums are taken after the locks, so a row recomputed meanwhile is not overwritten
+/// with older sums. Returns how many rows it updated.
+pub async fn reconcile_projection(pool: &PgPool, account: Option<&str>) -> Result<u64, LedgerError> {
+    const SUMS: &str = "SELECT account_id,
+               LEAST(COALESCE(sum(amount_units) FILTER (WHERE status = 'active'), 0),
+                     9223372036854775807)::bigint AS r,
+               LEAST(COALESCE(sum(pending_units) FILTER (WHERE status = 'settling'), 0),
+                     9223372036854775807)::bigint AS p
+        FROM reservations WHERE status IN ('active', 'settling') AND account_id = ANY($1) GROUP BY account_id";
+    let candidates: Vec<String> = match account {
+        Some(a) => vec![a.to_string()],
+        None => {
+            sqlx::query_scalar(
+                "WITH s AS (SELECT account_id,
+                           COALESCE(sum(amount_units) FILTER (WHERE status = 'active'), 0) AS r,
+                           COALESCE(sum(pending_units) FILTER (WHERE status = 'settling'), 0) AS p
+                        FROM reservations WHERE status IN ('active', 'settling') GROUP BY account_id)
+             SELECT b.account_id FROM account_balances b LEFT JOIN s USING (account_id)
+             WHERE (b.reserved_units, b.pending_units) IS DISTINCT FROM (COALESCE(s.r, 0), COALESCE(s.p, 0))
+             ORDER BY b.account_id LIMIT 10000",
+            )
+            .fetch_all(pool)
+            .await?
+        }
+    };
+    if candidates.is_empty() {
+        return Ok(0);
+    }
+    let mut tx = pool.begin().await?;
+    // Never waits for a row: a batch holds every account it touches for its whole
+    // transaction, and waiting here would in turn hold up the next batch.
+    let locked: Vec<String> = sqlx::query_scalar(
+        "SELECT account_id FROM account_balances WHERE account_id = ANY($1)
+         ORDER BY account_id FOR UPDATE SKIP LOCKED",
+    )
+    .bind(&candidates)
+    .fetch_all(&mut *tx)
+    .await?;
+    if locked.is_empty() {
+        return Ok(0);
+    }
+    let updated = sqlx::query(&format!(
+        "UPDATE account_balances b
+         SET reserved_units = COALESCE(s.r, 0), pending_units = COALESCE(s.p, 0),
+             updated_at = clock_timestamp(), changed_xid = pg_current_xact_id()
+         FROM UNNEST($1::text[]) AS l(account_id) LEFT JOIN ({SUMS}) s USING (account_id)
+         WHERE b.account_id = l.account_id
+           AND (b.reserved_units, b.pending_units) IS DISTINCT FROM (COALESCE(s.r, 0), COALESCE(s.p, 0))"
+    ))
+    .bind(&locked)
+    .execute(&mut *tx)
+    .await?
+    .rows_affected();
+    tx.commit().await?;
+    Ok(updated)
 }
 
 /// A holding authorize (`POST /v1/authorize` with `"hold": true`): what to hold if the
@@ -191,14 +288,30 @@ pub async fn hold<T: Serialize + serde::de::DeserializeOwned>(
     {
         return Ok(HoldOutcome::Held { reservation, decision });
     }
-    let (balance, reserved, pending) = lock_projection(&mut tx, &req.account_id).await?;
-    let (reserved, pending, expired) =
-        expire_for_account(&mut tx, &req.account_id, reserved, pending).await?;
+    lock_holds(&mut tx, &req.account_id).await?;
+    // No balance row lock: ingest holds those for a whole batch. The balance and the open
+    // holds are read in one statement (one snapshot), so they agree with each other; a
+    // batch still in flight is simply not visible yet, as if its events came a moment later
+    // (its debits are usage that already happened; it closes holds and counts their usage
+    // in one transaction, see `closed_xid`). Expired holds no longer count (the
+    // housekeeping marks them).
+    let (balance, reserved, pending): (i64, i64, i64) = sqlx::query_as(
+        "SELECT COALESCE((SELECT balance_units FROM account_balances WHERE account_id = $1), 0),
+                LEAST(COALESCE(sum(amount_units) FILTER (WHERE status = 'active' AND expires_at > now()), 0),
+                      9223372036854775807)::bigint,
+                LEAST(COALESCE(sum(pending_units) FILTER (WHERE status = 'settling'), 0),
+                      9223372036854775807)::bigint
+         FROM reservations WHERE account_id = $1 AND status IN ('active', 'settling')",
+    )
+    .bind(&req.account_id)
+    .fetch_one(&mut *tx)
+    .await?;
     let holds: Vec<HeldRow> = sqlx::query_as(
         "SELECT feature, quota_units, project_id, api_key_id,
                 CASE status WHEN 'active' THEN amount_units ELSE pending_units END AS money_units,
                 NULL::bigint AS closed_xid
-         FROM reservations WHERE account_id = $1 AND status IN ('active', 'settling')
+         FROM reservations
+         WHERE account_id = $1 AND (status = 'settling' OR (status = 'active' AND expires_at > now()))
          UNION ALL
          SELECT feature, quota_units, project_id, api_key_id, COALESCE(actual_units, 0),
                 closed_xid::text::bigint
@@ -212,7 +325,6 @@ pub async fn hold<T: Serialize + serde::de::DeserializeOwned>(
     let locked = Locked { balance_units: balance, reserved_units: reserved, pending_units: pending, holds };
     let (allowed, decision) = decide(&locked);
     if !allowed {
-        // Expired holds found on the way stay open until something commits their expiry.
         return Ok(HoldOutcome::Refused(decision));
     }
     let inserted: Option<Reservation> = sqlx::query_as(&format!(
@@ -234,11 +346,15 @@ pub async fn hold<T: Serialize + serde::de::DeserializeOwned>(
     .await?;
     // The id is already a reservation's (its own key space): the client reused an id.
     let reservation = inserted.ok_or_else(|| LedgerError::Conflict { key: req.authorization_id.clone() })?;
-    let reserved = reserved.checked_add(req.amount_units).ok_or_else(holds_out_of_range)?;
-    set_projection(&mut tx, &req.account_id, reserved, pending).await?;
+    reserved.checked_add(req.amount_units).ok_or_else(holds_out_of_range)?;
     finish(&mut tx, &key, &(&reservation, &decision)).await?;
     tx.commit().await?;
-    expired.record();
+    // The projection (balance endpoint, every instance's memory) follows: now if the balance
+    // row is free, else at the next housekeeping reconcile (within a second or a batch).
+    // Never waits: not on the caller's clock.
+    if let Err(e) = reconcile_projection(pool, Some(&req.account_id)).await {
+        tracing::warn!(account = %req.account_id, error = %e, "hold projection left to the housekeeping");
+    }
     Ok(HoldOutcome::Held { reservation, decision })
 }
 
@@ -279,15 +395,12 @@ async fn transition(pool: &PgPool, reservation_id: &str, t: Transition) -> Resul
     let (account,) = account.ok_or_else(|| LedgerError::NotFound(format!("reservation {reservation_id}")))?;
     let mut tx = pool.begin().await?;
     let (_, reserved, pending) = lock_projection(&mut tx, &account).await?;
-    let (reserved, pending, expired) = expire_for_account(&mut tx, &account, reserved, pending).await?;
+    let (_, _, expired) = expire_for_account(&mut tx, &account, reserved, pending).await?;
     let r = fetch_locked(&mut tx, reservation_id).await?;
-    let (status, new_pending, reserved, pending) = match (t, r.status.as_str()) {
-        (Transition::Release, "active") => ("released", 0, reserved - r.amount_units, pending),
-        (Transition::Release, "settling") => ("released", 0, reserved, pending - r.pending_units),
+    let (status, new_pending) = match (t, r.status.as_str()) {
+        (Transition::Release, "active" | "settling") => ("released", 0),
         (Transition::Release, "released") => return Ok(r),
-        (Transition::Settle(a), "active") => {
-            ("settling", a, reserved - r.amount_units, pending.checked_add(a).ok_or_else(holds_out_of_range)?)
-        }
+        (Transition::Settle(a), "active") => ("settling", a),
         (Transition::Settle(a), "settling") if a == r.pending_units => return Ok(r),
         // The usage event (or the deadline) already billed it: done, nothing more to debit.
         (Transition::Settle(_), "settled") => return Ok(r),
@@ -309,6 +422,7 @@ async fn transition(pool: &PgPool, reservation_id: &str, t: Transition) -> Resul
     .bind(closed)
     .fetch_one(&mut *tx)
     .await?;
+    let (reserved, pending) = open_sums(&mut tx, &account).await?;
     set_projection(&mut tx, &account, reserved, pending).await?;
     tx.commit().await?;
     expired.record();

@@ -199,6 +199,10 @@ async fn housekeeping(
         if let Err(e) = ledger::reservations::expire_due(&pool).await {
             tracing::warn!(error = %e, "expiring reservations");
         }
+        // Holding authorize adds holds without the balance lock: bring the projection along.
+        if let Err(e) = ledger::reservations::reconcile_projection(&pool, None).await {
+            tracing::warn!(error = %e, "reconciling hold projections");
+        }
         // Each plan account's allocation at its cycle start, exactly once (any instance).
         if let Err(e) = crate::quota::store::post_due_cycles(&pool, &quota_config, chrono::Utc::now()).await {
             tracing::warn!(error = %e, "posting plan cycle allocations");

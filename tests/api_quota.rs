@@ -319,17 +319,6 @@ fn feature_event(id: &str, account: &str, hold: &str, status: &str, at: chrono::
     .unwrap()
 }
 
-async fn credit(app: &App, account: &str, units: i64) {
-    let req = tally::ledger::ops::ManualRequest {
-        account_id: account.into(),
-        idempotency_key: format!("fund-{account}"),
-        kind: tally::ledger::ops::ManualKind::Addition(units),
-        created_by: "test".into(),
-        reason: "fund".into(),
-    };
-    tally::ledger::ops::manual(&app.env.pool, &req).await.unwrap();
-}
-
 async fn reservation_status(app: &App, id: &str) -> (String, Option<i64>) {
     sqlx::query_as("SELECT status, actual_units FROM reservations WHERE reservation_id = $1")
         .bind(id)
@@ -345,7 +334,7 @@ async fn reservation_status(app: &App, id: &str) -> (String, Option<i64>) {
 async fn holding_authorize_holds_settles_releases_and_expires() {
     let app = spawn_app().await;
     let gw = app.token(None, Role::Service).await;
-    credit(&app, "acct-h", 1_000_000_000).await; // $10
+    credit(&app.env, "acct-h", 1_000_000_000).await; // $10
     let hold = |id: &str| {
         serde_json::json!({"account_id": "acct-h", "feature": "ad_generations", "hold": true,
                            "estimated_cost_usd": "0.05", "authorization_id": id})
@@ -404,7 +393,7 @@ async fn holding_authorize_holds_settles_releases_and_expires() {
             .unwrap();
     assert_eq!(balance, 1_000_000_000 - 2 * 2_000_000, "the old call and A at $0.02; the failed call free");
     // Expiry: a 1-second hold frees its unit when it expires.
-    credit(&app, "acct-e", 100_000_000).await;
+    credit(&app.env, "acct-e", 100_000_000).await;
     let short = serde_json::json!({"account_id": "acct-e", "feature": "ad_generations", "hold": true,
                                    "hold_ttl_secs": 1, "authorization_id": "auth-e1"});
     assert_eq!(app.authorize(&gw, short).await.0, 200);

@@ -214,14 +214,7 @@ async fn holding_authorize_is_exact_across_two_instances() {
             .token;
     for (account, units) in [("acct-q", 10_000_000_000i64), ("acct-w", 100_000_000), ("acct-x", 100_000_000)]
     {
-        let req = tally::ledger::ops::ManualRequest {
-            account_id: account.into(),
-            idempotency_key: format!("fund-{account}"),
-            kind: tally::ledger::ops::ManualKind::Addition(units),
-            created_by: "test".into(),
-            reason: "fund".into(),
-        };
-        tally::ledger::ops::manual(&env.pool, &req).await.unwrap();
+        credit(&env, account, units).await;
     }
     let ports = [free_port(), free_port()];
     let mut runs: Vec<_> = ports.iter().map(|p| env.spawn_run("examples/demo.toml", *p, &[])).collect();

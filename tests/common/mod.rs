@@ -256,3 +256,15 @@ pub async fn apply_usage(
     tx.commit().await.expect("commit");
     applied
 }
+
+/// Credit `units` to `account` (an operator addition, keyed `fund-<account>`: once).
+pub async fn credit(env: &TestEnv, account: &str, units: i64) {
+    let req = tally::ledger::ops::ManualRequest {
+        account_id: account.into(),
+        idempotency_key: format!("fund-{account}"),
+        kind: tally::ledger::ops::ManualKind::Addition(units),
+        created_by: "test".into(),
+        reason: "fund".into(),
+    };
+    tally::ledger::ops::manual(&env.pool, &req).await.expect("credit");
+}

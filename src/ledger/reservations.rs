@@ -145,35 +145,30 @@ async fn open_sums(tx: &mut Transaction<'_, Postgres>, account: &str) -> Result<
 }
 
 /// Bring `reserved_units` / `pending_units` on the balance rows up to date with the open
-/// holds (a holding authorize adds holds without the balance lock, see [`hold`]). With
-/// `account`: that account only; without: every account whose projection differs
-/// (`tally run`'s housekeeping, every second). Never waits: a row a batch holds is left to
-/// the next reconcile (a batch that settles an account's holds recomputes its row itself).
-/// The sums are taken after the locks, so a row recomputed meanwhile is not overwritten
+/// holds, for every account whose projection differs (a holding authorize adds holds
+/// without waiting for the balance lock, see [`hold`]); `tally run`'s housekeeping calls it
+/// every second. Never waits: a row a batch holds is left to the next reconcile (a batch
+/// that settles an account's holds recomputes its row itself). The sums are taken after
+/// the locks, so a row recomputed meanwhile is not overwritten
 /// with older sums. Returns how many rows it updated.
-pub async fn reconcile_projection(pool: &PgPool, account: Option<&str>) -> Result<u64, LedgerError> {
+pub async fn reconcile_projections(pool: &PgPool) -> Result<u64, LedgerError> {
     const SUMS: &str = "SELECT account_id,
                LEAST(COALESCE(sum(amount_units) FILTER (WHERE status = 'active'), 0),
                      9223372036854775807)::bigint AS r,
                LEAST(COALESCE(sum(pending_units) FILTER (WHERE status = 'settling'), 0),
                      9223372036854775807)::bigint AS p
         FROM reservations WHERE status IN ('active', 'settling') AND account_id = ANY($1) GROUP BY account_id";
-    let candidates: Vec<String> = match account {
-        Some(a) => vec![a.to_string()],
-        None => {
-            sqlx::query_scalar(
-                "WITH s AS (SELECT account_id,
+    let candidates: Vec<String> = sqlx::query_scalar(
+        "WITH s AS (SELECT account_id,
                            COALESCE(sum(amount_units) FILTER (WHERE status = 'active'), 0) AS r,
                            COALESCE(sum(pending_units) FILTER (WHERE status = 'settling'), 0) AS p
-                        FROM reservations WHERE status IN ('active', 'settling') GROUP BY account_id)
-             SELECT b.account_id FROM account_balances b LEFT JOIN s USING (account_id)
-             WHERE (b.reserved_units, b.pending_units) IS DISTINCT FROM (COALESCE(s.r, 0), COALESCE(s.p, 0))
-             ORDER BY b.account_id LIMIT 10000",
-            )
-            .fetch_all(pool)
-            .await?
-        }
-    };
+                    FROM reservations WHERE status IN ('active', 'settling') GROUP BY account_id)
+         SELECT b.account_id FROM account_balances b LEFT JOIN s USING (account_id)
+         WHERE (b.reserved_units, b.pending_units) IS DISTINCT FROM (COALESCE(s.r, 0), COALESCE(s.p, 0))
+         ORDER BY b.account_id LIMIT 10000",
+    )
+    .fetch_all(pool)
+    .await?;
     if candidates.is_empty() {
         return Ok(0);
     }
@@ -347,14 +342,27 @@ pub async fn hold<T: Serialize + serde::de::DeserializeOwned>(
     // The id is already a reservation's (its own key space): the client reused an id.
     let reservation = inserted.ok_or_else(|| LedgerError::Conflict { key: req.authorization_id.clone() })?;
     reserved.checked_add(req.amount_units).ok_or_else(holds_out_of_range)?;
+    // The projection (balance endpoint, every instance's memory) follows in this
+    // transaction if no batch holds the balance row (never waiting), else at the next
+    // housekeeping reconcile or when a batch settles the account's holds.
+    sqlx::query(
+        "UPDATE account_balances b
+         SET reserved_units = s.r, pending_units = s.p, updated_at = clock_timestamp(),
+             changed_xid = pg_current_xact_id()
+         FROM (SELECT LEAST(COALESCE(sum(amount_units) FILTER (WHERE status = 'active'), 0),
+                            9223372036854775807)::bigint AS r,
+                      LEAST(COALESCE(sum(pending_units) FILTER (WHERE status = 'settling'), 0),
+                            9223372036854775807)::bigint AS p
+               FROM reservations WHERE account_id = $1 AND status IN ('active', 'settling')) s
+         WHERE b.account_id = $1
+           AND b.account_id IN (SELECT account_id FROM account_balances WHERE account_id = $1
+                                FOR UPDATE SKIP LOCKED)",
+    )
+    .bind(&req.account_id)
+    .execute(&mut *tx)
+    .await?;
     finish(&mut tx, &key, &(&reservation, &decision)).await?;
     tx.commit().await?;
-    // The projection (balance endpoint, every instance's memory) follows: now if the balance
-    // row is free, else at the next housekeeping reconcile (within a second or a batch).
-    // Never waits: not on the caller's clock.
-    if let Err(e) = reconcile_projection(pool, Some(&req.account_id)).await {
-        tracing::warn!(account = %req.account_id, error = %e, "hold projection left to the housekeeping");
-    }
     Ok(HoldOutcome::Held { reservation, decision })
 }
 

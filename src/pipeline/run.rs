@@ -200,7 +200,7 @@ async fn housekeeping(
             tracing::warn!(error = %e, "expiring reservations");
         }
         // Holding authorize adds holds without the balance lock: bring the projection along.
-        if let Err(e) = ledger::reservations::reconcile_projection(&pool, None).await {
+        if let Err(e) = ledger::reservations::reconcile_projections(&pool).await {
             tracing::warn!(error = %e, "reconciling hold projections");
         }
         // Each plan account's allocation at its cycle start, exactly once (any instance).

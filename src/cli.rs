@@ -128,7 +128,8 @@ pub enum CatalogCommand {
 #[derive(Debug, Subcommand)]
 pub enum SchemaCommand {
     /// Every writer schema id Tally knows: compiled in, from the schema directory, and, with
-    /// a registry, the ids it lists (`GET /schemas/ids/{id}` for each id given by `--id`).
+    /// a registry, every schema it lists (`GET /schemas`) and each id given by `--id`
+    /// (`GET /schemas/ids/{id}`). One JSON line per id, with whether Tally can read it.
     List {
         #[command(flatten)]
         sources: crate::config::SchemaSources,

@@ -46,6 +46,12 @@ pub async fn dispatch(command: Command) -> anyhow::Result<ExitCode> {
         }
         Command::Schema(SchemaCommand::List { sources, ids }) => {
             let schemas = sources.load()?;
+            if sources.schema_registry_url.is_some() {
+                // Every id the registry lists; one that cannot list still answers by id.
+                if let Err(e) = schemas.load_registry_listing().await {
+                    eprintln!("schema registry listing unavailable ({e}); listing the ids asked with --id");
+                }
+            }
             let stop = tokio_util::sync::CancellationToken::new();
             for id in ids {
                 // A 5-byte header is all `prepare` reads: the id.

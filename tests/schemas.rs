@@ -104,6 +104,17 @@ async fn serve_registry(listener: tokio::net::TcpListener, schemas: Arc<HashMap<
                 },
             ),
         )
+        .route(
+            "/schemas",
+            axum::routing::get(|State(s): State<Arc<HashMap<u32, String>>>| async move {
+                let mut listed: Vec<_> = s
+                    .iter()
+                    .map(|(id, text)| serde_json::json!({"subject": "usage-value", "version": id, "id": id, "schema": text}))
+                    .collect();
+                listed.sort_by_key(|l| l["id"].as_u64());
+                axum::Json(listed)
+            }),
+        )
         .with_state(schemas);
     axum::serve(listener, app).await.unwrap();
 }
@@ -317,4 +328,27 @@ fn schema_check_and_list_on_the_command_line() {
         .collect();
     assert_eq!(ids, [1, 3], "{text}");
     let _ = std::fs::remove_dir_all(&dir);
+}
+
+/// With a registry, `tally schema list` shows every schema it lists, readable or not.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn schema_list_shows_the_registry_ids() {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let url = format!("http://{}", listener.local_addr().unwrap());
+    tokio::spawn(serve_registry(
+        listener,
+        Arc::new([(2, v2().to_string()), (4, retyped().to_string())].into()),
+    ));
+    let out = tokio::process::Command::new(env!("CARGO_BIN_EXE_tally"))
+        .args(["schema", "list", "--schema-registry-url", &url])
+        .output()
+        .await
+        .unwrap();
+    assert!(out.status.success(), "{out:?}");
+    let lines: Vec<serde_json::Value> =
+        String::from_utf8_lossy(&out.stdout).lines().map(|l| serde_json::from_str(l).unwrap()).collect();
+    let seen: Vec<(u64, bool)> =
+        lines.iter().map(|l| (l["id"].as_u64().unwrap(), l["readable"].as_bool().unwrap())).collect();
+    assert_eq!(seen, [(1, true), (2, true), (4, false)], "{lines:?}");
+    assert!(lines[2]["reason"].as_str().unwrap().contains("input_tokens"));
 }

@@ -252,6 +252,24 @@ impl Schemas {
         }
     }
 
+    /// Load every schema the registry lists (`GET /schemas`, which Confluent's registry
+    /// serves since 7.x: `[{"id", "schema", ...}]`), for `tally schema list`. Returns how
+    /// many ids it added; `Err` if there is no registry or it does not answer.
+    pub async fn load_registry_listing(&self) -> Result<usize, String> {
+        let registry = self.registry.as_ref().ok_or("no schema registry configured")?;
+        let mut added = 0;
+        for (id, text) in registry.list().await? {
+            if self.get(id).is_some() {
+                continue;
+            }
+            let schema =
+                Schema::parse_str(&text).map_err(|e| format!("schema {id} from the registry: {e}"))?;
+            self.insert(Writer::new(id, "registry".into(), schema))?;
+            added += 1;
+        }
+        Ok(added)
+    }
+
     /// Decode a frame with its writer schema. Unknown ids (`unknown_schema`) and schemas
     /// Tally cannot read (`incompatible_schema`, with the field) are errors for the dead
     /// letter, never guesses.
@@ -282,6 +300,36 @@ impl Registry {
     fn new(url: &str) -> Registry {
         let http = reqwest::Client::builder().timeout(REGISTRY_TIMEOUT).build().expect("http client");
         Registry { base: url.trim_end_matches('/').to_string(), http }
+    }
+
+    /// Every (id, schema text) the registry lists (`GET /schemas`), Avro only.
+    async fn list(&self) -> Result<Vec<(u32, String)>, String> {
+        #[derive(serde::Deserialize)]
+        struct Listed {
+            id: u32,
+            schema: String,
+            #[serde(rename = "schemaType")]
+            schema_type: Option<String>,
+        }
+        let r = self
+            .http
+            .get(format!("{}/schemas", self.base))
+            .header("accept", "application/vnd.schemaregistry.v1+json, application/json")
+            .send()
+            .await
+            .map_err(|e| e.to_string())?;
+        if !r.status().is_success() {
+            return Err(format!("GET /schemas: HTTP {}", r.status().as_u16()));
+        }
+        let listed: Vec<Listed> = r.json().await.map_err(|e| format!("GET /schemas: {e}"))?;
+        let mut out: Vec<(u32, String)> = listed
+            .into_iter()
+            .filter(|l| l.schema_type.as_deref().is_none_or(|t| t == "AVRO"))
+            .map(|l| (l.id, l.schema))
+            .collect();
+        out.sort_by_key(|(id, _)| *id);
+        out.dedup_by_key(|(id, _)| *id);
+        Ok(out)
     }
 
     /// `Ok(Some(schema text))`, `Ok(None)` when the registry says the id does not exist,

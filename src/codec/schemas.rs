@@ -290,7 +290,17 @@ impl Schemas {
     }
 }
 
-/// A Confluent-compatible schema registry's `GET /schemas/ids/{id}`.
+/// A schema as the registry answers it (`GET /schemas/ids/{id}` has no id; `GET /schemas`
+/// items do).
+#[derive(serde::Deserialize)]
+struct RegistrySchema {
+    id: Option<u32>,
+    schema: String,
+    #[serde(rename = "schemaType")]
+    schema_type: Option<String>,
+}
+
+/// A Confluent-compatible schema registry's `GET /schemas/ids/{id}` and `GET /schemas`.
 struct Registry {
     base: String,
     http: reqwest::Client,
@@ -302,30 +312,28 @@ impl Registry {
         Registry { base: url.trim_end_matches('/').to_string(), http }
     }
 
-    /// Every (id, schema text) the registry lists (`GET /schemas`), Avro only.
-    async fn list(&self) -> Result<Vec<(u32, String)>, String> {
-        #[derive(serde::Deserialize)]
-        struct Listed {
-            id: u32,
-            schema: String,
-            #[serde(rename = "schemaType")]
-            schema_type: Option<String>,
-        }
-        let r = self
-            .http
-            .get(format!("{}/schemas", self.base))
+    /// `GET {base}{path}` as the registry's API documents it.
+    async fn get(&self, path: &str) -> Result<reqwest::Response, String> {
+        self.http
+            .get(format!("{}{path}", self.base))
             .header("accept", "application/vnd.schemaregistry.v1+json, application/json")
             .send()
             .await
-            .map_err(|e| e.to_string())?;
+            .map_err(|e| e.to_string())
+    }
+
+    /// Every (id, schema text) the registry lists (`GET /schemas`), Avro only.
+    async fn list(&self) -> Result<Vec<(u32, String)>, String> {
+        let r = self.get("/schemas").await?;
         if !r.status().is_success() {
             return Err(format!("GET /schemas: HTTP {}", r.status().as_u16()));
         }
-        let listed: Vec<Listed> = r.json().await.map_err(|e| format!("GET /schemas: {e}"))?;
+        let listed: Vec<RegistrySchema> = r.json().await.map_err(|e| format!("GET /schemas: {e}"))?;
         let mut out: Vec<(u32, String)> = listed
             .into_iter()
             .filter(|l| l.schema_type.as_deref().is_none_or(|t| t == "AVRO"))
-            .map(|l| (l.id, l.schema))
+            .map(|l| (l.id.unwrap_or(0), l.schema))
+            .filter(|(id, _)| *id > 0)
             .collect();
         out.sort_by_key(|(id, _)| *id);
         out.dedup_by_key(|(id, _)| *id);
@@ -335,22 +343,10 @@ impl Registry {
     /// `Ok(Some(schema text))`, `Ok(None)` when the registry says the id does not exist,
     /// `Err` for anything else (an outage: retried).
     async fn fetch(&self, id: u32) -> Result<Option<String>, String> {
-        #[derive(serde::Deserialize)]
-        struct Found {
-            schema: String,
-            #[serde(rename = "schemaType")]
-            schema_type: Option<String>,
-        }
-        let r = self
-            .http
-            .get(format!("{}/schemas/ids/{id}", self.base))
-            .header("accept", "application/vnd.schemaregistry.v1+json, application/json")
-            .send()
-            .await
-            .map_err(|e| e.to_string())?;
+        let r = self.get(&format!("/schemas/ids/{id}")).await?;
         match r.status().as_u16() {
             200 => {
-                let found: Found = r.json().await.map_err(|e| format!("unexpected answer: {e}"))?;
+                let found: RegistrySchema = r.json().await.map_err(|e| format!("unexpected answer: {e}"))?;
                 match found.schema_type.as_deref() {
                     None | Some("AVRO") => Ok(Some(found.schema)),
                     // Not an outage: a schema Tally cannot read. Parsing it fails below and

@@ -130,8 +130,8 @@ pub async fn authorize(
 }
 
 /// Holding authorize (issue 16): decide and hold in one Postgres transaction under the
-/// account's balance row lock, the one authority per account whichever instance answers.
-/// The balance, reserved and pending amounts come from that locked row (exact); the
+/// account's holds lock, the one authority per account whichever instance answers.
+/// The balance, reserved and pending amounts come from one snapshot of the rows; the
 /// feature's window usage and the period's spend come from this instance's counters, plus
 /// every open hold, plus every hold already closed into usage that those counters do not
 /// include yet (`QuotaState::counted`): a call is counted as a hold or as usage, never as

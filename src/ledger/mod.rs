@@ -237,22 +237,17 @@ pub struct BalanceView {
 pub async fn balance(pool: &PgPool, account_id: &str) -> Result<Option<BalanceView>, sqlx::Error> {
     type Row =
         (String, String, i64, String, i64, Option<DateTime<Utc>>, Option<DateTime<Utc>>, i64, i64, i64);
-    let row: Option<Row> = sqlx::query_as(
+    let row: Option<Row> = sqlx::query_as(&format!(
         "SELECT a.account_id, a.currency, COALESCE(b.balance_units, 0), a.display_unit,
                 a.display_units_per, b.last_purchase_at, b.last_deduction_at,
-                h.reserved, h.pending,
+                COALESCE(h.reserved, 0), COALESCE(h.pending, 0),
                 (SELECT count(*) FROM ledger_entries e WHERE e.account_id = a.account_id)
          FROM accounts a LEFT JOIN account_balances b USING (account_id)
          -- From the hold rows (the projection may lag a holding authorize by a moment).
-         CROSS JOIN LATERAL (
-             SELECT LEAST(COALESCE(sum(r.amount_units) FILTER (WHERE r.status = 'active'), 0),
-                          9223372036854775807)::bigint AS reserved,
-                    LEAST(COALESCE(sum(r.pending_units) FILTER (WHERE r.status = 'settling'), 0),
-                          9223372036854775807)::bigint AS pending
-             FROM reservations r WHERE r.account_id = a.account_id AND r.status IN ('active', 'settling')
-         ) h
+         LEFT JOIN ({}) h USING (account_id)
          WHERE a.account_id = $1",
-    )
+        reservations::open_holds_sql(Some("ARRAY[$1]"))
+    ))
     .bind(account_id)
     .fetch_optional(pool)
     .await?;

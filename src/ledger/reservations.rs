@@ -18,8 +18,11 @@
 //! balance row lock, so two instances (or the pipeline and the expiry task) cannot both
 //! debit. A hold that was never settled and never used expires with no debit (no usage
 //! was reported).
-//! All state changes lock the account's balance row first, then the reservation row, so
-//! concurrent reserves serialize on the account and can never overdraw it.
+//! Operations that add a hold (reserve, holding authorize) first take the account's holds
+//! lock (its `accounts` row), so concurrent ones serialize on the account and can never
+//! overdraw it; state changes that debit or close holds lock the balance row, then the
+//! reservation row. `reserved_units` / `pending_units` on the balance row are a projection
+//! of the open hold rows ([`open_holds_sql`], [`write_projections`]).
 
 use super::ops::{LedgerError, claim, finish, hash_payload};
 use chrono::{DateTime, Duration, Utc};
@@ -81,8 +84,8 @@ pub async fn reserve(pool: &PgPool, req: &ReserveRequest) -> Result<Reservation,
     // Holds are added under the account's holds lock (shared with holding authorize), then
     // the balance lock (expiry may bill a settled hold).
     lock_holds(&mut tx, &req.account_id).await?;
-    let (balance, reserved, pending) = lock_projection(&mut tx, &req.account_id).await?;
-    let (_, _, expired) = expire_for_account(&mut tx, &req.account_id, reserved, pending).await?;
+    let balance = lock_projection(&mut tx, &req.account_id).await?;
+    let expired = expire_for_account(&mut tx, &req.account_id).await?;
     let (reserved, pending) = open_sums(&mut tx, &req.account_id).await?;
     let effective = crate::money::effective_units(balance, reserved, pending);
     if i128::from(effective) + i128::from(req.overdraft_units.max(0)) < i128::from(req.amount_units) {
@@ -104,8 +107,8 @@ pub async fn reserve(pool: &PgPool, req: &ReserveRequest) -> Result<Reservation,
     .bind(expires_at)
     .fetch_one(&mut *tx)
     .await?;
-    let reserved = reserved.checked_add(req.amount_units).ok_or_else(holds_out_of_range)?;
-    set_projection(&mut tx, &req.account_id, reserved, pending).await?;
+    reserved.checked_add(req.amount_units).ok_or_else(holds_out_of_range)?;
+    write_projections(&mut tx, &[&req.account_id], false).await?;
     finish(&mut tx, &key, &r).await?;
     tx.commit().await?;
     expired.record();
@@ -128,75 +131,86 @@ async fn lock_holds(tx: &mut Transaction<'_, Postgres>, account: &str) -> Result
     Ok(())
 }
 
+/// Per account, (`reserved`, `pending`) of its open holds, summed from the hold rows: the
+/// one definition every reader and every projection write uses. `accounts`: an SQL
+/// expression of type `text[]` that limits it (inside the grouping, so only those accounts'
+/// rows are read), or `None` for every account.
+pub(crate) fn open_holds_sql(accounts: Option<&str>) -> String {
+    let only = accounts.map(|a| format!(" AND account_id = ANY({a})")).unwrap_or_default();
+    format!(
+        "SELECT account_id,
+                LEAST(COALESCE(sum(amount_units) FILTER (WHERE status = 'active'), 0),
+                      9223372036854775807)::bigint AS reserved,
+                LEAST(COALESCE(sum(pending_units) FILTER (WHERE status = 'settling'), 0),
+                      9223372036854775807)::bigint AS pending
+         FROM reservations WHERE status IN ('active', 'settling'){only} GROUP BY account_id"
+    )
+}
+
 /// (reserved, pending) of the account's open holds, from the rows themselves (the
 /// projection in `account_balances` may lag a holding authorize by a moment).
 async fn open_sums(tx: &mut Transaction<'_, Postgres>, account: &str) -> Result<(i64, i64), LedgerError> {
-    let (r, p): (i64, i64) = sqlx::query_as(
-        "SELECT LEAST(COALESCE(sum(amount_units) FILTER (WHERE status = 'active'), 0),
-                      9223372036854775807)::bigint,
-                LEAST(COALESCE(sum(pending_units) FILTER (WHERE status = 'settling'), 0),
-                      9223372036854775807)::bigint
-         FROM reservations WHERE account_id = $1 AND status IN ('active', 'settling')",
-    )
+    let (r, p): (i64, i64) = sqlx::query_as(&format!(
+        "SELECT COALESCE(max(h.reserved), 0)::bigint, COALESCE(max(h.pending), 0)::bigint
+         FROM ({}) h",
+        open_holds_sql(Some("ARRAY[$1]"))
+    ))
     .bind(account)
     .fetch_one(&mut **tx)
     .await?;
     Ok((r, p))
 }
 
-/// Bring `reserved_units` / `pending_units` on the balance rows up to date with the open
-/// holds, for every account whose projection differs (a holding authorize adds holds
-/// without waiting for the balance lock, see [`hold`]); `tally run`'s housekeeping calls it
-/// every second. Never waits: a row a batch holds is left to the next reconcile (a batch
-/// that settles an account's holds recomputes its row itself). The sums are taken after
-/// the locks, so a row recomputed meanwhile is not overwritten
-/// with older sums. Returns how many rows it updated.
+/// Set the `reserved_units` / `pending_units` projection of `accounts` from their hold rows
+/// (only rows that differ are written). The caller holds the balance rows' locks, or, with
+/// `skip_locked`, rows another transaction holds are left alone (never waiting). Returns
+/// how many rows it wrote.
+pub(crate) async fn write_projections(
+    tx: &mut Transaction<'_, Postgres>,
+    accounts: &[&str],
+    skip_locked: bool,
+) -> Result<u64, sqlx::Error> {
+    let free = if skip_locked {
+        " AND b.account_id IN (SELECT account_id FROM account_balances WHERE account_id = ANY($1)
+                               FOR UPDATE SKIP LOCKED)"
+    } else {
+        ""
+    };
+    Ok(sqlx::query(&format!(
+        "UPDATE account_balances b
+         SET reserved_units = COALESCE(h.reserved, 0), pending_units = COALESCE(h.pending, 0),
+             updated_at = clock_timestamp(), changed_xid = pg_current_xact_id()
+         FROM UNNEST($1::text[]) AS l(account_id) LEFT JOIN ({}) h USING (account_id)
+         WHERE b.account_id = l.account_id
+           AND (b.reserved_units, b.pending_units) IS DISTINCT FROM (COALESCE(h.reserved, 0), COALESCE(h.pending, 0)){free}",
+        open_holds_sql(Some("$1"))
+    ))
+    .bind(accounts)
+    .execute(&mut **tx)
+    .await?
+    .rows_affected())
+}
+
+/// Bring the projection up to date with the open holds for every account whose
+/// projection differs (a holding authorize adds holds without waiting for the balance
+/// lock, see [`hold`]); `tally run`'s housekeeping calls it every second. Never waits: a
+/// row a batch holds is left to the next reconcile (a batch that settles an account's holds
+/// rewrites its row itself). Returns how many rows it updated.
 pub async fn reconcile_projections(pool: &PgPool) -> Result<u64, LedgerError> {
-    const SUMS: &str = "SELECT account_id,
-               LEAST(COALESCE(sum(amount_units) FILTER (WHERE status = 'active'), 0),
-                     9223372036854775807)::bigint AS r,
-               LEAST(COALESCE(sum(pending_units) FILTER (WHERE status = 'settling'), 0),
-                     9223372036854775807)::bigint AS p
-        FROM reservations WHERE status IN ('active', 'settling') AND account_id = ANY($1) GROUP BY account_id";
-    let candidates: Vec<String> = sqlx::query_scalar(
-        "WITH s AS (SELECT account_id,
-                           COALESCE(sum(amount_units) FILTER (WHERE status = 'active'), 0) AS r,
-                           COALESCE(sum(pending_units) FILTER (WHERE status = 'settling'), 0) AS p
-                    FROM reservations WHERE status IN ('active', 'settling') GROUP BY account_id)
-         SELECT b.account_id FROM account_balances b LEFT JOIN s USING (account_id)
-         WHERE (b.reserved_units, b.pending_units) IS DISTINCT FROM (COALESCE(s.r, 0), COALESCE(s.p, 0))
+    let candidates: Vec<String> = sqlx::query_scalar(&format!(
+        "SELECT b.account_id FROM account_balances b LEFT JOIN ({}) h USING (account_id)
+         WHERE (b.reserved_units, b.pending_units) IS DISTINCT FROM (COALESCE(h.reserved, 0), COALESCE(h.pending, 0))
          ORDER BY b.account_id LIMIT 10000",
-    )
+        open_holds_sql(None)
+    ))
     .fetch_all(pool)
     .await?;
     if candidates.is_empty() {
         return Ok(0);
     }
+    let accounts: Vec<&str> = candidates.iter().map(String::as_str).collect();
     let mut tx = pool.begin().await?;
-    // Never waits for a row: a batch holds every account it touches for its whole
-    // transaction, and waiting here would in turn hold up the next batch.
-    let locked: Vec<String> = sqlx::query_scalar(
-        "SELECT account_id FROM account_balances WHERE account_id = ANY($1)
-         ORDER BY account_id FOR UPDATE SKIP LOCKED",
-    )
-    .bind(&candidates)
-    .fetch_all(&mut *tx)
-    .await?;
-    if locked.is_empty() {
-        return Ok(0);
-    }
-    let updated = sqlx::query(&format!(
-        "UPDATE account_balances b
-         SET reserved_units = COALESCE(s.r, 0), pending_units = COALESCE(s.p, 0),
-             updated_at = clock_timestamp(), changed_xid = pg_current_xact_id()
-         FROM UNNEST($1::text[]) AS l(account_id) LEFT JOIN ({SUMS}) s USING (account_id)
-         WHERE b.account_id = l.account_id
-           AND (b.reserved_units, b.pending_units) IS DISTINCT FROM (COALESCE(s.r, 0), COALESCE(s.p, 0))"
-    ))
-    .bind(&locked)
-    .execute(&mut *tx)
-    .await?
-    .rows_affected();
+    let updated = write_projections(&mut tx, &accounts, true).await?;
     tx.commit().await?;
     Ok(updated)
 }
@@ -218,7 +232,7 @@ pub struct HoldRequest {
     pub expires_at: DateTime<Utc>,
 }
 
-/// What a holding authorize decides on, read under the account's balance row lock.
+/// What a holding authorize decides on, read in one snapshot under the account's holds lock.
 #[derive(Debug, Clone)]
 pub struct Locked {
     pub balance_units: i64,
@@ -253,7 +267,7 @@ pub enum HoldOutcome<T> {
     Refused(T),
 }
 
-/// Check and hold atomically: under the account's balance row lock (the one authority per
+/// Check and hold atomically: under the account's holds lock (the one authority per
 /// account, whichever instance answers), read the balance and the holds, let `decide` judge
 /// them, and insert the hold if it allows. Idempotent by authorization id: a repeated
 /// request returns the first answer and holds nothing more.
@@ -345,22 +359,7 @@ pub async fn hold<T: Serialize + serde::de::DeserializeOwned>(
     // The projection (balance endpoint, every instance's memory) follows in this
     // transaction if no batch holds the balance row (never waiting), else at the next
     // housekeeping reconcile or when a batch settles the account's holds.
-    sqlx::query(
-        "UPDATE account_balances b
-         SET reserved_units = s.r, pending_units = s.p, updated_at = clock_timestamp(),
-             changed_xid = pg_current_xact_id()
-         FROM (SELECT LEAST(COALESCE(sum(amount_units) FILTER (WHERE status = 'active'), 0),
-                            9223372036854775807)::bigint AS r,
-                      LEAST(COALESCE(sum(pending_units) FILTER (WHERE status = 'settling'), 0),
-                            9223372036854775807)::bigint AS p
-               FROM reservations WHERE account_id = $1 AND status IN ('active', 'settling')) s
-         WHERE b.account_id = $1
-           AND b.account_id IN (SELECT account_id FROM account_balances WHERE account_id = $1
-                                FOR UPDATE SKIP LOCKED)",
-    )
-    .bind(&req.account_id)
-    .execute(&mut *tx)
-    .await?;
+    write_projections(&mut tx, &[&req.account_id], true).await?;
     finish(&mut tx, &key, &(&reservation, &decision)).await?;
     tx.commit().await?;
     Ok(HoldOutcome::Held { reservation, decision })
@@ -402,8 +401,8 @@ async fn transition(pool: &PgPool, reservation_id: &str, t: Transition) -> Resul
             .await?;
     let (account,) = account.ok_or_else(|| LedgerError::NotFound(format!("reservation {reservation_id}")))?;
     let mut tx = pool.begin().await?;
-    let (_, reserved, pending) = lock_projection(&mut tx, &account).await?;
-    let (_, _, expired) = expire_for_account(&mut tx, &account, reserved, pending).await?;
+    lock_projection(&mut tx, &account).await?;
+    let expired = expire_for_account(&mut tx, &account).await?;
     let r = fetch_locked(&mut tx, reservation_id).await?;
     let (status, new_pending) = match (t, r.status.as_str()) {
         (Transition::Release, "active" | "settling") => ("released", 0),
@@ -430,8 +429,7 @@ async fn transition(pool: &PgPool, reservation_id: &str, t: Transition) -> Resul
     .bind(closed)
     .fetch_one(&mut *tx)
     .await?;
-    let (reserved, pending) = open_sums(&mut tx, &account).await?;
-    set_projection(&mut tx, &account, reserved, pending).await?;
+    write_projections(&mut tx, &[&account], false).await?;
     tx.commit().await?;
     expired.record();
     Ok(r)
@@ -457,51 +455,19 @@ async fn fetch_locked(tx: &mut Transaction<'_, Postgres>, id: &str) -> Result<Re
         .ok_or_else(|| LedgerError::NotFound(format!("reservation {id}")))
 }
 
-/// Lock the account's balance row (creating the account if needed) and read
-/// (balance, reserved, pending).
-async fn lock_projection(
-    tx: &mut Transaction<'_, Postgres>,
-    account: &str,
-) -> Result<(i64, i64, i64), LedgerError> {
-    super::lock_balances(tx, &[account]).await?;
-    let row: (i64, i64, i64) = sqlx::query_as(
-        "SELECT balance_units, reserved_units, pending_units FROM account_balances WHERE account_id = $1",
-    )
-    .bind(account)
-    .fetch_one(&mut **tx)
-    .await?;
-    Ok(row)
+/// Lock the account's balance row (creating the account if needed) and read its balance.
+async fn lock_projection(tx: &mut Transaction<'_, Postgres>, account: &str) -> Result<i64, LedgerError> {
+    let locked = super::lock_balances(tx, &[account]).await?;
+    Ok(locked[account])
 }
 
-async fn set_projection(
-    tx: &mut Transaction<'_, Postgres>,
-    account: &str,
-    reserved: i64,
-    pending: i64,
-) -> Result<(), LedgerError> {
-    assert!(reserved >= 0 && pending >= 0, "holds never go negative ({reserved}, {pending})");
-    sqlx::query(
-        "UPDATE account_balances SET reserved_units = $2, pending_units = $3, updated_at = clock_timestamp(),
-             changed_xid = pg_current_xact_id()
-         WHERE account_id = $1",
-    )
-    .bind(account)
-    .bind(reserved)
-    .bind(pending)
-    .execute(&mut **tx)
-    .await?;
-    Ok(())
-}
-
-/// Close the account's overdue holds (caller holds the balance row lock); returns the new
-/// (reserved, pending). An active hold expires (no usage reported: nothing to bill); a
+/// Close the account's overdue holds (caller holds the balance row lock) and rewrite its
+/// hold projection; returns what expired. An active hold expires (no usage reported: nothing to bill); a
 /// settling one is billed its settled amount and becomes settled (see the module doc).
 async fn expire_for_account(
     tx: &mut Transaction<'_, Postgres>,
     account: &str,
-    reserved: i64,
-    pending: i64,
-) -> Result<(i64, i64, Expired), LedgerError> {
+) -> Result<Expired, LedgerError> {
     let expired: Vec<(String,)> = sqlx::query_as(
         "UPDATE reservations SET status = 'expired', closed_at = now()
          WHERE account_id = $1 AND status = 'active' AND expires_at <= now()
@@ -527,7 +493,7 @@ async fn expire_for_account(
         }
     }
     if expired.is_empty() && billed.is_empty() {
-        return Ok((reserved, pending, gone));
+        return Ok(gone);
     }
     let mut spend = Vec::new();
     for (id, units) in &billed {
@@ -538,17 +504,8 @@ async fn expire_for_account(
     }
     // Spend caps and plan consumption see the billed holds like API deductions.
     super::counting::count_deductions(tx, &spend, Utc::now()).await?;
-    // Recompute the holds from what is still open.
-    let (r, p): (i64, i64) = sqlx::query_as(
-        "SELECT COALESCE(sum(amount_units) FILTER (WHERE status = 'active'), 0)::bigint,
-                COALESCE(sum(pending_units) FILTER (WHERE status = 'settling'), 0)::bigint
-         FROM reservations WHERE account_id = $1 AND status IN ('active', 'settling')",
-    )
-    .bind(account)
-    .fetch_one(&mut **tx)
-    .await?;
-    set_projection(tx, account, r, p).await?;
-    Ok((r, p, gone))
+    write_projections(tx, &[account], false).await?;
+    Ok(gone)
 }
 
 /// Holds that expired with nothing reported (no usage event, no settle): leak detection.
@@ -634,8 +591,8 @@ pub async fn expire_due(pool: &PgPool) -> Result<usize, LedgerError> {
     .await?;
     for (account,) in &accounts {
         let mut tx = pool.begin().await?;
-        let (_, reserved, pending) = lock_projection(&mut tx, account).await?;
-        let (_, _, expired) = expire_for_account(&mut tx, account, reserved, pending).await?;
+        lock_projection(&mut tx, account).await?;
+        let expired = expire_for_account(&mut tx, account).await?;
         tx.commit().await?;
         expired.record();
     }
@@ -673,17 +630,6 @@ pub(crate) async fn settle_from_events(
     let mut touched: Vec<&str> = closed.iter().map(|(a,)| a.as_str()).collect();
     touched.sort_unstable();
     touched.dedup();
-    sqlx::query(
-        "UPDATE account_balances b SET
-             reserved_units = COALESCE((SELECT sum(amount_units) FROM reservations r
-                 WHERE r.account_id = b.account_id AND r.status = 'active'), 0),
-             pending_units = COALESCE((SELECT sum(pending_units) FROM reservations r
-                 WHERE r.account_id = b.account_id AND r.status = 'settling'), 0),
-             updated_at = clock_timestamp(), changed_xid = pg_current_xact_id()
-         WHERE b.account_id = ANY($1)",
-    )
-    .bind(&touched)
-    .execute(&mut **tx)
-    .await?;
+    write_projections(tx, &touched, false).await?;
     Ok(closed.len() as u64)
 }

@@ -13,12 +13,28 @@ use serde::Serialize;
 /// Order matters: a rollup's backfill runs before its view exists (see 0003).
 /// (0005-0007 made `usage_daily` a table fed by a second materialized view; 0008 makes it a
 /// view over `usage_hourly`, and [`migrate`] drops the old table first.)
-const MIGRATIONS: [(&str, &str); 5] = [
+const MIGRATIONS: [(&str, &str); 7] = [
     ("0001_usage_log", include_str!("../schemas/clickhouse/0001_usage_log.sql")),
     ("0002_usage_hourly", include_str!("../schemas/clickhouse/0002_usage_hourly.sql")),
     ("0003_usage_hourly_backfill", include_str!("../schemas/clickhouse/0003_usage_hourly_backfill.sql")),
     ("0004_usage_hourly_mv", include_str!("../schemas/clickhouse/0004_usage_hourly_mv.sql")),
     ("0008_usage_daily_view", include_str!("../schemas/clickhouse/0008_usage_daily_view.sql")),
+    ("0009_usage_corrections", include_str!("../schemas/clickhouse/0009_usage_corrections.sql")),
+    ("0010_usage_corrections_mv", include_str!("../schemas/clickhouse/0010_usage_corrections_mv.sql")),
+];
+
+/// Columns added to existing tables after they were created, in order (they are appended,
+/// so [`UsageRow`]'s field order stays the table's column order). ClickHouse 18.16 has no
+/// `ADD COLUMN IF NOT EXISTS`, so [`migrate`] adds each one that `system.columns` lacks.
+/// - `upstream_cost`: the event's upstream cost as its exact decimal (`upstream_cost_units`
+///   is rounded to 1e-8 USD); re-rating needs the exact value for the upstream floor.
+/// - `catalog_version`, `price_entry`: which catalog and which price version priced the
+///   event (`pricing::catalog_version`, `Charge::price_entry`), so "what would this have
+///   cost under catalog X" is answerable from the stored row alone.
+const ADDED_COLUMNS: [(&str, &str, &str); 3] = [
+    ("usage_log", "upstream_cost", "String DEFAULT ''"),
+    ("usage_log", "catalog_version", "String DEFAULT ''"),
+    ("usage_log", "price_entry", "String DEFAULT ''"),
 ];
 
 pub fn client(url: &str, database: &str) -> Client {
@@ -48,7 +64,32 @@ pub async fn migrate(url: &str, database: &str) -> anyhow::Result<()> {
     for (name, sql) in MIGRATIONS {
         c.query(sql).execute().await.map_err(|e| anyhow::anyhow!("clickhouse migration {name}: {e}"))?;
     }
+    for (table, column, definition) in ADDED_COLUMNS {
+        if has_column(&c, table, column).await? {
+            continue;
+        }
+        let added = c.query(&format!("ALTER TABLE {table} ADD COLUMN {column} {definition}")).execute().await;
+        // Two instances starting together both find it missing; the second ALTER fails
+        // because the first one added it, which is the outcome both wanted.
+        if let Err(e) = added
+            && !has_column(&c, table, column).await?
+        {
+            anyhow::bail!("clickhouse: adding {table}.{column}: {e}");
+        }
+    }
     Ok(())
+}
+
+async fn has_column(c: &Client, table: &str, column: &str) -> Result<bool, clickhouse::error::Error> {
+    let present: Vec<String> = c
+        .query(
+            "SELECT name FROM system.columns WHERE database = currentDatabase() AND table = ? AND name = ?",
+        )
+        .bind(table)
+        .bind(column)
+        .fetch_all()
+        .await?;
+    Ok(!present.is_empty())
 }
 
 #[derive(Debug, Clone, clickhouse::Row, Serialize)]
@@ -92,6 +133,9 @@ pub struct UsageRow {
     pub user_agent: String,
     pub source_partition: i32,
     pub source_offset: i64,
+    pub upstream_cost: String,
+    pub catalog_version: String,
+    pub price_entry: String,
 }
 
 /// DateTime('UTC') holds seconds in u32: clamp (events outside are dead-lettered earlier).
@@ -144,6 +188,9 @@ impl UsageRow {
             user_agent: s(&e.user_agent),
             source_partition: v.pos.partition,
             source_offset: v.pos.offset,
+            upstream_cost: e.upstream_cost.map(|d| d.normalize().to_string()).unwrap_or_default(),
+            catalog_version: v.catalog_version.to_string(),
+            price_entry: v.charge.price_entry(),
         }
     }
 }

@@ -25,6 +25,8 @@ pub struct ValidItem {
     pub pos: SourcePos,
     pub event: UsageEvent,
     pub charge: Charge,
+    /// Version of the catalog that priced it (`pricing::catalog_version`).
+    pub catalog_version: std::sync::Arc<str>,
     /// SHA-256 of the event's canonical JSON: tells a replay from an id conflict.
     pub payload_hash: [u8; 32],
 }

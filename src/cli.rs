@@ -31,6 +31,10 @@ pub enum Command {
     /// Ledger tools.
     #[command(subcommand)]
     Ledger(LedgerCommand),
+    /// Price the stored events of a time range again under another catalog and correct
+    /// the ledger by the difference: one `correction` entry per account and month, exactly
+    /// once. Try it with `--dry-run` first.
+    Rerate(RerateArgs),
     /// Print one account's balance (JSON).
     Balance(BalanceArgs),
     /// Print an account's ledger entries, newest first (JSON lines).
@@ -152,6 +156,58 @@ pub enum LedgerCommand {
         #[arg(long, env = "TALLY_DATABASE_URL", default_value = "postgres://postgres@127.0.0.1:55432/tally")]
         database_url: String,
     },
+    /// Compare, per account and month of event time, the ledger's usage debits plus
+    /// re-rating corrections with the usage log's costs plus its corrections (ClickHouse);
+    /// print every difference; exit 3 if there is one.
+    ReconcileUsage {
+        #[command(flatten)]
+        connections: Connections,
+        /// Only months from this one (RFC 3339 time; default: all).
+        #[arg(long)]
+        from: Option<chrono::DateTime<chrono::Utc>>,
+        /// Only months before this time.
+        #[arg(long)]
+        to: Option<chrono::DateTime<chrono::Utc>>,
+    },
+}
+
+#[derive(Debug, Args)]
+pub struct RerateArgs {
+    /// The catalog to price with (the corrected one).
+    #[arg(long)]
+    pub catalog: PathBuf,
+    /// Start of the range of event times (RFC 3339, inclusive; whole seconds: event times
+    /// are stored in seconds, so fractions are truncated).
+    #[arg(long)]
+    pub from: chrono::DateTime<chrono::Utc>,
+    /// End of the range (RFC 3339, exclusive).
+    #[arg(long)]
+    pub to: chrono::DateTime<chrono::Utc>,
+    /// Only this account.
+    #[arg(long)]
+    pub account: Option<String>,
+    /// Only events of this model (the model the event named, or the catalog entry that
+    /// priced it).
+    #[arg(long)]
+    pub model: Option<String>,
+    /// Print what would change; write nothing.
+    #[arg(long)]
+    pub dry_run: bool,
+    /// Who runs it (recorded on the run and every correction entry). Required without
+    /// --dry-run.
+    #[arg(long, required_unless_present = "dry_run")]
+    pub by: Option<String>,
+    /// Why (recorded likewise). Required without --dry-run.
+    #[arg(long, required_unless_present = "dry_run")]
+    pub reason: Option<String>,
+    /// Print the report as one JSON document instead of text.
+    #[arg(long)]
+    pub json: bool,
+    /// Hide the progress bar.
+    #[arg(long)]
+    pub quiet: bool,
+    #[command(flatten)]
+    pub connections: Connections,
 }
 
 #[derive(Debug, Args)]

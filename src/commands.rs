@@ -93,6 +93,20 @@ pub async fn dispatch(command: Command) -> anyhow::Result<ExitCode> {
                 }
             }
         }
+        Command::Rerate(args) => return rerate(args).await,
+        Command::Ledger(LedgerCommand::ReconcileUsage { connections, from, to }) => {
+            let pool = ledger::connect(&connections.database_url, 2).await?;
+            let ch = analytics::client(&connections.clickhouse_url, &connections.clickhouse_database);
+            let differences = crate::rerate::reconcile::reconcile(&pool, &ch, from, to).await?;
+            for d in &differences {
+                println!("{}", serde_json::to_string(d)?);
+            }
+            if !differences.is_empty() {
+                eprintln!("reconcile-usage: {} account-months differ", differences.len());
+                return Ok(ExitCode::from(3));
+            }
+            eprintln!("reconcile-usage: the ledger and the usage log agree");
+        }
         Command::Balance(args) => {
             let pool = ledger::connect(&args.database_url, 2).await?;
             match ledger::balance(&pool, &args.account).await? {
@@ -137,6 +151,37 @@ pub async fn dispatch(command: Command) -> anyhow::Result<ExitCode> {
             ledger::auto_reload::configure(&pool, &args.account, setting).await?;
             println!("auto-reload for {}: {setting:?}", args.account);
         }
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+async fn rerate(args: crate::cli::RerateArgs) -> anyhow::Result<ExitCode> {
+    let catalog = load_catalog(&args.catalog)?;
+    let c = &args.connections;
+    let pool = ledger::connect(&c.database_url, 4).await?;
+    let ch = analytics::client(&c.clickhouse_url, &c.clickhouse_database);
+    let opts = crate::rerate::RerateOptions {
+        catalog,
+        from: args.from,
+        to: args.to,
+        account: args.account.clone(),
+        model: args.model.clone(),
+        dry_run: args.dry_run,
+        created_by: args.by.clone(),
+        reason: args.reason.clone(),
+        progress: !args.quiet && std::io::IsTerminal::is_terminal(&std::io::stderr()),
+        fault_abort_after_commits: std::env::var("TALLY_FAULT_RERATE_ABORT_AFTER_COMMITS")
+            .ok()
+            .and_then(|v| v.parse().ok()),
+    };
+    let report = crate::rerate::rerate(&pool, &ch, &opts).await?;
+    if args.json {
+        println!("{}", serde_json::to_string_pretty(&report)?);
+    } else {
+        print!("{}", crate::rerate::render(&report));
+    }
+    if report.unreadable_rows > 0 {
+        return Ok(ExitCode::from(2));
     }
     Ok(ExitCode::SUCCESS)
 }
@@ -434,9 +479,19 @@ async fn usage_report(c: &crate::config::Connections) -> anyhow::Result<()> {
     let client = analytics::client(&c.clickhouse_url, &c.clickhouse_database);
     let lines: Vec<UsageLine> = client
         .query(
-            "SELECT modality, count() AS events, toUInt64(sum(charged)) AS charged,
-                    toUInt64(sum(input_tokens + output_tokens)) AS tokens, toInt64(sum(cost_units)) AS cost_units
-             FROM usage_log FINAL GROUP BY modality ORDER BY cost_units DESC",
+            // Re-rating corrections move cost only (see api::usage for the alias rule).
+            "SELECT modality, toUInt64(sum(ev)) AS events, toUInt64(sum(ch)) AS charged,
+                    toUInt64(sum(tk)) AS tokens, toInt64(sum(co)) AS cost_units
+             FROM (
+                 SELECT modality, count() AS ev, toUInt64(sum(charged)) AS ch,
+                        toUInt64(sum(input_tokens + output_tokens)) AS tk, toInt64(sum(cost_units)) AS co
+                 FROM usage_log FINAL GROUP BY modality
+                 UNION ALL
+                 SELECT modality, toUInt64(0) AS ev, toUInt64(0) AS ch, toUInt64(0) AS tk,
+                        toInt64(sum(cost_delta_units)) AS co
+                 FROM usage_corrections FINAL GROUP BY modality
+             )
+             GROUP BY modality ORDER BY cost_units DESC",
         )
         .fetch_all()
         .await?;

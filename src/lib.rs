@@ -8,6 +8,7 @@
 //! - [`pipeline`]: `tally run`: reader (decode, price, batch) -> writer (ledger + usage log).
 //! - [`ledger`]: the Postgres ledger (append-only journal, balances, verify).
 //! - [`analytics`]: the ClickHouse usage log.
+//! - [`rerate`]: `tally rerate`: price stored history again, correct the ledger once.
 //! - [`api`]: the HTTP API (axum).
 //! - [`simulate`]: deterministic traffic generator.
 //! - [`kafka`], [`config`], [`metrics`], [`cli`], [`commands`]: plumbing.
@@ -31,4 +32,5 @@ pub mod money;
 pub mod pipeline;
 pub mod pricing;
 pub mod quota;
+pub mod rerate;
 pub mod simulate;

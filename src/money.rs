@@ -69,7 +69,12 @@ pub fn effective_units(balance: i64, reserved: i64, pending: i64) -> i64 {
 
 /// Internal units as a plain USD decimal string with all 8 places, e.g. `"0.00012300"`.
 pub fn units_to_usd_string(units: i64) -> String {
-    units_to_usd(units).to_string()
+    // Integer formatting: the same text as `units_to_usd(units).to_string()` (a test
+    // checks it), without building a Decimal per line of `tally price` output.
+    const PER_USD: u64 = UNITS_PER_USD as u64;
+    let sign = if units < 0 { "-" } else { "" };
+    let abs = units.unsigned_abs();
+    format!("{sign}{}.{:08}", abs / PER_USD, abs % PER_USD)
 }
 
 /// Internal units -> a coarser unit of `units_per` internal units each, half to even.
@@ -84,6 +89,13 @@ pub fn units_to_coarse(units: i64, units_per: i64) -> i64 {
 mod tests {
     use super::*;
     use std::str::FromStr;
+
+    #[test]
+    fn usd_strings_match_the_decimal_text() {
+        for units in [0, 1, -1, 99_999_999, 100_000_000, -100_000_001, 1_850_000_000, i64::MAX, i64::MIN] {
+            assert_eq!(units_to_usd_string(units), units_to_usd(units).to_string(), "{units}");
+        }
+    }
 
     #[test]
     fn usd_round_trip_is_exact() {

@@ -278,14 +278,31 @@ async fn assert_backfill(env: &TestEnv, hourly: &Rollup, daily: &Rollup) {
     let old = format!("{}_old", env.ch_database);
     ch_exec("", &format!("CREATE DATABASE {old}")).await;
     ch_exec(&old, include_str!("../schemas/clickhouse/0001_usage_log.sql")).await;
-    ch_exec(&old, &format!("INSERT INTO usage_log SELECT * FROM {}.usage_log", env.ch_database)).await;
+    // The old table has the first version's columns only (later ones are added by migrate).
+    let names = ch_json(
+        &old,
+        "SELECT name FROM system.columns WHERE database = currentDatabase() AND table = 'usage_log'",
+    )
+    .await
+    .expect("old columns");
+    let columns: Vec<&str> = names.data.iter().map(|r| r["name"].as_str().unwrap()).collect();
+    let columns = columns.join(", ");
+    let copy =
+        format!("INSERT INTO usage_log ({columns}) SELECT {columns} FROM {}.usage_log", env.ch_database);
+    ch_exec(&old, &copy).await;
     // A duplicate row, as a ReplacingMergeTree may hold before merging: FINAL collapses it.
-    ch_exec(&old, &format!("INSERT INTO usage_log SELECT * FROM {}.usage_log LIMIT 50", env.ch_database))
-        .await;
+    ch_exec(&old, &format!("{copy} LIMIT 50")).await;
     for _ in 0..2 {
         tally::analytics::migrate(&CH_URL, &old).await.expect("migrate an old database");
         assert_rollups(&old, hourly, daily).await;
     }
+    let added = ch_one_u64(
+        &old,
+        "SELECT count() FROM system.columns WHERE database = currentDatabase() AND table = 'usage_log'
+           AND name IN ('upstream_cost', 'catalog_version', 'price_entry')",
+    )
+    .await;
+    assert_eq!(added, 3, "migrating an old usage_log adds the price columns");
     ch_exec("", &format!("DROP DATABASE {old}")).await;
 }
 

@@ -25,10 +25,6 @@ fn feature_call(id: usize, account: usize) -> UsageEvent {
     .unwrap()
 }
 
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn every_instance_answers_for_every_account() {
     let env = TestEnv::new(6).await;

@@ -161,10 +161,6 @@ fn priced(events: &[tally::event::UsageEvent]) -> HashMap<String, i64> {
     want
 }
 
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
-}
-
 /// v1, v2 (registry, two added fields) and v0 (schema directory, three fields missing) in
 /// one topic: all billed exactly. An incompatible writer (registry) and an unknown id:
 /// dead-lettered with the reason.

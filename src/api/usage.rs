@@ -1,5 +1,6 @@
 //! `GET /v1/accounts/{id}/usage?from=&to=`: what the account used, from the ClickHouse
-//! usage log (`usage_log FINAL`, one row per event, so replays never count twice).
+//! usage log (`usage_log FINAL`, one row per event, so replays never count twice), with
+//! the cost differences of re-rating (`usage_corrections`) added to the events' groups.
 //! Capability: `Usage`.
 //!
 //! The window is `[from, to)`, RFC 3339 (`Z` or a percent-encoded `+hh:mm`); default the
@@ -184,20 +185,40 @@ async fn fetch(
     let to_secs = to.timestamp() + i64::from(to.timestamp_subsec_nanos() > 0);
     let rows: Vec<GroupRow> = client
         .query(
-            "SELECT toString(toDate(occurred_at)) AS day, provider, model, modality,
-                    toUInt64(count()) AS events, toUInt64(sum(charged)) AS charged_events,
-                    toUInt64(sum(input_tokens)) AS input_tokens,
-                    toUInt64(sum(cached_input_tokens)) AS cached_input_tokens,
-                    toUInt64(sum(cache_write_tokens)) AS cache_write_tokens,
-                    toUInt64(sum(output_tokens)) AS output_tokens,
-                    toUInt64(sum(reasoning_tokens)) AS reasoning_tokens,
-                    toInt64(sum(cost_units)) AS cost_units
-             FROM usage_log FINAL
-             WHERE account_id = ? AND occurred_at >= toDateTime(?, 'UTC') AND occurred_at < toDateTime(?, 'UTC')
+            // The log's rows (FINAL: one per event) plus re-rating corrections, which move
+            // only cost (`usage_corrections`, one row per event and run). Inner aliases
+            // differ from column names: ClickHouse 18.16 substitutes an alias for a
+            // column of the same name everywhere in the query.
+            "SELECT day, provider, model, modality,
+                    toUInt64(sum(ev)) AS events, toUInt64(sum(ch)) AS charged_events,
+                    toUInt64(sum(it)) AS input_tokens, toUInt64(sum(ct)) AS cached_input_tokens,
+                    toUInt64(sum(wt)) AS cache_write_tokens, toUInt64(sum(ot)) AS output_tokens,
+                    toUInt64(sum(rt)) AS reasoning_tokens, toInt64(sum(co)) AS cost_units
+             FROM (
+                 SELECT toString(toDate(occurred_at)) AS day, provider, model, modality,
+                        toUInt64(count()) AS ev, toUInt64(sum(charged)) AS ch,
+                        toUInt64(sum(input_tokens)) AS it, toUInt64(sum(cached_input_tokens)) AS ct,
+                        toUInt64(sum(cache_write_tokens)) AS wt, toUInt64(sum(output_tokens)) AS ot,
+                        toUInt64(sum(reasoning_tokens)) AS rt, toInt64(sum(cost_units)) AS co
+                 FROM usage_log FINAL
+                 WHERE account_id = ? AND occurred_at >= toDateTime(?, 'UTC') AND occurred_at < toDateTime(?, 'UTC')
+                 GROUP BY day, provider, model, modality
+                 UNION ALL
+                 SELECT toString(toDate(occurred_at)) AS day, provider, model, modality,
+                        toUInt64(0) AS ev, toUInt64(0) AS ch, toUInt64(0) AS it, toUInt64(0) AS ct,
+                        toUInt64(0) AS wt, toUInt64(0) AS ot, toUInt64(0) AS rt,
+                        toInt64(sum(cost_delta_units)) AS co
+                 FROM usage_corrections FINAL
+                 WHERE account_id = ? AND occurred_at >= toDateTime(?, 'UTC') AND occurred_at < toDateTime(?, 'UTC')
+                 GROUP BY day, provider, model, modality
+             )
              GROUP BY day, provider, model, modality
              ORDER BY day, provider, model, modality
              LIMIT ?",
         )
+        .bind(account)
+        .bind(from_secs)
+        .bind(to_secs)
         .bind(account)
         .bind(from_secs)
         .bind(to_secs)

@@ -127,6 +127,16 @@ pub(crate) enum Amount {
 /// Lock the account's balance, append one entry, update the projection, run the
 /// auto-reload check. Inside the caller's transaction.
 pub(crate) async fn post(tx: &mut Transaction<'_, Postgres>, p: Posting<'_>) -> Result<Posted, LedgerError> {
+    post_at(tx, p, Utc::now()).await
+}
+
+/// [`post`] with the entry's `occurred_at` given: a correction dated in the period it
+/// corrects (re-rating), rather than when it was recorded (`recorded_at`).
+pub(crate) async fn post_at(
+    tx: &mut Transaction<'_, Postgres>,
+    p: Posting<'_>,
+    occurred_at: DateTime<Utc>,
+) -> Result<Posted, LedgerError> {
     let mut balances = lock_balances(tx, &[p.account_id]).await?;
     let before = balances[p.account_id];
     let amount = match p.amount {
@@ -148,7 +158,7 @@ pub(crate) async fn post(tx: &mut Transaction<'_, Postgres>, p: Posting<'_>) -> 
         idempotency_key: p.idempotency_key.to_string(),
         payload_hash: p.payload_hash,
         event_id: None,
-        occurred_at: Utc::now(),
+        occurred_at,
         description: p.description,
         created_by: p.created_by,
         corrects_entry_id: p.corrects_entry_id,

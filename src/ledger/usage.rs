@@ -269,13 +269,16 @@ async fn claim_in(
     let times: Vec<DateTime<Utc>> = items.iter().map(|v| v.event.occurred_at).collect();
     let parts: Vec<i32> = items.iter().map(|v| v.pos.partition).collect();
     let offsets: Vec<i64> = items.iter().map(|v| v.pos.offset).collect();
+    let versions: Vec<&str> = items.iter().map(|v| &*v.catalog_version).collect();
+    let entries: Vec<String> = items.iter().map(|v| v.charge.price_entry()).collect();
     let inserted: Vec<(String,)> = sqlx::query_as(
         "INSERT INTO processed_events
            (event_id, payload_hash, account_id, cost_units, occurred_at,
-            source_topic, source_partition, source_offset, source_group)
-         SELECT e, h, a, c, t, $8, p, o, $9
+            source_topic, source_partition, source_offset, source_group, catalog_version, price_entry)
+         SELECT e, h, a, c, t, $8, p, o, $9, v, pe
          FROM UNNEST($1::text[], $2::bytea[], $3::text[], $4::bigint[], $5::timestamptz[],
-                     $6::int[], $7::bigint[]) WITH ORDINALITY AS u(e, h, a, c, t, p, o, n)
+                     $6::int[], $7::bigint[], $10::text[], $11::text[])
+              WITH ORDINALITY AS u(e, h, a, c, t, p, o, v, pe, n)
          ORDER BY n
          ON CONFLICT (event_id) DO NOTHING
          RETURNING event_id",
@@ -289,6 +292,8 @@ async fn claim_in(
     .bind(&offsets)
     .bind(topic)
     .bind(group)
+    .bind(&versions)
+    .bind(&entries)
     .fetch_all(&mut *conn)
     .await?;
     let new_ids: HashSet<String> = inserted.into_iter().map(|(id,)| id).collect();

@@ -76,7 +76,8 @@ impl Transformer {
             return dead("cost_out_of_range", reason, event_id);
         }
         let payload_hash = payload_hash(&event);
-        Item::Valid(Box::new(ValidItem { pos, event, charge, payload_hash }))
+        let catalog_version = self.catalog.version_shared();
+        Item::Valid(Box::new(ValidItem { pos, event, charge, catalog_version, payload_hash }))
     }
 }
 

@@ -42,6 +42,10 @@ pub async fn run(
         .context("connecting to Postgres")?;
     ledger::migrate(&pool).await.context("Postgres migrations")?;
     analytics::migrate(&c.clickhouse_url, &c.clickhouse_database).await.context("ClickHouse migrations")?;
+    // Every event this process prices names this catalog version: store its text first.
+    crate::rerate::store::register_catalog(&pool, &catalog)
+        .await
+        .context("registering the catalog version")?;
     let consumer = Arc::new(kafka::consumer(&c.brokers, &settings.group, settings.session_timeout_ms)?);
     consumer.subscribe(&[settings.topics.topic.as_str()])?;
 

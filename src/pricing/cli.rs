@@ -10,7 +10,9 @@ use super::{Catalog, Charge};
 use crate::event::parse_json_line;
 use crate::money;
 use serde::Serialize;
+use std::collections::BTreeMap;
 use std::io::{self, BufRead, Write};
+use std::sync::{Arc, Mutex, mpsc};
 
 /// Longest input line accepted. A usage event is well under 4 KiB; the cap keeps one
 /// runaway line from taking all memory. Longer lines are reported and skipped.
@@ -44,72 +46,166 @@ struct ErrorLine<'a> {
     error: &'a str,
 }
 
-enum Line {
-    End,
-    Text(String),
-    Invalid(String),
+/// Lines handed to a worker at once, and their bytes at most (a chunk ends at a line end).
+const CHUNK_LINES_MAX: usize = 4096;
+const CHUNK_BYTES_MAX: usize = 1 << 20;
+
+/// Consecutive input lines, priced by one worker; `seq` orders the output.
+struct Chunk {
+    seq: u64,
+    /// Number of the chunk's first line (from 1).
+    first_line: u64,
+    data: Vec<u8>,
+    /// Each line: its byte range in `data` (terminator removed), or why it was refused.
+    lines: Vec<Result<(usize, usize), String>>,
 }
 
-/// Price every JSON line of `input`, writing one JSON line per event to `output`.
-/// Only I/O errors stop it; a bad line is an error line and pricing continues.
+/// A priced chunk: its output lines and counts.
+struct Done {
+    seq: u64,
+    out: Vec<u8>,
+    summary: PriceSummary,
+}
+
+/// Price every JSON line of `input`, writing one JSON line per event to `output`, in
+/// input order. Only I/O errors stop it; a bad line is an error line and pricing goes on.
+///
+/// Lines are read here in chunks and priced by one worker thread per core (parsing the
+/// JSON dominates: the price itself is ~1/10 of a line's cost); at most two chunks per
+/// worker are in flight, so memory stays bounded whatever the input size.
 pub fn price_lines(
     catalog: &Catalog,
     mut input: impl BufRead,
     mut output: impl Write,
 ) -> io::Result<PriceSummary> {
-    let mut summary = PriceSummary::default();
-    let mut buf = Vec::with_capacity(4096);
-    let mut line_number: u64 = 0;
-    loop {
-        line_number += 1;
-        let text = match read_line(&mut input, &mut buf)? {
-            Line::End => break,
-            Line::Invalid(problem) => {
-                write_error(&mut output, line_number, &problem)?;
-                summary.errors += 1;
-                continue;
+    let workers = std::thread::available_parallelism().map_or(1, |n| n.get()).clamp(1, 8);
+    let in_flight_max = 2 * workers as u64;
+    std::thread::scope(|scope| {
+        let (job_tx, job_rx) = mpsc::sync_channel::<Chunk>(workers);
+        let job_rx = Arc::new(Mutex::new(job_rx));
+        let (done_tx, done_rx) = mpsc::channel::<Done>();
+        for _ in 0..workers {
+            let (jobs, done) = (job_rx.clone(), done_tx.clone());
+            scope.spawn(move || {
+                loop {
+                    // The lock is held only while taking a chunk, never while pricing it.
+                    let next = jobs.lock().map_err(|_| ()).and_then(|rx| rx.recv().map_err(|_| ()));
+                    let Ok(chunk) = next else { return };
+                    if done.send(price_chunk(catalog, chunk)).is_err() {
+                        return;
+                    }
+                }
+            });
+        }
+        drop(done_tx);
+        let mut writer = InOrder { next: 0, waiting: BTreeMap::new(), summary: PriceSummary::default() };
+        let mut sent: u64 = 0;
+        let mut next_line: u64 = 1;
+        let read_all = (|| -> io::Result<()> {
+            while let Some(chunk) = read_chunk(&mut input, sent, &mut next_line)? {
+                while sent - writer.next >= in_flight_max {
+                    writer.take(done_rx.recv().map_err(|_| workers_gone())?, &mut output)?;
+                }
+                job_tx.send(chunk).map_err(|_| workers_gone())?;
+                sent += 1;
+                while let Ok(done) = done_rx.try_recv() {
+                    writer.take(done, &mut output)?;
+                }
             }
-            Line::Text(text) => text,
-        };
-        if text.trim().is_empty() {
+            Ok(())
+        })();
+        // Workers stop once the queue is closed and empty.
+        drop(job_tx);
+        read_all?;
+        while writer.next < sent {
+            writer.take(done_rx.recv().map_err(|_| workers_gone())?, &mut output)?;
+        }
+        output.flush()?;
+        Ok(writer.summary)
+    })
+}
+
+fn workers_gone() -> io::Error {
+    io::Error::other("a pricing worker stopped")
+}
+
+/// Writes finished chunks in input order.
+struct InOrder {
+    next: u64,
+    waiting: BTreeMap<u64, Done>,
+    summary: PriceSummary,
+}
+
+impl InOrder {
+    fn take(&mut self, done: Done, output: &mut impl Write) -> io::Result<()> {
+        self.waiting.insert(done.seq, done);
+        while let Some(done) = self.waiting.remove(&self.next) {
+            output.write_all(&done.out)?;
+            self.summary.priced += done.summary.priced;
+            self.summary.errors += done.summary.errors;
+            self.next += 1;
+        }
+        Ok(())
+    }
+}
+
+/// Up to [`CHUNK_LINES_MAX`] lines or [`CHUNK_BYTES_MAX`] bytes; `None` at the end.
+/// A line longer than [`LINE_BYTES_MAX`] is skipped and reported, never held whole.
+fn read_chunk(input: &mut impl BufRead, seq: u64, next_line: &mut u64) -> io::Result<Option<Chunk>> {
+    let mut chunk = Chunk { seq, first_line: *next_line, data: Vec::new(), lines: Vec::new() };
+    while chunk.lines.len() < CHUNK_LINES_MAX && chunk.data.len() < CHUNK_BYTES_MAX {
+        let start = chunk.data.len();
+        let limit = LINE_BYTES_MAX as u64 + 1;
+        if io::Read::take(&mut *input, limit).read_until(b'\n', &mut chunk.data)? == 0 {
+            break;
+        }
+        *next_line += 1;
+        if chunk.data.last() != Some(&b'\n') && chunk.data.len() - start > LINE_BYTES_MAX {
+            chunk.data.truncate(start);
+            input.skip_until(b'\n')?;
+            chunk.lines.push(Err(format!("line longer than {LINE_BYTES_MAX} bytes")));
             continue;
         }
-        match parse_json_line(&text) {
+        let mut end = chunk.data.len();
+        while end > start && matches!(chunk.data[end - 1], b'\n' | b'\r') {
+            end -= 1;
+        }
+        chunk.lines.push(Ok((start, end)));
+    }
+    Ok(if chunk.lines.is_empty() { None } else { Some(chunk) })
+}
+
+fn price_chunk(catalog: &Catalog, chunk: Chunk) -> Done {
+    let mut out = Vec::with_capacity(chunk.lines.len() * 256);
+    let mut summary = PriceSummary::default();
+    for (i, line) in chunk.lines.iter().enumerate() {
+        let line_number = chunk.first_line + i as u64;
+        let text = match line {
+            Err(problem) => Err(problem.clone()),
+            Ok((start, end)) => {
+                std::str::from_utf8(&chunk.data[*start..*end]).map_err(|e| format!("not UTF-8: {e}"))
+            }
+        };
+        let result = match text {
+            Ok(text) if text.trim().is_empty() => continue,
+            Ok(text) => parse_json_line(text).map_err(|e| e.to_string()),
+            Err(problem) => Err(problem),
+        };
+        match result {
             Ok(event) => {
-                write_charge(&mut output, &event.event_id, &catalog.price(&event))?;
+                write_charge(&mut out, &event.event_id, &catalog.price(&event));
                 summary.priced += 1;
             }
-            Err(e) => {
-                write_error(&mut output, line_number, &e.to_string())?;
+            Err(problem) => {
+                write_error(&mut out, line_number, &problem);
                 summary.errors += 1;
             }
         }
     }
-    output.flush()?;
-    Ok(summary)
+    Done { seq: chunk.seq, out, summary }
 }
 
-/// One line without its terminator, capped at [`LINE_BYTES_MAX`].
-fn read_line(input: &mut impl BufRead, buf: &mut Vec<u8>) -> io::Result<Line> {
-    buf.clear();
-    let limit = LINE_BYTES_MAX as u64 + 1;
-    if io::Read::take(&mut *input, limit).read_until(b'\n', buf)? == 0 {
-        return Ok(Line::End);
-    }
-    if buf.last() != Some(&b'\n') && buf.len() > LINE_BYTES_MAX {
-        input.skip_until(b'\n')?;
-        return Ok(Line::Invalid(format!("line longer than {LINE_BYTES_MAX} bytes")));
-    }
-    while matches!(buf.last(), Some(b'\n' | b'\r')) {
-        buf.pop();
-    }
-    match String::from_utf8(std::mem::take(buf)) {
-        Ok(text) => Ok(Line::Text(text)),
-        Err(e) => Ok(Line::Invalid(format!("not UTF-8: {}", e.utf8_error()))),
-    }
-}
-
-fn write_charge(output: &mut impl Write, event_id: &str, charge: &Charge) -> io::Result<()> {
+fn write_charge(output: &mut Vec<u8>, event_id: &str, charge: &Charge) {
     let line = PricedLine {
         event_id,
         cost: money::units_to_usd_string(charge.cost_units),
@@ -121,11 +217,11 @@ fn write_charge(output: &mut impl Write, event_id: &str, charge: &Charge) -> io:
         catalog_cost_units: charge.catalog_cost_units,
         upstream_cost_units: charge.upstream_cost_units,
     };
-    serde_json::to_writer(&mut *output, &line)?;
-    output.write_all(b"\n")
+    serde_json::to_writer(&mut *output, &line).expect("writing to memory");
+    output.push(b'\n');
 }
 
-fn write_error(output: &mut impl Write, line: u64, error: &str) -> io::Result<()> {
-    serde_json::to_writer(&mut *output, &ErrorLine { line, error })?;
-    output.write_all(b"\n")
+fn write_error(output: &mut Vec<u8>, line: u64, error: &str) {
+    serde_json::to_writer(&mut *output, &ErrorLine { line, error }).expect("writing to memory");
+    output.push(b'\n');
 }

@@ -42,6 +42,8 @@ pub(crate) fn compile(text: &str, origin: &str) -> Result<Catalog, CatalogError>
     };
     Ok(Catalog {
         origin: origin.to_string(),
+        version: super::catalog_version(text).into(),
+        text: text.to_string(),
         name: cat.name.clone().unwrap_or_else(|| origin.to_string()),
         entries,
         by_name,

@@ -40,6 +40,7 @@ impl Catalog {
             reason,
             priced_model: found.map_or_else(String::new, |(i, _)| self.entries[i].id.clone()),
             model_fallback,
+            price_version: None,
         };
         let unknown_model = found.is_none_or(|(_, fallback)| fallback);
         if event.status == Status::Error {
@@ -81,8 +82,8 @@ impl Catalog {
     }
 
     fn charge(&self, entry: &Entry, fallback: bool, event: &UsageEvent, upstream_cost_units: i64) -> Charge {
-        let rates = &version_at(&entry.versions, event.occurred_at).rates;
-        let usage = rates.cost(event);
+        let version = version_at(&entry.versions, event.occurred_at);
+        let usage = version.rates.cost(event);
         let amounts = self.amounts(entry, event, &usage);
         Charge {
             cost_units: amounts.cost,
@@ -92,6 +93,7 @@ impl Catalog {
             reason: reason(&usage, &amounts, fallback),
             priced_model: entry.id.clone(),
             model_fallback: fallback,
+            price_version: version.effective_from,
         }
     }
 

@@ -228,6 +228,11 @@ use std::path::Path;
 #[derive(Debug, Clone)]
 pub struct Catalog {
     origin: String,
+    /// [`catalog_version`] of the file's text: names this catalog in every priced row.
+    version: std::sync::Arc<str>,
+    /// The file's text, stored with the version (`catalog_versions`) so that what priced
+    /// an event can always be read back.
+    text: String,
     name: String,
     entries: Vec<Entry>,
     /// Entry index by id and by alias.
@@ -288,6 +293,30 @@ pub struct Charge {
     /// True when the event's model was not in the catalog (priced by the default model,
     /// or not at all: `unknown_model`).
     pub model_fallback: bool,
+    /// `effective_from` of the price version used (`None`: a free rule decided, or the
+    /// version in force since forever). With `priced_model` it names the price entry.
+    pub price_version: Option<chrono::DateTime<chrono::Utc>>,
+}
+
+impl Charge {
+    /// The price entry that priced the event, as stored with it: `model` or
+    /// `model@<effective_from RFC 3339>`; empty when no entry priced it.
+    pub fn price_entry(&self) -> String {
+        match self.price_version {
+            Some(from) => {
+                format!("{}@{}", self.priced_model, from.to_rfc3339_opts(chrono::SecondsFormat::AutoSi, true))
+            }
+            None => self.priced_model.clone(),
+        }
+    }
+}
+
+/// A catalog's version: the first 16 hex digits of the SHA-256 of its file text. Two
+/// files with the same text are the same version wherever they are loaded.
+pub fn catalog_version(text: &str) -> String {
+    use sha2::Digest;
+    let digest = sha2::Sha256::digest(text.as_bytes());
+    digest[..8].iter().map(|b| format!("{b:02x}")).collect()
 }
 
 /// Why an event costs what it costs. Free reasons first, then the charged ones.
@@ -404,6 +433,21 @@ impl Catalog {
     /// The `origin` given at load (the file name).
     pub fn origin(&self) -> &str {
         &self.origin
+    }
+
+    /// This catalog's [`catalog_version`].
+    pub fn version(&self) -> &str {
+        &self.version
+    }
+
+    /// The same, shared: every priced item carries it without copying the text.
+    pub fn version_shared(&self) -> std::sync::Arc<str> {
+        self.version.clone()
+    }
+
+    /// The text it was compiled from.
+    pub fn text(&self) -> &str {
+        &self.text
     }
 
     /// `[catalog] name`, or the origin when the file gives none.

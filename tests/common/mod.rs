@@ -50,6 +50,11 @@ pub fn stack() {
     });
 }
 
+/// A loopback port free right now (for a child's HTTP listener).
+pub fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
+}
+
 /// Everything one test owns.
 pub struct TestEnv {
     pub id: String,

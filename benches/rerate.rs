@@ -5,7 +5,8 @@
 //!   one model's price changed (reads, rebuilds and prices every event of the range).
 //!
 //! `scripts/bench-rerate` (or `cargo bench --bench rerate`; needs the stack). Knobs:
-//! `BENCH_EVENTS` (default 1,000,000), `BENCH_ACCOUNTS` (2,000).
+//! `BENCH_EVENTS` (default 1,000,000), `BENCH_ACCOUNTS` (2,000), `BENCH_KEEP` (keep the
+//! input files and print where, for profiling).
 
 #[path = "../tests/common/mod.rs"]
 mod common;
@@ -54,7 +55,7 @@ async fn main() {
     std::hint::black_box(total);
     let core = n as f64 / started.elapsed().as_secs_f64();
 
-    // 2. `tally price`, whole process.
+    // 2. `tally price`, whole process: one pricing thread, then one per core.
     let dir = std::env::temp_dir().join(format!("tally-bench-rerate-{}", std::process::id()));
     std::fs::create_dir_all(&dir).unwrap();
     let lines = dir.join("events.jsonl");
@@ -65,15 +66,20 @@ async fn main() {
             f.write_all(b"\n").unwrap();
         }
     }
-    let started = Instant::now();
-    let status = Command::new(env!("CARGO_BIN_EXE_tally"))
-        .args(["price", "--config", repo().join(CATALOG).to_str().unwrap()])
-        .stdin(std::fs::File::open(&lines).unwrap())
-        .stdout(Stdio::null())
-        .status()
-        .expect("tally price");
-    assert!(status.success());
-    let price_rate = n as f64 / started.elapsed().as_secs_f64();
+    let price = |threads: Option<&str>| {
+        let started = Instant::now();
+        let status = Command::new(env!("CARGO_BIN_EXE_tally"))
+            .args(["price", "--config", repo().join(CATALOG).to_str().unwrap()])
+            .args(threads.map(|t| vec!["--threads", t]).unwrap_or_default())
+            .stdin(std::fs::File::open(&lines).unwrap())
+            .stdout(Stdio::null())
+            .status()
+            .expect("tally price");
+        assert!(status.success());
+        n as f64 / started.elapsed().as_secs_f64()
+    };
+    let price_one = price(Some("1"));
+    let price_rate = price(None);
 
     // 3. `tally rerate --dry-run` over the events in ClickHouse.
     let env = TestEnv::new(1).await;
@@ -105,6 +111,23 @@ async fn main() {
     .unwrap();
     let (from, to) =
         ((now - chrono::Duration::days(30)).to_rfc3339(), (now + chrono::Duration::days(1)).to_rfc3339());
+    // The raw component: ClickHouse streaming the same columns of the same range.
+    let started = Instant::now();
+    let bytes = env
+        .clickhouse()
+        .query(&format!(
+            "SELECT {} FROM usage_log WHERE occurred_at >= toDateTime(?, 'UTC') AND occurred_at < toDateTime(?, 'UTC')",
+            tally::rerate::STORED_USAGE_COLUMNS
+        ))
+        .bind((now - chrono::Duration::days(30)).timestamp())
+        .bind((now + chrono::Duration::days(1)).timestamp())
+        .fetch_bytes("RowBinary")
+        .unwrap()
+        .collect()
+        .await
+        .expect("raw read");
+    let ch_rate = n as f64 / started.elapsed().as_secs_f64();
+    assert!(bytes.len() > n * 50);
     let started = Instant::now();
     let out = Command::new(env!("CARGO_BIN_EXE_tally"))
         .args(["rerate", "--dry-run", "--json", "--quiet", "--catalog", changed.to_str().unwrap()])
@@ -118,17 +141,28 @@ async fn main() {
     let read = report["events_read"].as_u64().unwrap();
     assert_eq!(read as usize, n, "every event re-priced");
     let rerate_rate = read as f64 / secs;
-    std::fs::remove_dir_all(&dir).ok();
+    if std::env::var_os("BENCH_KEEP").is_some() {
+        println!("kept: {} and ClickHouse database {}", dir.display(), env.ch_database);
+    } else {
+        std::fs::remove_dir_all(&dir).ok();
+    }
 
     println!("re-pricing, {n} events, {accounts} accounts, this machine, one run:");
     println!("  pricing core (in memory, 1 thread)        {core:>12.0} events/s");
     println!(
-        "  tally price (JSON lines, whole process)   {price_rate:>12.0} events/s  ({:.3} x core)",
-        price_rate / core
+        "  tally price --threads 1 (JSON lines)      {price_one:>12.0} events/s  ({:.3} x core)",
+        price_one / core
     );
     println!(
-        "  tally rerate --dry-run (ClickHouse range)  {rerate_rate:>12.0} events/s  ({:.3} x core; {} changed)",
-        rerate_rate / core,
-        report["total"]["events"]
+        "  tally price (one thread per core)         {price_rate:>12.0} events/s  ({:.3} x core, {:.2} x one thread)",
+        price_rate / core,
+        price_rate / price_one
+    );
+    println!("  ClickHouse streaming the range's columns  {ch_rate:>12.0} rows/s    (raw component)");
+    println!(
+        "  tally rerate --dry-run (ClickHouse range)  {rerate_rate:>12.0} events/s  ({:.3} x the ClickHouse read; {} changed, {} not applied)",
+        rerate_rate / ch_rate,
+        report["total"]["events"],
+        report["pending_events"]
     );
 }

@@ -113,6 +113,9 @@ pub struct PriceArgs {
     /// Catalog TOML.
     #[arg(long = "config")]
     pub catalog_path: PathBuf,
+    /// Pricing threads (default: one per core). Output order is input order either way.
+    #[arg(long, value_parser = clap::value_parser!(u16).range(1..=64))]
+    pub threads: Option<u16>,
 }
 
 #[derive(Debug, Subcommand)]

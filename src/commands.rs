@@ -26,7 +26,8 @@ pub async fn dispatch(command: Command) -> anyhow::Result<ExitCode> {
             let catalog = load_catalog(&args.catalog_path)?;
             let stdin = std::io::stdin().lock();
             let stdout = std::io::stdout().lock();
-            let summary = crate::pricing::cli::price_lines(&catalog, stdin, stdout)?;
+            let threads = args.threads.map_or_else(crate::pricing::cli::default_threads, usize::from);
+            let summary = crate::pricing::cli::price_lines(&catalog, stdin, stdout, threads)?;
             if summary.errors > 0 {
                 eprintln!("{} priced, {} bad lines", summary.priced, summary.errors);
                 return Ok(ExitCode::from(2));

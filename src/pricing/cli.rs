@@ -70,15 +70,16 @@ struct Done {
 /// Price every JSON line of `input`, writing one JSON line per event to `output`, in
 /// input order. Only I/O errors stop it; a bad line is an error line and pricing goes on.
 ///
-/// Lines are read here in chunks and priced by one worker thread per core (parsing the
+/// Lines are read here in chunks and priced by `workers` threads (parsing the
 /// JSON dominates: the price itself is ~1/10 of a line's cost); at most two chunks per
 /// worker are in flight, so memory stays bounded whatever the input size.
 pub fn price_lines(
     catalog: &Catalog,
     mut input: impl BufRead,
     mut output: impl Write,
+    workers: usize,
 ) -> io::Result<PriceSummary> {
-    let workers = std::thread::available_parallelism().map_or(1, |n| n.get()).clamp(1, 8);
+    assert!(workers > 0, "at least one pricing thread");
     let in_flight_max = 2 * workers as u64;
     std::thread::scope(|scope| {
         let (job_tx, job_rx) = mpsc::sync_channel::<Chunk>(workers);
@@ -123,6 +124,11 @@ pub fn price_lines(
         output.flush()?;
         Ok(writer.summary)
     })
+}
+
+/// One pricing thread per core (at most 8).
+pub fn default_threads() -> usize {
+    std::thread::available_parallelism().map_or(1, |n| n.get()).clamp(1, 8)
 }
 
 fn workers_gone() -> io::Error {

@@ -326,7 +326,7 @@ fn price_lines_reports_bad_lines_and_continues() {
     let good = serde_json::to_string(&good).unwrap_or_default();
     let input = format!("{good}\nnot json\n\n{{\"event_id\": \"x\"}}\n{good}\r\n");
     let mut out = Vec::new();
-    let summary = cli::price_lines(&c, input.as_bytes(), &mut out);
+    let summary = cli::price_lines(&c, input.as_bytes(), &mut out, 2);
     assert_eq!(summary.ok(), Some(cli::PriceSummary { priced: 2, errors: 2 }));
     let lines: Vec<Value> =
         String::from_utf8_lossy(&out).lines().filter_map(|l| serde_json::from_str(l).ok()).collect();
@@ -346,7 +346,7 @@ fn price_lines_survives_long_and_binary_lines() {
     let mut input = vec![b'x'; cli::LINE_BYTES_MAX + 10];
     input.extend_from_slice(b"\n\xff\xfe\n");
     let mut out = Vec::new();
-    let summary = cli::price_lines(&c, input.as_slice(), &mut out);
+    let summary = cli::price_lines(&c, input.as_slice(), &mut out, 2);
     assert_eq!(summary.ok(), Some(cli::PriceSummary { priced: 0, errors: 2 }));
     let text = String::from_utf8_lossy(&out);
     assert!(text.contains("longer than") && text.contains("not UTF-8"), "{text}");

@@ -39,20 +39,20 @@ use std::collections::HashMap;
 pub use run::{RerateOptions, rerate};
 
 /// The columns of `usage_log` that price an event, in [`STORED_USAGE_COLUMNS`] order (the
-/// RowBinary reader maps by position).
+/// RowBinary reader maps by position). Text borrows the cursor's buffer: a row that does
+/// not change allocates only what pricing needs.
 #[derive(Debug, Clone, clickhouse::Row, Deserialize)]
-pub struct StoredUsage {
-    pub event_id: String,
+pub struct StoredUsage<'a> {
+    pub event_id: &'a str,
     pub occurred_at: u32,
-    pub account_id: String,
-    pub api_key_id: String,
-    pub project_id: String,
-    pub provider: String,
-    pub model: String,
-    pub priced_model: String,
-    pub modality: String,
-    pub feature: String,
-    pub status: String,
+    pub account_id: &'a str,
+    pub api_key_id: &'a str,
+    pub project_id: &'a str,
+    pub provider: &'a str,
+    pub model: &'a str,
+    pub modality: &'a str,
+    pub feature: &'a str,
+    pub status: &'a str,
     pub input_tokens: u64,
     pub cached_input_tokens: u64,
     pub cache_write_tokens: u64,
@@ -63,20 +63,20 @@ pub struct StoredUsage {
     pub video_clips: u64,
     pub characters: u64,
     pub messages: u64,
-    pub resolution: String,
-    pub message_category: String,
-    pub billing_mode: String,
+    pub resolution: &'a str,
+    pub message_category: &'a str,
+    pub billing_mode: &'a str,
     pub upstream_cost_units: i64,
-    pub upstream_cost: String,
+    pub upstream_cost: &'a str,
     pub catalog_cost_units: i64,
     pub cost_units: i64,
-    pub catalog_version: String,
-    pub reason: String,
+    pub catalog_version: &'a str,
+    pub reason: &'a str,
 }
 
 /// The SELECT list matching [`StoredUsage`].
 pub const STORED_USAGE_COLUMNS: &str = "event_id, toUInt32(occurred_at), account_id, api_key_id, project_id, \
-     provider, model, priced_model, modality, feature, status, input_tokens, cached_input_tokens, \
+     provider, model, modality, feature, status, input_tokens, cached_input_tokens, \
      cache_write_tokens, output_tokens, reasoning_tokens, images, video_seconds, video_clips, \
      characters, messages, resolution, message_category, billing_mode, upstream_cost_units, \
      upstream_cost, catalog_cost_units, cost_units, catalog_version, reason";
@@ -88,41 +88,41 @@ pub const STORED_USAGE_COLUMNS: &str = "event_id, toUInt32(occurred_at), account
 /// of a second could price an event of that very second differently (documented).
 /// Upstream cost: the exact decimal when stored (`upstream_cost`), else the rounded units
 /// (rows written before the exact column existed, exact for costs of at most 8 places).
-pub fn stored_event(row: &StoredUsage) -> Result<UsageEvent, String> {
+pub fn stored_event(row: &StoredUsage<'_>) -> Result<UsageEvent, String> {
     let text = |s: &str| if s.is_empty() { None } else { Some(s.to_string()) };
     let occurred_at = Utc
         .timestamp_opt(i64::from(row.occurred_at), 0)
         .single()
         .ok_or_else(|| format!("occurred_at {} out of range", row.occurred_at))?;
     let modality: Modality = row.modality.parse()?;
-    let status = match row.status.as_str() {
+    let status = match row.status {
         "success" => Status::Success,
         "error" => Status::Error,
         other => return Err(format!("unknown status {other:?}")),
     };
-    let billing_mode = match row.billing_mode.as_str() {
+    let billing_mode = match row.billing_mode {
         "platform" => BillingMode::Platform,
         "byok" => BillingMode::Byok,
         other => return Err(format!("unknown billing_mode {other:?}")),
     };
     let upstream_cost = if !row.upstream_cost.is_empty() {
-        Some(Decimal::from_str_exact(&row.upstream_cost).map_err(|e| format!("upstream_cost: {e}"))?)
+        Some(Decimal::from_str_exact(row.upstream_cost).map_err(|e| format!("upstream_cost: {e}"))?)
     } else if row.upstream_cost_units != 0 {
         Some(crate::money::units_to_usd(row.upstream_cost_units))
     } else {
         None
     };
     Ok(UsageEvent {
-        event_id: row.event_id.clone(),
+        event_id: row.event_id.to_string(),
         occurred_at,
-        account_id: row.account_id.clone(),
-        api_key_id: text(&row.api_key_id),
-        project_id: text(&row.project_id),
+        account_id: row.account_id.to_string(),
+        api_key_id: text(row.api_key_id),
+        project_id: text(row.project_id),
         user_id: None,
-        provider: row.provider.clone(),
-        model: row.model.clone(),
+        provider: row.provider.to_string(),
+        model: row.model.to_string(),
         modality,
-        feature: text(&row.feature),
+        feature: text(row.feature),
         status,
         http_status: None,
         counts: Counts {
@@ -137,8 +137,8 @@ pub fn stored_event(row: &StoredUsage) -> Result<UsageEvent, String> {
             characters: row.characters,
             messages: row.messages,
         },
-        resolution: text(&row.resolution),
-        message_category: text(&row.message_category),
+        resolution: text(row.resolution),
+        message_category: text(row.message_category),
         upstream_cost,
         billing_mode,
         reservation_id: None,
@@ -361,18 +361,23 @@ mod tests {
             let crate::simulate::Kind::Valid(event) = g.next_message().kind else { unreachable!() };
             let charge = catalog.price(&event);
             let c = &event.counts;
+            let (api_key, project) =
+                (event.api_key_id.clone().unwrap_or_default(), event.project_id.clone().unwrap_or_default());
+            let (feature, resolution) =
+                (event.feature.clone().unwrap_or_default(), event.resolution.clone().unwrap_or_default());
+            let category = event.message_category.clone().unwrap_or_default();
+            let upstream = event.upstream_cost.map(|d| d.normalize().to_string()).unwrap_or_default();
             let row = StoredUsage {
-                event_id: event.event_id.clone(),
+                event_id: &event.event_id,
                 occurred_at: u32::try_from(event.occurred_at.timestamp()).unwrap(),
-                account_id: event.account_id.clone(),
-                api_key_id: event.api_key_id.clone().unwrap_or_default(),
-                project_id: event.project_id.clone().unwrap_or_default(),
-                provider: event.provider.clone(),
-                model: event.model.clone(),
-                priced_model: charge.priced_model.clone(),
-                modality: event.modality.as_str().into(),
-                feature: event.feature.clone().unwrap_or_default(),
-                status: event.status.as_str().into(),
+                account_id: &event.account_id,
+                api_key_id: &api_key,
+                project_id: &project,
+                provider: &event.provider,
+                model: &event.model,
+                modality: event.modality.as_str(),
+                feature: &feature,
+                status: event.status.as_str(),
                 input_tokens: c.input_tokens,
                 cached_input_tokens: c.cached_input_tokens,
                 cache_write_tokens: c.cache_write_tokens,
@@ -383,15 +388,15 @@ mod tests {
                 video_clips: c.video_clips,
                 characters: c.characters,
                 messages: c.messages,
-                resolution: event.resolution.clone().unwrap_or_default(),
-                message_category: event.message_category.clone().unwrap_or_default(),
-                billing_mode: event.billing_mode.as_str().into(),
+                resolution: &resolution,
+                message_category: &category,
+                billing_mode: event.billing_mode.as_str(),
                 upstream_cost_units: charge.upstream_cost_units,
-                upstream_cost: event.upstream_cost.map(|d| d.normalize().to_string()).unwrap_or_default(),
+                upstream_cost: &upstream,
                 catalog_cost_units: charge.catalog_cost_units,
                 cost_units: charge.cost_units,
-                catalog_version: catalog.version().into(),
-                reason: charge.reason.as_str().into(),
+                catalog_version: catalog.version(),
+                reason: charge.reason.as_str(),
             };
             let again = catalog.price(&stored_event(&row).unwrap());
             assert_eq!(again.cost_units, charge.cost_units, "{event:?}");

@@ -1,6 +1,6 @@
-//! One `tally rerate` run: read the range from ClickHouse account group by account group
-//! and period by period, price every event again, correct each account-period that
-//! changed, publish the corrections to ClickHouse.
+//! One `tally rerate` run: read the range from ClickHouse by groups of consecutive
+//! accounts (bounded by their event count), price every event again, then correct each
+//! account-period that changed and publish the corrections to ClickHouse.
 
 use super::store::{self, Changed, CorrectionContext, Unpublished};
 use super::{Period, Report, STORED_USAGE_COLUMNS, StoredUsage, Tally, stored_event};
@@ -9,11 +9,7 @@ use anyhow::Context;
 use chrono::{DateTime, SubsecRound, Utc};
 use indicatif::{ProgressBar, ProgressStyle};
 use sqlx::PgPool;
-use std::collections::HashSet;
-
-/// Accounts read by one ClickHouse query (a contiguous range of the sorted account ids, so
-/// the query reads that key range of `usage_log`'s primary index).
-const ACCOUNTS_PER_QUERY_MAX: usize = 256;
+use std::collections::{HashMap, HashSet};
 
 #[derive(Clone)]
 pub struct RerateOptions {
@@ -75,8 +71,9 @@ pub async fn rerate(pool: &PgPool, ch: &clickhouse::Client, opts: &RerateOptions
         report.run_id = Some(run_id.clone());
     }
     let filter = Filter::new(opts);
-    let accounts = filter.accounts(ch).await.context("listing the range's accounts in ClickHouse")?;
-    let progress = progress_bar(opts.progress, filter.count(ch).await?);
+    let counts =
+        filter.accounts(ch).await.context("counting the range's events per account in ClickHouse")?;
+    let progress = progress_bar(opts.progress, counts.iter().map(|a| a.events).sum());
     let cx = CorrectionContext {
         run_id: &run_id,
         catalog_version: &version,
@@ -84,21 +81,23 @@ pub async fn rerate(pool: &PgPool, ch: &clickhouse::Client, opts: &RerateOptions
         reason: opts.reason.as_deref().unwrap_or(""),
         fault_abort_after_commits: opts.fault_abort_after_commits,
     };
+    let periods = super::periods(opts.from, opts.to);
+    let whole = Period { from: opts.from, to: opts.to };
     let mut tally = Tally::default();
-    for period in super::periods(opts.from, opts.to) {
-        for group in accounts.chunks(ACCOUNTS_PER_QUERY_MAX) {
-            let current = store::current_costs(pool, group, &period).await?;
-            let mut cursor = filter.rows(ch, group, &period)?;
-            let mut account = AccountPeriod::default();
-            while let Some(row) = cursor.next().await.context("reading usage_log")? {
-                progress.inc(1);
-                if row.account_id != account.id {
-                    let done = std::mem::replace(&mut account, AccountPeriod::new(&row.account_id));
-                    done.finish(pool, ch, &cx, &period, &mut tally, &mut report).await?;
-                }
-                account.read(row, &opts.catalog, &current, &mut report);
-            }
-            account.finish(pool, ch, &cx, &period, &mut tally, &mut report).await?;
+    for group in groups(&counts) {
+        let accounts: Vec<&str> = group.iter().map(|a| a.account_id.as_str()).collect();
+        let current = store::current_costs(pool, &accounts, &whole).await?;
+        let mut found = Found::default();
+        let mut cursor = filter.rows(ch, &accounts)?;
+        while let Some(row) = cursor.next().await.context("reading usage_log")? {
+            progress.inc(1);
+            found.read(&row, &opts.catalog, &current, &periods, &mut report);
+        }
+        // Account by account, period by period: one correction each.
+        let mut changed: Vec<((String, usize), Vec<Changed>)> = found.changed.into_iter().collect();
+        changed.sort_unstable_by(|a, b| a.0.cmp(&b.0));
+        for ((account, period), events) in changed {
+            correct(pool, ch, &cx, &account, &periods[period], events, &mut tally, &mut report).await?;
         }
     }
     progress.finish_and_clear();
@@ -110,38 +109,52 @@ pub async fn rerate(pool: &PgPool, ch: &clickhouse::Client, opts: &RerateOptions
     Ok(report)
 }
 
-/// One account's rows of one period, as they stream by.
-#[derive(Default)]
-struct AccountPeriod {
-    id: String,
-    last_event: String,
-    changed: Vec<Changed>,
+/// Events of one account group read per query at most (whole accounts: an account with
+/// more is a group of its own). Bounds memory: what is kept is the group's changed
+/// events (about 200 bytes each) and its earlier corrections.
+const GROUP_EVENTS_MAX: u64 = 250_000;
+
+/// Contiguous runs of the sorted accounts with at most [`GROUP_EVENTS_MAX`] events each.
+fn groups(counts: &[AccountEvents]) -> Vec<&[AccountEvents]> {
+    let mut out = Vec::new();
+    let (mut start, mut events) = (0usize, 0u64);
+    for (i, a) in counts.iter().enumerate() {
+        if i > start && events + a.events > GROUP_EVENTS_MAX {
+            out.push(&counts[start..i]);
+            (start, events) = (i, 0);
+        }
+        events += a.events;
+    }
+    if start < counts.len() {
+        out.push(&counts[start..]);
+    }
+    out
 }
 
-impl AccountPeriod {
-    fn new(id: &str) -> AccountPeriod {
-        AccountPeriod { id: id.to_string(), ..AccountPeriod::default() }
-    }
+/// What one group's rows changed, by account and period (an index into the run's periods).
+#[derive(Default)]
+struct Found {
+    changed: HashMap<(String, usize), Vec<Changed>>,
+    /// Ids already taken: a row can repeat (an insert retried before ClickHouse merged
+    /// the copies), and rows arrive in no particular order.
+    seen: HashSet<String>,
+}
 
+impl Found {
     fn read(
         &mut self,
-        row: StoredUsage,
+        row: &StoredUsage<'_>,
         catalog: &Catalog,
-        current: &std::collections::HashMap<String, (i64, i64)>,
+        current: &HashMap<String, (i64, i64)>,
+        periods: &[Period],
         report: &mut Report,
     ) {
-        // Rows come ordered by event id; a repeat is the same event logged twice by a
-        // retried insert (identical rows that ReplacingMergeTree has not merged yet).
-        if row.event_id == self.last_event {
-            return;
-        }
-        self.last_event.clone_from(&row.event_id);
         report.events_read += 1;
         if row.reason == crate::pricing::ChargeReason::PaidByHold.as_str() {
             report.paid_by_hold_events += 1;
             return;
         }
-        let event = match stored_event(&row) {
+        let event = match stored_event(row) {
             Ok(e) => e,
             Err(why) => {
                 report.unreadable_rows += 1;
@@ -155,56 +168,66 @@ impl AccountPeriod {
             report.first_unreadable.get_or_insert_with(|| format!("{}: cost_overflow", row.event_id));
             return;
         }
-        let before = current.get(&row.event_id).copied().unwrap_or((row.cost_units, row.catalog_cost_units));
-        if after.cost_units != before.0 {
-            self.changed.push(Changed { row, before, after });
+        let before = current.get(row.event_id).copied().unwrap_or((row.cost_units, row.catalog_cost_units));
+        if after.cost_units == before.0 || !self.seen.insert(row.event_id.to_string()) {
+            return;
         }
+        // The periods tile the range and the query kept the event inside it.
+        let period = periods.partition_point(|p| p.to <= event.occurred_at);
+        debug_assert!(period < periods.len(), "an event of the range is in one of its periods");
+        let key = (event.account_id.clone(), period.min(periods.len() - 1));
+        self.changed.entry(key).or_default().push(Changed {
+            event,
+            catalog_version: row.catalog_version.to_string(),
+            billed_units: row.cost_units,
+            before,
+            after,
+        });
     }
+}
 
-    /// Correct what changed (only events whose batch committed), publish it, count it.
-    async fn finish(
-        mut self,
-        pool: &PgPool,
-        ch: &clickhouse::Client,
-        cx: &CorrectionContext<'_>,
-        period: &Period,
-        tally: &mut Tally,
-        report: &mut Report,
-    ) -> anyhow::Result<()> {
-        if self.changed.is_empty() {
-            return Ok(());
-        }
-        let billed: Vec<(&str, i64)> =
-            self.changed.iter().map(|c| (c.row.event_id.as_str(), c.row.cost_units)).collect();
-        let applied = store::applied_events(pool, &billed).await?;
-        let before = self.changed.len();
-        self.changed.retain(|c| applied.contains(&c.row.event_id));
-        report.pending_events += (before - self.changed.len()) as u64;
-        if self.changed.is_empty() {
-            return Ok(());
-        }
-        for c in &self.changed {
-            tally.add(&self.id, &c.row.model, c.before.0, c.after.cost_units);
-        }
-        if report.dry_run {
-            return Ok(());
-        }
-        store::commit_correction(pool, cx, &self.id, period, &self.changed)
-            .await
-            .with_context(|| format!("correcting {} for {}", self.id, period.label()))?;
-        report.entries_posted += 1;
-        if cx.fault_abort_after_commits == Some(report.entries_posted) {
-            tracing::error!("fault injection: aborting after a correction's COMMIT, before publishing it");
-            std::process::abort();
-        }
-        let unpublished = Unpublished {
-            run_id: cx.run_id.to_string(),
-            account_id: self.id.clone(),
-            period_from: period.from,
-            period_to: period.to,
-        };
-        publish(pool, ch, &unpublished).await
+/// Correct one account-period (only events whose batch committed), publish it, count it.
+#[allow(clippy::too_many_arguments)]
+async fn correct(
+    pool: &PgPool,
+    ch: &clickhouse::Client,
+    cx: &CorrectionContext<'_>,
+    account: &str,
+    period: &Period,
+    mut changed: Vec<Changed>,
+    tally: &mut Tally,
+    report: &mut Report,
+) -> anyhow::Result<()> {
+    let billed: Vec<(&str, i64)> =
+        changed.iter().map(|c| (c.event.event_id.as_str(), c.billed_units)).collect();
+    let applied = store::applied_events(pool, &billed).await?;
+    let before = changed.len();
+    changed.retain(|c| applied.contains(&c.event.event_id));
+    report.pending_events += (before - changed.len()) as u64;
+    if changed.is_empty() {
+        return Ok(());
     }
+    for c in &changed {
+        tally.add(account, &c.event.model, c.before.0, c.after.cost_units);
+    }
+    if report.dry_run {
+        return Ok(());
+    }
+    store::commit_correction(pool, cx, account, period, &changed)
+        .await
+        .with_context(|| format!("correcting {account} for {}", period.label()))?;
+    report.entries_posted += 1;
+    if cx.fault_abort_after_commits == Some(report.entries_posted) {
+        tracing::error!("fault injection: aborting after a correction's COMMIT, before publishing it");
+        std::process::abort();
+    }
+    let unpublished = Unpublished {
+        run_id: cx.run_id.to_string(),
+        account_id: account.to_string(),
+        period_from: period.from,
+        period_to: period.to,
+    };
+    publish(pool, ch, &unpublished).await
 }
 
 /// Publish every committed correction whose ClickHouse rows may be missing (a run killed
@@ -290,39 +313,39 @@ impl Filter {
         q
     }
 
-    async fn accounts(&self, ch: &clickhouse::Client) -> Result<Vec<String>, clickhouse::error::Error> {
+    /// Every account with events in the range, sorted, with how many.
+    async fn accounts(
+        &self,
+        ch: &clickhouse::Client,
+    ) -> Result<Vec<AccountEvents>, clickhouse::error::Error> {
         let q = ch.query(&format!(
-            "SELECT DISTINCT account_id FROM usage_log WHERE {} ORDER BY account_id",
+            "SELECT account_id, count() FROM usage_log WHERE {} GROUP BY account_id ORDER BY account_id",
             self.conditions()
         ));
-        self.bind(q, self.from, self.to).fetch_all::<String>().await
+        self.bind(q, self.from, self.to).fetch_all::<AccountEvents>().await
     }
 
-    async fn count(&self, ch: &clickhouse::Client) -> Result<u64, clickhouse::error::Error> {
-        let q = ch.query(&format!("SELECT count() FROM usage_log WHERE {}", self.conditions()));
-        self.bind(q, self.from, self.to).fetch_one::<u64>().await
-    }
-
-    /// The rows of `accounts` (a contiguous slice of the sorted ids) in `period`, ordered
-    /// by account and event id.
+    /// The range's rows of `accounts` (a contiguous slice of the sorted ids: a key range of
+    /// the primary index). No ORDER BY: ClickHouse streams the parts as they are (a sort
+    /// tripled its cost), and [`Found`] groups by account and period.
     fn rows(
         &self,
         ch: &clickhouse::Client,
-        accounts: &[String],
-        period: &Period,
-    ) -> Result<clickhouse::query::RowCursor<StoredUsage>, clickhouse::error::Error> {
+        accounts: &[&str],
+    ) -> Result<clickhouse::query::RowCursor<StoredUsage<'static>>, clickhouse::error::Error> {
         let (first, last) = (accounts.first().expect("a group"), accounts.last().expect("a group"));
         let q = ch.query(&format!(
-            "SELECT {STORED_USAGE_COLUMNS} FROM usage_log
-             WHERE {} AND account_id >= ? AND account_id <= ?
-             ORDER BY account_id, event_id",
+            "SELECT {STORED_USAGE_COLUMNS} FROM usage_log WHERE {} AND account_id >= ? AND account_id <= ?",
             self.conditions()
         ));
-        self.bind(q, period.from.timestamp(), period.to.timestamp())
-            .bind(first)
-            .bind(last)
-            .fetch::<StoredUsage>()
+        self.bind(q, self.from, self.to).bind(first).bind(last).fetch::<StoredUsage<'static>>()
     }
+}
+
+#[derive(Debug, clickhouse::Row, serde::Deserialize)]
+struct AccountEvents {
+    account_id: String,
+    events: u64,
 }
 
 fn progress_bar(show: bool, total: u64) -> ProgressBar {

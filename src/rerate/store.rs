@@ -1,7 +1,8 @@
 //! The Postgres side of re-rating: catalog versions, runs, the events' current costs, and
 //! one account-period's correction in one transaction.
 
-use super::{Period, StoredUsage};
+use super::Period;
+use crate::event::UsageEvent;
 use crate::ledger::ops::{Amount, LedgerError, Posting, hash_payload, post_at};
 use crate::pricing::{Catalog, Charge};
 use chrono::{DateTime, Utc};
@@ -80,7 +81,7 @@ pub async fn finish_run(pool: &PgPool, run_id: &str, total: &super::Totals) -> R
 /// `period`: event id -> (cost, catalog cost). Events absent cost what they were billed.
 pub async fn current_costs(
     pool: &PgPool,
-    accounts: &[String],
+    accounts: &[&str],
     period: &Period,
 ) -> Result<HashMap<String, (i64, i64)>, sqlx::Error> {
     let rows: Vec<(String, i64, i64)> = sqlx::query_as(
@@ -124,7 +125,13 @@ pub async fn applied_events(pool: &PgPool, events: &[(&str, i64)]) -> Result<Has
 
 /// One event whose cost changes.
 pub struct Changed {
-    pub row: StoredUsage,
+    /// The event as rebuilt from its row (ids, dimensions, units).
+    pub event: UsageEvent,
+    /// The catalog version that first priced it.
+    pub catalog_version: String,
+    /// What the usage log says it was billed (checked against the dedup store).
+    pub billed_units: i64,
+    /// (cost, catalog cost) now, before this run.
     pub before: (i64, i64),
     pub after: Charge,
 }
@@ -153,7 +160,7 @@ pub async fn commit_correction(
     assert!(!changed.is_empty(), "only an account-period with changes is corrected");
     let old: i64 = changed.iter().map(|c| c.before.0).sum();
     let new: i64 = changed.iter().map(|c| c.after.cost_units).sum();
-    let mut versions_before: Vec<&str> = changed.iter().map(|c| c.row.catalog_version.as_str()).collect();
+    let mut versions_before: Vec<&str> = changed.iter().map(|c| c.catalog_version.as_str()).collect();
     versions_before.sort_unstable();
     versions_before.dedup();
     let key = format!("rerate:{}:{}:{}", cx.run_id, account, period.label());
@@ -225,15 +232,15 @@ struct CorrectionRows<'a> {
 
 impl<'a> CorrectionRows<'a> {
     fn push(&mut self, c: &'a Changed) {
-        let r = &c.row;
-        self.event.push(&r.event_id);
-        self.account.push(&r.account_id);
-        self.occurred.push(chrono::TimeZone::timestamp_opt(&Utc, i64::from(r.occurred_at), 0).unwrap());
-        self.project.push(&r.project_id);
-        self.api_key.push(&r.api_key_id);
-        self.provider.push(&r.provider);
-        self.model.push(&r.model);
-        self.modality.push(&r.modality);
+        let e = &c.event;
+        self.event.push(&e.event_id);
+        self.account.push(&e.account_id);
+        self.occurred.push(e.occurred_at);
+        self.project.push(e.project_id.as_deref().unwrap_or(""));
+        self.api_key.push(e.api_key_id.as_deref().unwrap_or(""));
+        self.provider.push(&e.provider);
+        self.model.push(&e.model);
+        self.modality.push(e.modality.as_str());
         self.cost_before.push(c.before.0);
         self.cost_after.push(c.after.cost_units);
         self.catalog_before.push(c.before.1);

@@ -177,11 +177,12 @@ async fn every_role_on_every_endpoint() {
     tally::ledger::topup::record_captured(&app.env.pool, &Default::default(), &eur).await.unwrap();
     const U: u16 = 401;
     #[rustfmt::skip]
-    let table: [(&str, [u16; 9]); 8] = [
+    let table: [(&str, [u16; 9]); 9] = [
         //                  owner builder bankr service platform other none unknown revoked
         ("transactions",   [200,  403,    200,  403,    403,     404,  U,   U,      U]),
         ("topups",         [200,  403,    200,  403,    403,     404,  U,   U,      U]),
         ("usage",          [200,  200,    403,  403,    403,     404,  U,   U,      U]),
+        ("usage_events",   [200,  200,    403,  403,    403,     404,  U,   U,      U]),
         ("reserve",        [201,  403,    403,  201,    201,     404,  U,   U,      U]),
         ("settle",         [200,  403,    403,  200,    200,     404,  U,   U,      U]),
         ("release",        [200,  403,    403,  200,    200,     404,  U,   U,      U]),
@@ -195,6 +196,7 @@ async fn every_role_on_every_endpoint() {
                 "transactions" => (Method::GET, "/v1/accounts/acct-a/transactions".to_string(), Body::None),
                 "topups" => (Method::GET, "/v1/accounts/acct-a/topups".to_string(), Body::None),
                 "usage" => (Method::GET, "/v1/accounts/acct-a/usage".to_string(), Body::None),
+                "usage_events" => (Method::GET, "/v1/accounts/acct-a/usage/events".to_string(), Body::None),
                 "reserve" => {
                     let body = json!({"account_id": "acct-a", "reservation_id": n, "amount_usd": "0.01"});
                     (Method::POST, "/v1/reservations".to_string(), Body::Json(body))
@@ -516,6 +518,30 @@ async fn malformed_input_is_a_json_error_never_a_500() {
             "invalid_query",
         ),
         (
+            "usage events: a cursor this endpoint never returned",
+            Method::GET,
+            "/v1/accounts/acct-m/usage/events?cursor=zz".into(),
+            Body::None,
+            400,
+            "invalid_cursor",
+        ),
+        (
+            "usage events: limit 0",
+            Method::GET,
+            "/v1/accounts/acct-m/usage/events?limit=0".into(),
+            Body::None,
+            400,
+            "invalid_query",
+        ),
+        (
+            "usage events: unknown modality",
+            Method::GET,
+            "/v1/accounts/acct-m/usage/events?modality=hologram".into(),
+            Body::None,
+            400,
+            "invalid_query",
+        ),
+        (
             "window over 400 days",
             Method::GET,
             "/v1/accounts/acct-m/usage?from=2024-01-01T00:00:00Z&to=2026-01-01T00:00:00Z".into(),
@@ -722,6 +748,83 @@ async fn usage_totals_from_the_usage_log() {
         (200, Some(0), Some("0.00000000"))
     );
     assert_eq!(none["by_day"], json!([]));
+}
+
+#[tokio::test]
+async fn usage_events_page_through_the_calls() {
+    let app = spawn_app(auth::TOKEN_CACHE_TTL).await;
+    let builder = app.token(Some("acct-e"), Role::Builder).await.token;
+    let now = Utc::now();
+    let mut events: Vec<UsageEvent> = (0..7)
+        .map(|i| {
+            let model = if i % 2 == 0 { "grok-4-1-fast" } else { "gpt-4o-mini" };
+            let provider = if i % 2 == 0 { "xai" } else { "openai" };
+            // Two calls share a second: the page order is (time, id), newest first.
+            let at = now - ChronoDuration::minutes(10 * i64::from(i).max(1));
+            chat(&format!("e{i}"), "acct-e", provider, model, 100_000 + i64::from(i), at)
+        })
+        .collect();
+    let mut failed = events[3].clone();
+    failed.event_id = "e-failed".into();
+    failed.status = tally::event::Status::Error;
+    failed.api_key_id = Some("key-2".into());
+    events.push(failed);
+    events.push(chat("e-other", "acct-other", "xai", "grok-4-1-fast", 100_000, now));
+    let costs = apply_and_log(&app.env, &events).await;
+
+    // Page through everything, two at a time: newest first, each call once.
+    let mut seen: Vec<(String, String)> = Vec::new();
+    let mut cursor: Option<String> = None;
+    loop {
+        let mut path = "/v1/accounts/acct-e/usage/events?limit=2".to_string();
+        if let Some(c) = &cursor {
+            path.push_str(&format!("&cursor={c}"));
+        }
+        let (status, page) = app.get(&path, &builder).await;
+        assert_eq!(status, 200, "{page}");
+        for e in page["events"].as_array().unwrap() {
+            let id = e["event_id"].as_str().unwrap().to_string();
+            assert_eq!(e["cost_units"].as_i64(), Some(costs[&id]), "{e}");
+            assert_eq!(e["billed_cost_units"], e["cost_units"]);
+            assert!(e["units"]["input_tokens"].as_i64().unwrap() >= 100_000, "{e}");
+            seen.push((e["occurred_at"].as_str().unwrap().to_string(), id));
+        }
+        cursor = page["next_cursor"].as_str().map(str::to_string);
+        if cursor.is_none() {
+            break;
+        }
+    }
+    assert_eq!(seen.len(), 8, "every call of the account, none of another: {seen:?}");
+    let mut sorted = seen.clone();
+    sorted.sort_by(|a, b| b.cmp(a));
+    assert_eq!(seen, sorted, "newest first, ties by id");
+
+    // Filters.
+    let ids = |page: &Value| -> Vec<String> {
+        page["events"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|e| e["event_id"].as_str().unwrap().to_string())
+            .collect()
+    };
+    let (_, grok) = app.get("/v1/accounts/acct-e/usage/events?model=grok-4-1-fast", &builder).await;
+    assert_eq!(ids(&grok), ["e0", "e2", "e4", "e6"]);
+    let (_, errors) = app.get("/v1/accounts/acct-e/usage/events?status=error", &builder).await;
+    assert_eq!(ids(&errors), ["e-failed"]);
+    assert_eq!(errors["events"][0]["cost_units"].as_i64(), Some(0), "failed calls are free");
+    let (_, key) =
+        app.get("/v1/accounts/acct-e/usage/events?api_key_id=key-2&provider=openai", &builder).await;
+    assert_eq!(ids(&key), ["e-failed"]);
+
+    // A re-rating correction shows in the call's cost (billed cost unchanged).
+    let insert = "INSERT INTO usage_corrections (run_id, event_id, occurred_at, account_id, cost_delta_units)
+                  VALUES ('r1', 'e1', now(), 'acct-e', 12345)";
+    app.env.clickhouse().query(insert).execute().await.unwrap();
+    let (_, one) = app.get("/v1/accounts/acct-e/usage/events?model=gpt-4o-mini&limit=1", &builder).await;
+    assert_eq!(ids(&one), ["e1"]);
+    assert_eq!(one["events"][0]["cost_units"].as_i64(), Some(costs["e1"] + 12_345));
+    assert_eq!(one["events"][0]["billed_cost_units"].as_i64(), Some(costs["e1"]));
 }
 
 #[tokio::test]

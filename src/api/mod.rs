@@ -13,6 +13,7 @@ pub mod stripe;
 pub mod topups;
 pub mod transactions;
 pub mod usage;
+pub mod usage_events;
 
 pub use error::ApiError;
 
@@ -53,6 +54,7 @@ pub fn router(state: AppState) -> Router {
         .route("/v1/accounts/{id}/transactions", get(transactions::list))
         .route("/v1/accounts/{id}/topups", get(topups::list))
         .route("/v1/accounts/{id}/usage", get(usage::get))
+        .route("/v1/accounts/{id}/usage/events", get(usage_events::list))
         .route("/v1/reservations", post(reservations::reserve))
         .route("/v1/reservations/{id}/settle", post(reservations::settle))
         .route("/v1/reservations/{id}/release", post(reservations::release))

@@ -139,14 +139,18 @@ pub async fn get(
     ApiQuery(q): ApiQuery<WindowQuery>,
 ) -> Result<Json<UsageView>, ApiError> {
     path_account_id(&id)?;
-    let (from, to) = window(q, Utc::now())?;
+    let (from, to) = window(q.from, q.to, Utc::now())?;
     check_existing(&caller, &state.pool, &id, Capability::Usage).await?;
     let rows = fetch(&state.clickhouse, &id, from, to).await?;
     Ok(Json(summarize(id, from, to, &rows)))
 }
 
-/// Parse and bound the window. Pure: `now` is passed in.
-fn window(q: WindowQuery, now: DateTime<Utc>) -> Result<(DateTime<Utc>, DateTime<Utc>), ApiError> {
+/// Parse and bound the window (also `/usage/events`'). Pure: `now` is passed in.
+pub(super) fn window(
+    from: Option<String>,
+    to: Option<String>,
+    now: DateTime<Utc>,
+) -> Result<(DateTime<Utc>, DateTime<Utc>), ApiError> {
     let parse = |name: &str, v: Option<String>| -> Result<Option<DateTime<Utc>>, ApiError> {
         v.map(|s| {
             DateTime::parse_from_rfc3339(&s).map(|t| t.with_timezone(&Utc)).map_err(|e| {
@@ -155,8 +159,8 @@ fn window(q: WindowQuery, now: DateTime<Utc>) -> Result<(DateTime<Utc>, DateTime
         })
         .transpose()
     };
-    let to = parse("to", q.to)?.unwrap_or(now);
-    let from = parse("from", q.from)?.unwrap_or(to - Duration::days(WINDOW_DAYS_DEFAULT));
+    let to = parse("to", to)?.unwrap_or(now);
+    let from = parse("from", from)?.unwrap_or(to - Duration::days(WINDOW_DAYS_DEFAULT));
     if from >= to {
         return Err(ApiError::bad_request("invalid_range", "from must be before to"));
     }
@@ -253,8 +257,15 @@ fn summarize(account_id: String, from: DateTime<Utc>, to: DateTime<Utc>, rows: &
 mod tests {
     use super::*;
 
-    fn q(from: Option<&str>, to: Option<&str>) -> WindowQuery {
-        WindowQuery { from: from.map(str::to_string), to: to.map(str::to_string) }
+    fn q(from: Option<&str>, to: Option<&str>) -> (Option<String>, Option<String>) {
+        (from.map(str::to_string), to.map(str::to_string))
+    }
+
+    fn window(
+        q: (Option<String>, Option<String>),
+        now: DateTime<Utc>,
+    ) -> Result<(DateTime<Utc>, DateTime<Utc>), ApiError> {
+        super::window(q.0, q.1, now)
     }
 
     #[test]

@@ -17,7 +17,7 @@
 use super::auth::{Caller, Capability, check_existing};
 use super::extract::{ApiPath, ApiQuery, path_account_id};
 use super::{ApiError, AppState};
-use crate::event::{ID_LEN_MAX, Modality, TEXT_LEN_MAX};
+use crate::event::{Counts, ID_LEN_MAX, Modality, TEXT_LEN_MAX};
 use crate::money::units_to_usd_string;
 use axum::Json;
 use axum::extract::State;
@@ -152,20 +152,6 @@ const EVENT_COLUMNS: &str = "event_id, toUInt32(occurred_at), provider, model, p
      cost_units, latency_ms, catalog_version, price_entry";
 
 #[derive(Debug, Serialize)]
-pub struct Units {
-    pub input_tokens: u64,
-    pub cached_input_tokens: u64,
-    pub cache_write_tokens: u64,
-    pub output_tokens: u64,
-    pub reasoning_tokens: u64,
-    pub images: u64,
-    pub video_seconds: u64,
-    pub video_clips: u64,
-    pub characters: u64,
-    pub messages: u64,
-}
-
-#[derive(Debug, Serialize)]
 pub struct UsageEventView {
     pub event_id: String,
     pub occurred_at: DateTime<Utc>,
@@ -184,7 +170,8 @@ pub struct UsageEventView {
     pub charged: bool,
     /// Why it costs what it costs (`priced`, `failed_call`, `byok`, ...).
     pub reason: String,
-    pub units: Units,
+    /// Every unit the call reported (tokens by class, images, seconds, ...).
+    pub units: Counts,
     /// What the call costs now (exact USD string and internal units, 1e-8 USD).
     pub cost: String,
     pub cost_units: i64,
@@ -297,7 +284,7 @@ fn view(r: EventRow, deltas: &HashMap<String, i64>) -> UsageEventView {
     let cost_units = r.cost_units.saturating_add(deltas.get(&r.event_id).copied().unwrap_or(0));
     UsageEventView {
         occurred_at: Utc.timestamp_opt(i64::from(r.occurred_at), 0).single().unwrap_or_default(),
-        units: Units {
+        units: Counts {
             input_tokens: r.input_tokens,
             cached_input_tokens: r.cached_input_tokens,
             cache_write_tokens: r.cache_write_tokens,

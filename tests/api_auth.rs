@@ -51,6 +51,7 @@ async fn spawn_app(token_ttl: Duration) -> App {
         clickhouse: env.clickhouse(),
         quota: Default::default(),
         quota_config: Arc::new(tally::quota::config::QuotaConfig::load(&catalog).unwrap()),
+        catalog: Arc::new(Catalog::load(&catalog).unwrap()),
     };
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let base = format!("http://{}", listener.local_addr().unwrap());

@@ -22,6 +22,8 @@ cycle = "calendar_month"
 rank = 0
 allocation_usd = "0.50"
 overage_policy = "hard_limit"
+allowed_providers = ["openrouter", "ollama"]
+allowed_model_tiers = ["small"]
 [plans.pro]
 rank = 1
 allocation_usd = "50"
@@ -59,6 +61,7 @@ async fn spawn_app() -> App {
         clickhouse: env.clickhouse(),
         quota: quota.clone(),
         quota_config: Arc::new(QuotaConfig::from_toml_str(CONFIG, "test").unwrap()),
+        catalog: Arc::new(tally::pricing::Catalog::load(&repo().join("examples/broomva.toml")).unwrap()),
     };
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let base = format!("http://{}", listener.local_addr().unwrap());
@@ -183,6 +186,50 @@ async fn authorize_answers_every_code_with_an_overage_result() {
         )
         .await;
     assert_eq!((s, b["error"]["code"].as_str()), (429, Some("spend_limit_exceeded")), "{b}");
+}
+
+#[tokio::test]
+async fn plans_gate_models_at_authorize() {
+    let app = spawn_app().await;
+    let gw = app.token(None, Role::Service).await;
+    let owner = app.token(Some("acct-g"), Role::Owner).await;
+    let (s, _) = app.call("POST", "/v1/accounts/acct-g/plan", Some(&owner), Some(r#"{"plan":"free"}"#)).await;
+    assert_eq!(s, 200);
+    app.quota.refresh(&app.env.pool).await.unwrap();
+    let ask = |provider: &str, model: &str| serde_json::json!({"account_id": "acct-g", "provider": provider, "model": model, "hold": false});
+    // Free (test config): providers openrouter and ollama, and the catalog's small tier.
+    for (provider, model) in [
+        ("openrouter", "meta-llama/llama-3.1-8b-instruct"),
+        ("ollama", "llama3"),
+        ("google", "gemini-2.5-flash"), // small tier in the BroomVA catalog
+    ] {
+        let (s, b) = app.authorize(&gw, ask(provider, model)).await;
+        assert_eq!((s, b["allowed"].as_bool()), (200, Some(true)), "{model}: {b}");
+    }
+    for (provider, model) in
+        [("anthropic", "claude-sonnet-4-5"), ("openai", "o1"), ("mystery", "unknown-model")]
+    {
+        let (s, b) = app.authorize(&gw, ask(provider, model)).await;
+        assert_eq!((s, b["error"]["code"].as_str()), (403, Some("model_not_allowed")), "{model}: {b}");
+        let message = b["error"]["message"].as_str().unwrap();
+        assert!(message.contains("plan free") && message.contains(model), "{message}");
+    }
+    // Refused before anything is held.
+    let mut hold = ask("anthropic", "claude-sonnet-4-5");
+    hold["hold"] = serde_json::json!(true);
+    assert_eq!(app.authorize(&gw, hold).await.0, 403);
+    assert_eq!(app.env.count("SELECT count(*) FROM reservations").await, 0);
+    // A call that names no model is not gated; a plan without rules allows every model.
+    let (s, _) = app.authorize(&gw, serde_json::json!({"account_id": "acct-g"})).await;
+    assert_eq!(s, 200);
+    let (s, _) = app.call("POST", "/v1/accounts/acct-g/plan", Some(&owner), Some(r#"{"plan":"pro"}"#)).await;
+    assert_eq!(s, 200);
+    app.quota.refresh(&app.env.pool).await.unwrap();
+    let (s, b) = app.authorize(&gw, ask("anthropic", "claude-sonnet-4-5")).await;
+    assert_eq!(s, 200, "{b}");
+    // An empty model is a bad request, not a pass.
+    let (s, b) = app.authorize(&gw, serde_json::json!({"account_id": "acct-g", "model": ""})).await;
+    assert_eq!((s, b["error"]["code"].as_str()), (422, Some("invalid_request")));
 }
 
 #[tokio::test]

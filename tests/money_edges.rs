@@ -24,7 +24,15 @@ fn edgy() -> impl Strategy<Value = i64> {
 }
 
 fn plan(policy: OveragePolicy, allocation_units: i64) -> Plan {
-    Plan { name: "p".into(), rank: 1, allocation_units, policy, soft_limit_percent: 120, self_serve: true }
+    Plan {
+        name: "p".into(),
+        rank: 1,
+        allocation_units,
+        policy,
+        soft_limit_percent: 120,
+        self_serve: true,
+        models: Default::default(),
+    }
 }
 
 proptest! {

@@ -42,6 +42,8 @@ pub struct AppState {
     /// In-memory quota, limit and balance state (the authorize fast path).
     pub quota: std::sync::Arc<crate::quota::state::QuotaState>,
     pub quota_config: std::sync::Arc<crate::quota::config::QuotaConfig>,
+    /// The price catalog (authorize resolves a model's tier for plans that gate models).
+    pub catalog: std::sync::Arc<crate::pricing::Catalog>,
 }
 
 pub fn router(state: AppState) -> Router {

@@ -31,7 +31,11 @@ pub struct AuthorizeRequest {
     pub api_key_id: Option<String>,
     pub project_id: Option<String>,
     pub feature: Option<String>,
+    /// The model the call will use: checked against the plan's allowed models, if the
+    /// plan restricts them (`model_not_allowed`).
     pub model: Option<String>,
+    /// The model's provider (plans may allow models by provider).
+    pub provider: Option<String>,
     /// Estimated cost, USD decimal string (exact), or `estimated_cost_units`.
     pub estimated_cost_usd: Option<String>,
     pub estimated_cost_units: Option<i64>,
@@ -60,6 +64,38 @@ struct AuthorizeResponse {
 
 fn check_id(field: &str, v: &str) -> Result<(), ApiError> {
     super::extract::body_id(field, v)
+}
+
+/// A plan may restrict the models its accounts call (BroomVA Free: community models only):
+/// a call naming a model the account's plan does not allow is refused, 403
+/// `model_not_allowed`, whether or not it would hold.
+fn check_model(state: &AppState, req: &AuthorizeRequest) -> Result<(), ApiError> {
+    for (field, v) in [("model", &req.model), ("provider", &req.provider)] {
+        if v.as_ref().is_some_and(|v| v.is_empty() || v.len() > crate::event::TEXT_LEN_MAX) {
+            let problem = format!("{field} must be 1..={} bytes", crate::event::TEXT_LEN_MAX);
+            return Err(ApiError::unprocessable("invalid_request", problem));
+        }
+    }
+    let Some(model) = req.model.as_deref() else { return Ok(()) };
+    let cfg = &state.quota_config;
+    let plan_name =
+        state.quota.with_account(&req.account_id, |acct| acct.plan.as_ref().map(|(p, _)| p.clone()));
+    let Some(plan) = plan_name.and_then(|name| cfg.plans.get(&name)) else { return Ok(()) };
+    let provider = req.provider.as_deref();
+    let tier = state.catalog.model_tier(provider.unwrap_or(""), model);
+    if plan.models.allows(provider, model, tier) {
+        return Ok(());
+    }
+    Err(ApiError::new(
+        StatusCode::FORBIDDEN,
+        "model_not_allowed",
+        format!(
+            "plan {} does not allow model {model}{}: it allows {}",
+            plan.name,
+            provider.map(|p| format!(" of provider {p}")).unwrap_or_default(),
+            plan.models.describe()
+        ),
+    ))
 }
 
 fn estimate_units(req: &AuthorizeRequest) -> Result<i64, ApiError> {
@@ -95,6 +131,7 @@ pub async fn authorize(
         }
     }
     caller.check(&req.account_id, Capability::Gateway)?;
+    check_model(&state, &req)?;
     let estimate = estimate_units(&req)?;
     if req.hold.unwrap_or(state.ledger_config.reservations.hold_on_authorize) {
         return authorize_holding(&state, req, estimate).await;

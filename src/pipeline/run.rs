@@ -31,11 +31,12 @@ pub async fn run(
     metrics: metrics_exporter_prometheus::PrometheusHandle,
 ) -> anyhow::Result<()> {
     settings.validate().map_err(|e| anyhow::anyhow!("invalid settings: {e}"))?;
-    let catalog = Catalog::load(&settings.catalog_path).map_err(|e| anyhow::anyhow!("{e}"))?;
+    let catalog = Arc::new(Catalog::load(&settings.catalog_path).map_err(|e| anyhow::anyhow!("{e}"))?);
     let ledger_config =
         ledger::config::LedgerConfig::load(&settings.catalog_path).map_err(|e| anyhow::anyhow!(e))?;
     let quota_config =
         crate::quota::config::QuotaConfig::load(&settings.catalog_path).map_err(|e| anyhow::anyhow!(e))?;
+    quota_config.check_against(&catalog).map_err(|e| anyhow::anyhow!(e))?;
     let c = &settings.connections;
     let pool = ledger::connect(&c.database_url, settings.pg_connections_max)
         .await
@@ -69,6 +70,7 @@ pub async fn run(
         clickhouse: analytics::client(&c.clickhouse_url, &c.clickhouse_database),
         quota: quota_state.clone(),
         quota_config: Arc::new(quota_config),
+        catalog: catalog.clone(),
     };
     // Plan rows from before cycles were posted keep their balance for the current cycle.
     let adopted = crate::quota::store::adopt_plan_cycles(&pool, &http_state.quota_config, chrono::Utc::now())
@@ -94,7 +96,7 @@ pub async fn run(
     let reader = Reader {
         consumer: consumer.clone(),
         transformer: Transformer {
-            catalog: Arc::new(catalog),
+            catalog,
             schemas: Arc::new(settings.schemas.load()?),
             future_skew: chrono::Duration::seconds(i64::from(settings.future_skew_secs_max)),
             age_max: chrono::Duration::days(i64::from(settings.event_age_days_max)),

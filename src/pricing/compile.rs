@@ -49,6 +49,7 @@ pub(crate) fn compile(text: &str, origin: &str) -> Result<Catalog, CatalogError>
         by_name,
         by_provider,
         local_providers: providers.iter().filter(|(_, p)| p.local).map(|(n, _)| n.clone()).collect(),
+        tier_names: cat.model_tiers.keys().cloned().collect(),
         default_entry,
         upstream_floor: cat.upstream_floor,
         minimum_charge_units: minimum_charge(ctx, &cat)?,
@@ -162,7 +163,13 @@ fn compile_entry(
             compile_versions(ctx, &tier_path, &raw_tier.prices, &adjust)?
         }
     };
-    Ok(Entry { id: m.id.clone(), local: provider.local, upstream_markup, versions })
+    Ok(Entry {
+        id: m.id.clone(),
+        local: provider.local,
+        upstream_markup,
+        versions,
+        tier: m.model_tier.clone(),
+    })
 }
 
 /// Ids and aliases share one namespace: a name must price one thing only.

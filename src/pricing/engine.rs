@@ -66,15 +66,20 @@ impl Catalog {
             (Modality::Feature, Some(feature)) => feature.as_str(),
             _ => event.model.as_str(),
         };
-        let direct = self
-            .by_name
-            .get(name)
-            .or_else(|| name.rsplit_once('/').and_then(|(_, bare)| self.by_name.get(bare)))
-            .or_else(|| self.by_provider.get(event.provider.as_str()));
-        match direct {
-            Some(&index) => Some((index, false)),
+        match self.find_named(name, &event.provider) {
+            Some(index) => Some((index, false)),
             None => self.default_entry.map(|index| (index, true)),
         }
+    }
+
+    /// The entry named `name` (id or alias, also without a `provider/` prefix), else
+    /// `provider`'s `provider_wide` entry; never the default model.
+    pub(super) fn find_named(&self, name: &str, provider: &str) -> Option<usize> {
+        self.by_name
+            .get(name)
+            .or_else(|| name.rsplit_once('/').and_then(|(_, bare)| self.by_name.get(bare)))
+            .or_else(|| self.by_provider.get(provider))
+            .copied()
     }
 
     fn is_local(&self, event: &UsageEvent, entry: Option<&Entry>) -> bool {

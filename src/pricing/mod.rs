@@ -240,6 +240,8 @@ pub struct Catalog {
     /// Entry index of the `provider_wide` entry of a provider.
     by_provider: HashMap<String, usize>,
     local_providers: Vec<String>,
+    /// Every `[catalog.model_tiers.NAME]`.
+    tier_names: Vec<String>,
     default_entry: Option<usize>,
     upstream_floor: bool,
     minimum_charge_units: i64,
@@ -256,6 +258,8 @@ struct Entry {
     upstream_markup: exact::Exact,
     /// Sorted by `effective_from`, `None` first; never empty.
     versions: Vec<Version>,
+    /// The `model_tier` it is priced by, if any (plans may allow models by tier).
+    tier: Option<String>,
 }
 
 /// The unit balances are shown in: USD by default, credits where a seed uses them.
@@ -488,6 +492,18 @@ impl Catalog {
     /// The unit to show balances in (`[catalog.display]`, USD when absent).
     pub fn display_unit(&self) -> &DisplayUnit {
         &self.display
+    }
+
+    /// The model tier of the entry that prices `model` called through `provider` (the
+    /// lookup of [`Catalog::lookup`] without the default-model fallback: an unknown model
+    /// has no tier).
+    pub fn model_tier(&self, provider: &str, model: &str) -> Option<&str> {
+        self.find_named(model, provider).and_then(|i| self.entries[i].tier.as_deref())
+    }
+
+    /// True when the catalog defines `[catalog.model_tiers.NAME]`.
+    pub fn has_tier(&self, name: &str) -> bool {
+        self.tier_names.iter().any(|t| t == name)
     }
 
     fn entry_by_id(&self, id: &str) -> Option<&Entry> {

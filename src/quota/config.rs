@@ -69,6 +69,13 @@ struct PlanFile {
     soft_limit_percent: Option<u32>,
     #[serde(default = "yes")]
     self_serve: bool,
+    /// Which models the plan may call (see [`ModelGate`]); all three absent = every model.
+    #[serde(default)]
+    allowed_providers: Vec<String>,
+    #[serde(default)]
+    allowed_models: Vec<String>,
+    #[serde(default)]
+    allowed_model_tiers: Vec<String>,
 }
 
 fn yes() -> bool {
@@ -86,6 +93,53 @@ pub struct Plan {
     pub soft_limit_percent: u32,
     /// False: changing to this plan through the API or CLI is refused (enterprise).
     pub self_serve: bool,
+    /// The models its accounts may call (BroomVA Free: community models only).
+    pub models: ModelGate,
+}
+
+/// Which models a plan allows. Empty = every model. Otherwise a model is allowed when any
+/// rule matches: its provider is listed, its name is listed (`prefix*` matches by prefix,
+/// e.g. `meta-llama/*`), or the catalog prices it by a listed model tier. Authorize
+/// enforces it when the call names its model; usage that already happened is billed
+/// whatever the model (it cannot be refused after the fact).
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct ModelGate {
+    pub providers: Vec<String>,
+    pub models: Vec<String>,
+    pub tiers: Vec<String>,
+}
+
+impl ModelGate {
+    pub fn is_open(&self) -> bool {
+        self.providers.is_empty() && self.models.is_empty() && self.tiers.is_empty()
+    }
+
+    /// `tier`: the catalog tier that prices the model, if any. Pure.
+    pub fn allows(&self, provider: Option<&str>, model: &str, tier: Option<&str>) -> bool {
+        if self.is_open() {
+            return true;
+        }
+        let named = |rule: &String| match rule.strip_suffix('*') {
+            Some(prefix) => model.starts_with(prefix),
+            None => rule == model,
+        };
+        provider.is_some_and(|p| self.providers.iter().any(|r| r == p))
+            || self.models.iter().any(named)
+            || tier.is_some_and(|t| self.tiers.iter().any(|r| r == t))
+    }
+
+    /// What it allows, for a refusal's message.
+    pub fn describe(&self) -> String {
+        let mut parts = Vec::new();
+        for (what, list) in
+            [("providers", &self.providers), ("models", &self.models), ("model tiers", &self.tiers)]
+        {
+            if !list.is_empty() {
+                parts.push(format!("{what} {}", list.join(", ")));
+            }
+        }
+        parts.join("; ")
+    }
 }
 
 /// An account's own terms for its plan, set by an operator only (BroomVA's enterprise:
@@ -175,6 +229,10 @@ impl QuotaConfig {
             if !(100..=1000).contains(&soft) {
                 return Err(format!("{origin}: plans.{name}.soft_limit_percent must be within 100..=1000"));
             }
+            let lists = [&p.allowed_providers, &p.allowed_models, &p.allowed_model_tiers];
+            if lists.iter().any(|l| l.iter().any(|v| v.trim().is_empty() || v.len() > 512)) {
+                return Err(format!("{origin}: plans.{name}: allowed_* entries must be 1..=512 bytes"));
+            }
             let plan = Plan {
                 name: name.clone(),
                 rank: p.rank,
@@ -182,6 +240,11 @@ impl QuotaConfig {
                 policy: p.overage_policy,
                 soft_limit_percent: soft,
                 self_serve: p.self_serve,
+                models: ModelGate {
+                    providers: p.allowed_providers,
+                    models: p.allowed_models,
+                    tiers: p.allowed_model_tiers,
+                },
             };
             plans.insert(name, plan);
         }
@@ -193,6 +256,21 @@ impl QuotaConfig {
         Ok(QuotaConfig { plans, quotas: file.quotas, cycle: file.limits.cycle })
     }
 
+    /// Every model tier a plan allows must exist in the catalog (a misspelt tier would
+    /// silently refuse every model of it).
+    pub fn check_against(&self, catalog: &crate::pricing::Catalog) -> Result<(), String> {
+        for plan in self.plans.values() {
+            if let Some(t) = plan.models.tiers.iter().find(|t| !catalog.has_tier(t)) {
+                return Err(format!(
+                    "{}: plans.{}.allowed_model_tiers: no [catalog.model_tiers.{t}]",
+                    catalog.origin(),
+                    plan.name
+                ));
+            }
+        }
+        Ok(())
+    }
+
     pub fn load(path: &Path) -> Result<QuotaConfig, String> {
         let text = std::fs::read_to_string(path).map_err(|e| format!("{}: {e}", path.display()))?;
         Self::from_toml_str(&text, &path.display().to_string())
@@ -201,6 +279,29 @@ impl QuotaConfig {
     /// Calls of `feature` allowed per window for `tier`; `None` = unlimited (or ungated).
     pub fn quota(&self, feature: &str, tier: &str) -> Option<u64> {
         self.quotas.get(feature).and_then(|tiers| tiers.get(tier)).copied()
+    }
+}
+
+#[cfg(test)]
+mod gate_tests {
+    use super::ModelGate;
+
+    #[test]
+    fn a_gate_allows_by_provider_name_prefix_or_tier() {
+        assert!(ModelGate::default().allows(None, "anything", None), "no rules: every model");
+        let g = ModelGate {
+            providers: vec!["ollama".into()],
+            models: vec!["meta-llama/*".into(), "mistral-small".into()],
+            tiers: vec!["small".into()],
+        };
+        assert!(g.allows(Some("ollama"), "llama3", None));
+        assert!(g.allows(Some("openrouter"), "meta-llama/llama-3-8b", None));
+        assert!(g.allows(None, "mistral-small", None));
+        assert!(!g.allows(None, "mistral-small-2", None), "exact unless it ends in *");
+        assert!(g.allows(Some("google"), "gemini-2.5-flash", Some("small")));
+        assert!(!g.allows(Some("anthropic"), "claude-sonnet-4-5", Some("medium")));
+        assert!(!g.allows(None, "claude-sonnet-4-5", None));
+        assert_eq!(g.describe(), "providers ollama; models meta-llama/*, mistral-small; model tiers small");
     }
 }
 

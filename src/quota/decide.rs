@@ -291,6 +291,7 @@ mod tests {
             policy,
             soft_limit_percent: 120,
             self_serve: true,
+            models: Default::default(),
         }
     }
 

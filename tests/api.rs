@@ -206,6 +206,17 @@ async fn captured_money_is_never_dropped() {
     let r =
         app.http.get(format!("{}/v1/accounts/acct-r/topups?limit=0", app.base)).bearer_auth(&token).send();
     assert_eq!(r.await.unwrap().status().as_u16(), 400);
+    // The review queue alone, and a status that does not exist.
+    let get = |query: &str| {
+        app.http.get(format!("{}/v1/accounts/acct-r/topups?{query}", app.base)).bearer_auth(&token).send()
+    };
+    let queue: serde_json::Value = get("status=needs_review").await.unwrap().json().await.unwrap();
+    let statuses: Vec<&str> =
+        queue["topups"].as_array().unwrap().iter().map(|o| o["status"].as_str().unwrap()).collect();
+    assert!(!statuses.is_empty() && statuses.iter().all(|s| *s == "needs_review"), "{queue}");
+    let none: serde_json::Value = get("status=refund_noted").await.unwrap().json().await.unwrap();
+    assert_eq!(none["topups"], serde_json::json!([]));
+    assert_eq!(get("status=lost").await.unwrap().status().as_u16(), 400);
 
     // Another currency, and a payment that names no account: recorded, not refused.
     let eur = serde_json::json!({"type": "payment_intent.succeeded", "data": {"object": {"id": "pi_eur",

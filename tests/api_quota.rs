@@ -316,6 +316,33 @@ async fn quotas_limits_plans_and_balance_over_http() {
     let (_, first) = app.call("POST", "/v1/accounts/acct-q/plan", Some(&owner), Some(keyed)).await;
     let (_, retry) = app.call("POST", "/v1/accounts/acct-q/plan", Some(&owner), Some(keyed)).await;
     assert_eq!(first, retry, "a retry with the same key replays the first answer");
+    // The audit log of those changes, newest first, two at a time (billing roles only).
+    let mut audited = Vec::new();
+    let mut before: Option<i64> = None;
+    loop {
+        let path = match before {
+            Some(b) => format!("/v1/accounts/acct-q/plan/changes?limit=2&before={b}"),
+            None => "/v1/accounts/acct-q/plan/changes?limit=2".to_string(),
+        };
+        let (s, page) = app.call("GET", &path, Some(&banker), None).await;
+        assert_eq!(s, 200, "{page}");
+        for c in page["changes"].as_array().unwrap() {
+            assert!(c["created_by"].as_str().unwrap().starts_with("token:"), "{c}");
+            audited.push((
+                c["old_plan"].as_str().unwrap().to_string(),
+                c["new_plan"].as_str().unwrap().to_string(),
+            ));
+        }
+        before = page["next_before"].as_i64();
+        if before.is_none() {
+            break;
+        }
+    }
+    let want = [("free", "pro"), ("pro", "free"), ("free", "pro"), ("pro", "free"), ("free", "pro")];
+    assert_eq!(audited, want.map(|(a, b)| (a.to_string(), b.to_string())));
+    assert_eq!(app.call("GET", "/v1/accounts/acct-q/plan/changes", Some(&builder), None).await.0, 403);
+    let (s, b) = app.call("GET", "/v1/accounts/acct-q/plan/changes?limit=0", Some(&owner), None).await;
+    assert_eq!((s, b["error"]["code"].as_str()), (400, Some("invalid_query")));
 }
 
 #[tokio::test]

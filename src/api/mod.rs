@@ -67,6 +67,7 @@ pub fn router(state: AppState) -> Router {
         .route("/v1/accounts/{id}/quotas", get(quota::quotas))
         .route("/v1/accounts/{id}/limits", get(quota::get_limits).put(quota::put_limit))
         .route("/v1/accounts/{id}/plan", post(quota::change_plan))
+        .route("/v1/accounts/{id}/plan/changes", get(quota::plan_changes))
         .fallback(not_found)
         // axum answers a wrong method with an empty 405: answer it in the JSON error shape.
         .method_not_allowed_fallback(method_not_allowed)

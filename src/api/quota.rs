@@ -8,8 +8,8 @@
 //! lock instead, so concurrent calls can never be over-admitted (ARCHITECTURE.md,
 //! "Holding authorize").
 
-use super::auth::{Caller, Capability};
-use super::extract::{ApiJson, ApiPath};
+use super::auth::{Caller, Capability, check_existing};
+use super::extract::{ApiJson, ApiPath, ApiQuery};
 use super::{ApiError, AppState};
 use crate::ledger::reservations::{self, HoldOutcome, HoldRequest};
 use crate::money;
@@ -454,4 +454,31 @@ pub async fn change_plan(
     .map_err(super::stripe::ledger_error)?;
     state.quota.refresh(&state.pool).await.map_err(ApiError::internal)?;
     Ok(Json(change))
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct PlanChangesQuery {
+    limit: Option<i64>,
+    before: Option<i64>,
+}
+
+/// `GET /v1/accounts/{id}/plan/changes?limit=&before=`: the plan-change audit log, newest
+/// first (who, when, from and to, the prorated credit and its ledger entry). Capability:
+/// `Billing`. `next_before` pages to older changes (null on the last page).
+pub async fn plan_changes(
+    State(state): State<AppState>,
+    caller: Caller,
+    ApiPath(id): ApiPath<String>,
+    ApiQuery(q): ApiQuery<PlanChangesQuery>,
+) -> Result<Json<serde_json::Value>, ApiError> {
+    super::extract::path_account_id(&id)?;
+    let limit = q.limit.unwrap_or(50);
+    if !(1..=500).contains(&limit) || q.before.is_some_and(|b| b < 1) {
+        return Err(ApiError::bad_request("invalid_query", "limit must be within 1..=500 and before >= 1"));
+    }
+    check_existing(&caller, &state.pool, &id, Capability::Billing).await?;
+    let changes = store::plan_changes(&state.pool, &id, q.before, limit).await.map_err(ApiError::internal)?;
+    let next_before = (changes.len() as i64 == limit).then(|| changes.last().map(|c| c.change_id)).flatten();
+    Ok(Json(serde_json::json!({"account_id": id, "changes": changes, "next_before": next_before})))
 }

@@ -1,7 +1,8 @@
-//! `GET /v1/accounts/{id}/topups?limit=`: the account's top-up orders, newest first, with
+//! `GET /v1/accounts/{id}/topups?limit=&status=`: the account's top-up orders, newest first, with
 //! their status: `pending`, `succeeded`, `failed`, `needs_review` (captured money the
 //! rules could not credit, with `review_reason`; an operator resolves it) or
-//! `refund_noted`. Capability: `Billing`. A payment that named no account is not any
+//! `refund_noted`; `status` keeps one of them (the review queue: `needs_review`; payments
+//! still settling: `pending`). Capability: `Billing`. A payment that named no account is not any
 //! account's: it is in the operator's queue (`tally orders list`) and the
 //! `tally_topup_orders_needs_review` gauge.
 
@@ -21,7 +22,12 @@ pub const LIMIT_MAX: i64 = 500;
 #[serde(deny_unknown_fields)]
 pub struct TopupQuery {
     limit: Option<i64>,
+    /// Only orders in this status (e.g. `needs_review`, `pending`).
+    status: Option<String>,
 }
+
+/// The statuses an order can be in.
+pub const STATUSES: [&str; 5] = ["pending", "succeeded", "failed", "needs_review", "refund_noted"];
 
 #[derive(Debug, Serialize)]
 pub struct TopupList {
@@ -39,8 +45,15 @@ pub async fn list(
     if !(1..=LIMIT_MAX).contains(&limit) {
         return Err(ApiError::bad_request("invalid_query", format!("limit must be within 1..={LIMIT_MAX}")));
     }
+    if let Some(status) = q.status.as_deref()
+        && !STATUSES.contains(&status)
+    {
+        let problem = format!("status must be one of {}", STATUSES.join(", "));
+        return Err(ApiError::bad_request("invalid_query", problem));
+    }
     check_existing(&caller, &state.pool, &id, Capability::Billing).await?;
-    let topups =
-        topup::list(&state.pool, Some(&id), None, limit).await.map_err(super::stripe::ledger_error)?;
+    let topups = topup::list(&state.pool, Some(&id), q.status.as_deref(), limit)
+        .await
+        .map_err(super::stripe::ledger_error)?;
     Ok(Json(TopupList { topups }))
 }

@@ -403,6 +403,44 @@ pub async fn plan_of(
 
 /// Put an account on a quota tier that is not a credit plan (Reeve's free / pro /
 /// enterprise): no allocation, so no ledger entry; the tier only selects quotas.
+/// One upgrade or downgrade, as audited in `plan_changes` (each is also a ledger entry).
+#[derive(Debug, Clone, Serialize, sqlx::FromRow)]
+pub struct AuditedPlanChange {
+    pub change_id: i64,
+    pub old_plan: String,
+    pub new_plan: String,
+    /// `upgrade` or `downgrade`.
+    pub direction: String,
+    /// Prorated credit (upgrade) or the cap's reduction (downgrade, negative), 1e-8 USD.
+    pub credit_adjustment_units: i64,
+    /// The ledger entry that recorded it.
+    pub entry_id: i64,
+    /// Who changed it (`token:<token id>` through the API, the operator's name from the CLI).
+    pub created_by: String,
+    pub created_at: DateTime<Utc>,
+}
+
+/// An account's plan changes, newest first: those with `change_id < before` (or the
+/// newest), at most `limit`.
+pub async fn plan_changes(
+    pool: &PgPool,
+    account_id: &str,
+    before: Option<i64>,
+    limit: i64,
+) -> Result<Vec<AuditedPlanChange>, sqlx::Error> {
+    sqlx::query_as(
+        "SELECT change_id, old_plan, new_plan, direction, credit_adjustment_units, entry_id, created_by,
+                created_at
+         FROM plan_changes WHERE account_id = $1 AND change_id < $2
+         ORDER BY change_id DESC LIMIT $3",
+    )
+    .bind(account_id)
+    .bind(before.unwrap_or(i64::MAX))
+    .bind(limit.clamp(1, 500))
+    .fetch_all(pool)
+    .await
+}
+
 pub async fn set_tier(
     pool: &PgPool,
     account: &str,

@@ -50,6 +50,32 @@ pub fn stack() {
     });
 }
 
+/// A `tally run` child that is killed when dropped, so a test that fails (panics) never
+/// leaves it running against the next test's servers. Used as a `Child` (it derefs to one).
+pub struct RunChild(pub Child);
+
+impl std::ops::Deref for RunChild {
+    type Target = Child;
+    fn deref(&self) -> &Child {
+        &self.0
+    }
+}
+
+impl std::ops::DerefMut for RunChild {
+    fn deref_mut(&mut self) -> &mut Child {
+        &mut self.0
+    }
+}
+
+impl Drop for RunChild {
+    fn drop(&mut self) {
+        if let Ok(None) = self.0.try_wait() {
+            let _ = self.0.kill();
+            let _ = self.0.wait();
+        }
+    }
+}
+
 /// A loopback port free right now (for a child's HTTP listener).
 pub fn free_port() -> u16 {
     std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
@@ -89,7 +115,7 @@ impl TestEnv {
     }
 
     /// `tally run` as a real child process.
-    pub fn spawn_run(&self, catalog: &str, http_port: u16, extra: &[&str]) -> Child {
+    pub fn spawn_run(&self, catalog: &str, http_port: u16, extra: &[&str]) -> RunChild {
         self.spawn_run_env(catalog, http_port, extra, &[])
     }
 
@@ -99,8 +125,8 @@ impl TestEnv {
         http_port: u16,
         extra: &[&str],
         envs: &[(&str, &str)],
-    ) -> Child {
-        Command::new(env!("CARGO_BIN_EXE_tally"))
+    ) -> RunChild {
+        let child = Command::new(env!("CARGO_BIN_EXE_tally"))
             .arg("run")
             .args(["--brokers", *BROKERS, "--database-url", &self.database_url])
             .args(["--clickhouse-url", *CH_URL, "--clickhouse-database", &self.ch_database])
@@ -112,7 +138,8 @@ impl TestEnv {
             .envs(envs.iter().copied())
             .stdout(Stdio::null())
             .spawn()
-            .expect("spawn tally run")
+            .expect("spawn tally run");
+        RunChild(child)
     }
 
     pub fn clickhouse(&self) -> clickhouse::Client {

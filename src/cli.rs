@@ -60,6 +60,65 @@ pub enum Command {
     /// API bearer tokens: create (the token is printed once), revoke, list.
     #[command(subcommand)]
     Token(TokenCommand),
+    /// Credit grants: list an account's, create a promotional one, write off what expired.
+    #[command(subcommand)]
+    Grants(GrantsCommand),
+}
+
+#[derive(Debug, Subcommand)]
+pub enum GrantsCommand {
+    /// An account's grants, newest first (JSON lines): remaining, expiry, source, status.
+    List {
+        account: String,
+        /// Only grants with something left that have not expired.
+        #[arg(long)]
+        live: bool,
+        #[arg(long, default_value_t = 100)]
+        limit: i64,
+        #[arg(long, env = "TALLY_DATABASE_URL", default_value = "postgres://postgres@127.0.0.1:55432/tally")]
+        database_url: String,
+    },
+    /// Create a grant (promotion, operator or bonus) with one `addition` entry, once per key.
+    Add(GrantsAddArgs),
+    /// Write off every grant past its deadline now (`tally run` does it every second).
+    Expire {
+        #[arg(long, env = "TALLY_DATABASE_URL", default_value = "postgres://postgres@127.0.0.1:55432/tally")]
+        database_url: String,
+    },
+}
+
+#[derive(Debug, Args)]
+pub struct GrantsAddArgs {
+    pub account: String,
+    /// USD amount (exact to 1e-8).
+    #[arg(long)]
+    pub usd: rust_decimal::Decimal,
+    /// promotion, operator or bonus.
+    #[arg(long, default_value = "promotion")]
+    pub source: String,
+    /// Deadline (RFC 3339); default: the catalog's `[grants.<source>]` expiry, or never.
+    #[arg(long, conflicts_with = "expires_in_days")]
+    pub expires_at: Option<chrono::DateTime<chrono::Utc>>,
+    /// Deadline as days from now.
+    #[arg(long)]
+    pub expires_in_days: Option<u32>,
+    /// Burn priority (lower burns first); default: the source's.
+    #[arg(long)]
+    pub priority: Option<i32>,
+    /// Catalog file whose `[grants]` table sets each source's priority and expiry (the
+    /// same catalog, default and variable as `tally run`).
+    #[arg(long = "config", env = "TALLY_CONFIG", default_value = "examples/demo.toml")]
+    pub catalog_path: PathBuf,
+    /// Who is doing it (recorded on the entry).
+    #[arg(long = "by-user")]
+    pub by_user: String,
+    #[arg(long)]
+    pub reason: String,
+    /// Idempotency key (a new one is generated if absent: retry with the printed key).
+    #[arg(long)]
+    pub idempotency_key: Option<String>,
+    #[arg(long, env = "TALLY_DATABASE_URL", default_value = "postgres://postgres@127.0.0.1:55432/tally")]
+    pub database_url: String,
 }
 
 #[derive(Debug, Args)]
@@ -431,10 +490,12 @@ pub struct TokenCreateArgs {
     /// The account the token is scoped to (created if Tally has not seen it).
     #[arg(long)]
     pub account: Option<String>,
-    /// A platform-wide service token (gateways serving every account); needs `--role service`.
+    /// A platform-wide token: `--role service` (gateways serving every account) or
+    /// `--role operator` (the platform's staff).
     #[arg(long)]
     pub platform: bool,
-    /// owner (everything), builder (usage, quotas), bankroller (billing, limits), service (gateways).
+    /// owner (everything of one account), builder (usage, quotas), bankroller (billing,
+    /// limits), service (gateways), operator (platform staff: reads, credit grants).
     #[arg(long)]
     pub role: crate::api::auth::Role,
     /// A label to recognise the token by.

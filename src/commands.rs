@@ -130,6 +130,7 @@ pub async fn dispatch(command: Command) -> anyhow::Result<ExitCode> {
         }
         Command::Topup(args) => topup(args).await?,
         Command::Orders(cmd) => orders(cmd).await?,
+        Command::Grants(cmd) => grants(cmd).await?,
         Command::Plan(args) => plan(args).await?,
         Command::Limit(args) => {
             let pool = ledger::connect(&args.database_url, 2).await?;
@@ -323,6 +324,47 @@ async fn adjust(args: crate::cli::AdjustArgs) -> anyhow::Result<()> {
     };
     let posted = ledger::ops::manual(&pool, &req).await?;
     println!("{}", serde_json::json!({"idempotency_key": key, "entry": posted}));
+    Ok(())
+}
+
+async fn grants(cmd: crate::cli::GrantsCommand) -> anyhow::Result<()> {
+    use crate::cli::GrantsCommand as G;
+    use ledger::grants;
+    match cmd {
+        G::List { account, live, limit, database_url } => {
+            let pool = ledger::connect(&database_url, 2).await?;
+            for g in grants::list(&pool, &account, None, limit, live).await? {
+                println!("{}", serde_json::to_string(&g)?);
+            }
+        }
+        G::Add(args) => {
+            let source: grants::GrantSource = serde_json::from_value(serde_json::json!(args.source))
+                .map_err(|_| anyhow::anyhow!("--source must be promotion, operator or bonus"))?;
+            let policies = ledger::config::LedgerConfig::load(&args.catalog_path)
+                .map_err(|e| anyhow::anyhow!(e))?
+                .grants;
+            let key = args.idempotency_key.unwrap_or_else(|| format!("grant-{}", uuid::Uuid::new_v4()));
+            let pool = ledger::connect(&args.database_url, 2).await?;
+            let req = grants::GrantRequest {
+                account_id: args.account,
+                idempotency_key: key.clone(),
+                units: usd_units(args.usd)?,
+                source,
+                priority: args.priority,
+                expires_at: args.expires_at,
+                expires_in_days: args.expires_in_days,
+                created_by: args.by_user,
+                reason: args.reason,
+            };
+            let granted = grants::grant(&pool, &policies, &req).await?;
+            println!("{}", serde_json::json!({"idempotency_key": key, "grant": granted}));
+        }
+        G::Expire { database_url } => {
+            let pool = ledger::connect(&database_url, 2).await?;
+            let n = grants::expire_due(&pool, chrono::Utc::now()).await?;
+            println!("{}", serde_json::json!({"expired_grants": n}));
+        }
+    }
     Ok(())
 }
 

@@ -34,6 +34,10 @@ pub const SCHEMA_REGISTRY_ERRORS: &str = "tally_schema_registry_errors_total";
 /// Holds (reservations, holding authorizations) that expired with nothing reported: a
 /// gateway that holds and never settles or releases (leak detection), by `kind`.
 pub const HOLDS_EXPIRED: &str = "tally_holds_expired_total";
+/// Credit grants whose remainder was written off at their deadline (`breakage` entries).
+pub const GRANTS_EXPIRED: &str = "tally_grants_expired_total";
+/// Units written off by grant expiry (1e-8 USD).
+pub const GRANTS_EXPIRED_UNITS: &str = "tally_grants_expired_units_total";
 /// Captured payments recorded in `needs_review` (the rules could not credit them).
 pub const TOPUP_NEEDS_REVIEW: &str = "tally_topup_needs_review_total";
 /// Gauge: top-up orders waiting for an operator (`tally orders resolve`): alert on > 0.
@@ -65,6 +69,8 @@ fn describe() {
     describe_counter!(EVENTS_CONSUMED, "Messages read from the usage topic");
     describe_counter!(SCHEMA_REGISTRY_ERRORS, "Failed schema registry requests (retried; the batch waits)");
     describe_counter!(HOLDS_EXPIRED, "Holds that expired with nothing reported (leak detection), by kind");
+    describe_counter!(GRANTS_EXPIRED, "Credit grants written off at their deadline (breakage entries)");
+    describe_counter!(GRANTS_EXPIRED_UNITS, "Units written off by grant expiry (1e-8 USD)");
     describe_counter!(EVENTS_PRICED, "Valid events priced");
     describe_counter!(EVENTS_APPLIED, "Events committed for the first time (ledger + usage log)");
     describe_counter!(EVENTS_DUPLICATE, "Events skipped as exact duplicates of an applied event id");

@@ -1058,3 +1058,80 @@ async fn token_cli_creates_prints_once_and_revokes() {
     assert!(!tally(&["token", "create", "--role", "owner"]).status.success(), "a scope is required");
     assert!(!tally(&["token", "create", "--account", "a", "--role", "admin"]).status.success());
 }
+
+/// Credit grants over HTTP: only operator tokens create them (an account's owner cannot
+/// grant itself credit); billing roles and operators list them; bad bodies are 4xx; the
+/// balance names the next deadline and each transaction the grants it changed.
+#[tokio::test]
+async fn grants_over_http() {
+    let app = spawn_app(auth::TOKEN_CACHE_TTL).await;
+    let owner = app.token(Some("acct-g"), Role::Owner).await.token;
+    let bankroller = app.token(Some("acct-g"), Role::Bankroller).await.token;
+    let builder = app.token(Some("acct-g"), Role::Builder).await.token;
+    let platform = app.token(None, Role::Service).await.token;
+    let operator = app.token(None, Role::Operator).await;
+    let refused = NewToken { account_id: Some("acct-g".into()), role: Role::Operator, name: "x".into() };
+    assert!(auth::create_token(&app.env.pool, &refused).await.is_err(), "an operator token is platform-wide");
+    app.credit("acct-g", 10 * USD, "seed-g").await;
+    let path = "/v1/accounts/acct-g/grants";
+    let body =
+        json!({"amount": "2.5", "reason": "launch", "idempotency_key": "promo-1", "expires_in_days": 7});
+    for (token, want) in [(&owner, 403), (&bankroller, 403), (&builder, 403), (&platform, 403)] {
+        assert_eq!(app.post(path, token, body.clone()).await.0, want);
+    }
+    let (status, created) = app.post(path, &operator.token, body.clone()).await;
+    assert_eq!(status, 200, "{created}");
+    assert_eq!(created["balance_after_units"], 12 * USD + USD / 2);
+    let (_, again) = app.post(path, &operator.token, body.clone()).await;
+    assert_eq!(again["grant_id"], created["grant_id"], "the same key is a replay");
+    let mut other = body.clone();
+    other["amount"] = json!("3");
+    assert_eq!(app.post(path, &operator.token, other).await.0, 409);
+    for bad in [
+        json!({"amount": "-1", "reason": "r", "idempotency_key": "k1"}),
+        json!({"amount": "1", "reason": "", "idempotency_key": "k2"}),
+        json!({"amount": "1", "reason": "r", "idempotency_key": "k3", "source": "purchase"}),
+        json!({"amount": "1", "reason": "r", "idempotency_key": "k4", "expires_at": "2020-01-01T00:00:00Z"}),
+        json!({"amount": "1", "reason": "r", "idempotency_key": "k5", "expires_in_days": 0}),
+        json!({"amount": "1", "reason": "r", "idempotency_key": "k6", "priority": 5000}),
+        json!({"amount": "1", "reason": "r", "idempotency_key": "k7", "expires_in_days": 3,
+               "expires_at": "2099-01-01T00:00:00Z"}),
+        json!({"amount": "1", "reason": "r", "idempotency_key": "k8", "source": "gift"}),
+        json!({"amount": "0.000000001", "reason": "r", "idempotency_key": "k9"}),
+    ] {
+        let (status, json) = app.post(path, &operator.token, bad.clone()).await;
+        assert!((400..500).contains(&status), "{bad} -> {status} {json}");
+    }
+    assert_eq!(app.balance_units("acct-g").await, 12 * USD + USD / 2, "refused bodies credit nothing");
+
+    for token in [&owner, &bankroller, &operator.token] {
+        let (status, list) = app.get(path, token).await;
+        assert_eq!(status, 200);
+        let grants = list["grants"].as_array().unwrap();
+        assert_eq!(grants.len(), 2, "the seed addition and the promotion: {list}");
+        assert_eq!(
+            (grants[0]["source"].as_str(), grants[0]["remaining"].as_str()),
+            (Some("promotion"), Some("2.50000000"))
+        );
+        assert_eq!(grants[1]["source"], "operator");
+    }
+    assert_eq!(app.get(path, &builder).await.0, 403);
+    assert_eq!(app.get(&format!("{path}?limit=0"), &owner).await.0, 400);
+    let (_, page) = app.get(&format!("{path}?limit=1"), &owner).await;
+    let (_, older) = app.get(&format!("{path}?limit=1&before={}", page["next_before"]), &owner).await;
+    assert_eq!(older["grants"][0]["source"], "operator");
+
+    let (_, b) = app.get("/v1/accounts/acct-g/balance", &owner).await;
+    assert_eq!(b["next_expiry"]["units"], USD * 5 / 2, "{b}");
+    // A deduction burns the promotion first (priority 100 before operator's 400).
+    let deduct = json!({"account_id": "acct-g", "amount": "3", "idempotency_key": "d1"});
+    assert_eq!(app.post("/v1/deductions", &owner, deduct).await.0, 200);
+    let (_, tx) = app.get("/v1/accounts/acct-g/transactions?limit=1", &owner).await;
+    let grants = &tx["transactions"][0]["grants"];
+    assert_eq!(grants[0]["grant_id"], created["grant_id"]);
+    assert_eq!(
+        (grants[0]["units"].as_i64(), grants[1]["units"].as_i64()),
+        (Some(-(USD * 5 / 2)), Some(-USD / 2))
+    );
+    ledger::verify(&app.env.pool).await.unwrap();
+}

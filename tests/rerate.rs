@@ -92,7 +92,7 @@ fn tally(env: &TestEnv, args: &[&str], envs: &[(&str, &str)]) -> std::process::O
 }
 
 /// `tally rerate --json`; the report.
-fn rerate(env: &TestEnv, catalog: &PathBuf, extra: &[&str]) -> Value {
+fn rerate(env: &TestEnv, catalog: &std::path::Path, extra: &[&str]) -> Value {
     let (from, to) = range();
     let mut args = vec!["rerate", "--catalog", catalog.to_str().unwrap(), "--from", &from, "--to", &to];
     args.extend_from_slice(&["--json", "--quiet"]);

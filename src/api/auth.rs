@@ -14,8 +14,10 @@
 //! | builder | | yes | | one account |
 //! | bankroller | yes | | | one account |
 //! | service | | | yes | one account, or platform-wide (`--platform`) |
+//! | operator | yes | yes | | platform-wide only, plus `Operate` |
 //!
-//! - `Billing`: balance, transactions, limits, plan, top-ups.
+//! - `Billing`: balance, transactions, limits, plan, top-ups, credit grants (read).
+//! - `Operate`: what only the platform's staff may do: create promotional grants.
 //! - `Usage`: usage, quotas.
 //! - `Gateway`: authorize, reservations, deductions.
 //!
@@ -67,6 +69,8 @@ pub enum Capability {
     Usage,
     /// Authorize, reservations, deductions (gateways).
     Gateway,
+    /// The platform's staff: create promotional credit grants.
+    Operate,
 }
 
 impl Capability {
@@ -75,6 +79,7 @@ impl Capability {
             Capability::Billing => "billing",
             Capability::Usage => "usage",
             Capability::Gateway => "gateway",
+            Capability::Operate => "operate",
         }
     }
 }
@@ -91,6 +96,9 @@ pub enum Role {
     Bankroller,
     /// Gateways: authorize, reserve, deduct. Not even a balance read.
     Service,
+    /// The platform's staff (platform-wide only): billing and usage reads of every
+    /// account, and grants. Not a gateway.
+    Operator,
 }
 
 impl Role {
@@ -102,6 +110,7 @@ impl Role {
             Role::Builder => &[Usage],
             Role::Bankroller => &[Billing],
             Role::Service => &[Gateway],
+            Role::Operator => &[Billing, Usage, Operate],
         }
     }
 
@@ -115,6 +124,7 @@ impl Role {
             Role::Builder => "builder",
             Role::Bankroller => "bankroller",
             Role::Service => "service",
+            Role::Operator => "operator",
         }
     }
 }
@@ -127,7 +137,8 @@ impl std::str::FromStr for Role {
             "builder" => Ok(Role::Builder),
             "bankroller" => Ok(Role::Bankroller),
             "service" => Ok(Role::Service),
-            other => Err(format!("unknown role {other:?} (owner, builder, bankroller, service)")),
+            "operator" => Ok(Role::Operator),
+            other => Err(format!("unknown role {other:?} (owner, builder, bankroller, service, operator)")),
         }
     }
 }
@@ -362,8 +373,13 @@ pub enum TokenError {
 /// naming it is enough to make it real; usage would create it the same way).
 pub async fn create_token(pool: &PgPool, req: &NewToken) -> Result<CreatedToken, TokenError> {
     match (&req.account_id, req.role) {
-        (None, Role::Service) => {}
-        (None, _) => return Err(TokenError::Invalid("only a service token can be platform-wide".into())),
+        (None, Role::Service | Role::Operator) => {}
+        (None, _) => {
+            return Err(TokenError::Invalid("only a service or operator token can be platform-wide".into()));
+        }
+        (Some(_), Role::Operator) => {
+            return Err(TokenError::Invalid("an operator token is platform-wide (--platform)".into()));
+        }
         (Some(a), _) if a.is_empty() || a.len() > crate::event::ID_LEN_MAX => {
             return Err(TokenError::Invalid("account id must be 1..=128 bytes".into()));
         }
@@ -443,13 +459,14 @@ mod tests {
     fn the_matrix() {
         use Capability::*;
         let table = [
-            (Role::Owner, [true, true, true]),
-            (Role::Builder, [false, true, false]),
-            (Role::Bankroller, [true, false, false]),
-            (Role::Service, [false, false, true]),
+            (Role::Owner, [true, true, true, false]),
+            (Role::Builder, [false, true, false, false]),
+            (Role::Bankroller, [true, false, false, false]),
+            (Role::Service, [false, false, true, false]),
+            (Role::Operator, [true, true, false, true]),
         ];
         for (role, expected) in table {
-            let got = [role.can(Billing), role.can(Usage), role.can(Gateway)];
+            let got = [role.can(Billing), role.can(Usage), role.can(Gateway), role.can(Operate)];
             assert_eq!(got, expected, "{role:?}");
         }
     }
@@ -482,7 +499,7 @@ mod tests {
 
     #[test]
     fn roles_parse_and_print() {
-        for r in [Role::Owner, Role::Builder, Role::Bankroller, Role::Service] {
+        for r in [Role::Owner, Role::Builder, Role::Bankroller, Role::Service, Role::Operator] {
             assert_eq!(r.as_str().parse::<Role>(), Ok(r));
         }
         assert!("admin".parse::<Role>().is_err());

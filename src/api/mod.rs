@@ -7,6 +7,7 @@ pub mod auth;
 pub mod deductions;
 mod error;
 pub mod extract;
+pub mod grants;
 pub mod quota;
 pub mod reservations;
 pub mod stripe;
@@ -55,6 +56,7 @@ pub fn router(state: AppState) -> Router {
         // Authenticated (bearer token, see `auth`); each handler checks its capability.
         .route("/v1/accounts/{id}/transactions", get(transactions::list))
         .route("/v1/accounts/{id}/topups", get(topups::list))
+        .route("/v1/accounts/{id}/grants", get(grants::list).post(grants::create))
         .route("/v1/accounts/{id}/usage", get(usage::get))
         .route("/v1/accounts/{id}/usage/events", get(usage_events::list))
         .route("/v1/reservations", post(reservations::reserve))

@@ -30,7 +30,8 @@ pub struct PageQuery {
 pub struct Transaction {
     pub entry_id: i64,
     /// The entry kind: topup, consume, refund, addition, adjustment, plan_allocation,
-    /// plan_reset, correction, reservation_settle.
+    /// plan_reset, plan_change, correction, reservation_settle, breakage (an expired
+    /// grant's remainder written off).
     #[serde(rename = "type")]
     pub kind: String,
     /// Signed USD decimal string (debits are negative).
@@ -45,6 +46,16 @@ pub struct Transaction {
     pub occurred_at: DateTime<Utc>,
     /// When the ledger recorded it.
     pub created_at: DateTime<Utc>,
+    /// The credit grants this entry changed: which grants paid a debit (negative units), or
+    /// the grants a credit created (what each starts with after repaying any overdraft).
+    pub grants: Vec<GrantChange>,
+}
+
+#[derive(Debug, Serialize)]
+pub struct GrantChange {
+    pub grant_id: i64,
+    pub units: i64,
+    pub amount: String,
 }
 
 impl From<HistoryEntry> for Transaction {
@@ -62,6 +73,13 @@ impl From<HistoryEntry> for Transaction {
             corrects_entry_id: h.corrects_entry_id,
             occurred_at: h.occurred_at,
             created_at: h.recorded_at,
+            grants: h
+                .grant_changes
+                .map(|j| j.0)
+                .unwrap_or_default()
+                .into_iter()
+                .map(|(grant_id, units)| GrantChange { grant_id, units, amount: units_to_usd_string(units) })
+                .collect(),
         }
     }
 }

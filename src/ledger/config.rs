@@ -11,9 +11,14 @@
 //! [reservations]
 //! ttl_secs = 900            # holds expire so none can leak
 //! hold_on_authorize = false # true: POST /v1/authorize holds unless asked "hold": false
+//!
+//! [grants.promotion]        # credit grants (see `ledger::grants`): per source,
+//! priority = 100            # burn order (lower first) and expiry; absent: defaults,
+//! expires_after_days = 30   # nothing expires
 //! ```
 //!
-//! Every table is optional; absent means no limits, no bonus, 15-minute holds.
+//! Every table is optional; absent means no limits, no bonus, 15-minute holds, credits
+//! that never expire.
 
 use crate::money::{self, exact_units};
 use rust_decimal::Decimal;
@@ -26,6 +31,9 @@ pub struct LedgerConfig {
     pub topup: TopupConfig,
     #[serde(default)]
     pub reservations: ReservationConfig,
+    /// `[grants.<source>]`: burn priority and expiry per grant source.
+    #[serde(default)]
+    pub grants: crate::ledger::grants::GrantPolicies,
 }
 
 #[derive(Debug, Clone, Default, Deserialize)]
@@ -35,6 +43,10 @@ pub struct TopupConfig {
     pub max_usd: Option<Decimal>,
     #[serde(default)]
     pub bonus: Vec<BonusTier>,
+    /// The terms of the grants a purchase creates (a copy of the file's `[grants]`, so
+    /// the top-up paths that take this table see them).
+    #[serde(skip)]
+    pub grants: crate::ledger::grants::GrantPolicies,
 }
 
 /// A purchase of at least `from_usd` is credited `bonus_percent` more. The highest tier
@@ -74,12 +86,16 @@ struct File {
     topup: TopupConfig,
     #[serde(default)]
     reservations: ReservationConfig,
+    #[serde(default)]
+    grants: crate::ledger::grants::GrantPolicies,
 }
 
 impl LedgerConfig {
     pub fn from_toml_str(text: &str, origin: &str) -> Result<LedgerConfig, String> {
         let file: File = toml::from_str(text).map_err(|e| format!("{origin}: {e}"))?;
-        let cfg = LedgerConfig { topup: file.topup, reservations: file.reservations };
+        let mut topup = file.topup;
+        topup.grants = file.grants.clone();
+        let cfg = LedgerConfig { topup, reservations: file.reservations, grants: file.grants };
         cfg.validate().map_err(|e| format!("{origin}: {e}"))?;
         Ok(cfg)
     }
@@ -106,6 +122,7 @@ impl LedgerConfig {
                 ));
             }
         }
+        self.grants.validate()?;
         if self.reservations.ttl_secs == 0 || self.reservations.ttl_secs > 7 * 86_400 {
             return Err("reservations.ttl_secs must be within 1..=604800".into());
         }
@@ -198,7 +215,12 @@ mod tests {
 
     #[test]
     fn limits_and_precision_are_enforced() {
-        let t = TopupConfig { min_usd: Some(d("5")), max_usd: Some(d("1000")), bonus: vec![] };
+        let t = TopupConfig {
+            min_usd: Some(d("5")),
+            max_usd: Some(d("1000")),
+            bonus: vec![],
+            ..Default::default()
+        };
         assert!(t.credit_for(d("4.99")).unwrap_err().contains("below the minimum"));
         assert!(t.credit_for(d("1000.01")).unwrap_err().contains("above the maximum"));
         assert!(t.credit_for(d("0")).is_err());

@@ -138,6 +138,7 @@ pub async fn deduct(pool: &PgPool, req: &DeductionRequest) -> Result<Deducted, L
             created_by: req.created_by.as_deref(),
             corrects_entry_id: None,
             metadata: req.metadata(),
+            grants: vec![],
         },
     )
     .await?;
@@ -280,6 +281,7 @@ async fn post_all(
     let accounts: BTreeSet<&str> = fresh.iter().map(|i| reqs[*i].account_id.as_str()).collect();
     let accounts: Vec<&str> = accounts.into_iter().collect();
     let mut balances = lock_balances(tx, &accounts).await?;
+    let mut wallets = super::grants::load_wallets(tx, &balances).await?;
     let now = Utc::now();
     let mut rows = EntryRows::default();
     let mut posted = Vec::with_capacity(fresh.len());
@@ -291,6 +293,11 @@ async fn post_all(
         *balance = balance
             .checked_sub(r.amount_units)
             .ok_or_else(|| LedgerError::Invalid("balance out of range".into()))?;
+        let grant_changes = if r.amount_units > 0 {
+            super::grants::debit(&mut wallets, &r.account_id, r.amount_units, now)?
+        } else {
+            None
+        };
         rows.push(NewEntry {
             account_id: &r.account_id,
             kind: "consume",
@@ -304,6 +311,7 @@ async fn post_all(
             created_by: r.created_by.as_deref(),
             corrects_entry_id: None,
             metadata: r.metadata(),
+            grant_changes,
         });
         posted.push(Posted {
             entry_id: 0, // set below from the inserted rows
@@ -311,9 +319,11 @@ async fn post_all(
             kind: "consume".into(),
             amount_units: -r.amount_units,
             balance_after_units: *balance,
+            grant_ids: vec![],
         });
     }
     let last = rows.insert(tx).await?;
+    super::grants::store_wallets(tx, &wallets).await?;
     let keys: Vec<String> = fresh.iter().map(|i| reqs[*i].ledger_key()).collect();
     let ids: HashMap<String, i64> = sqlx::query_as::<_, (String, i64)>(
         "SELECT idempotency_key, entry_id FROM ledger_entries WHERE idempotency_key = ANY($1)",

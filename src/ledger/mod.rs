@@ -14,6 +14,7 @@ pub mod auto_reload;
 pub mod config;
 pub mod counting;
 pub mod deductions;
+pub mod grants;
 pub mod ops;
 pub mod reservations;
 pub mod topup;
@@ -101,6 +102,8 @@ pub(crate) struct NewEntry<'a> {
     pub created_by: Option<&'a str>,
     pub corrects_entry_id: Option<i64>,
     pub metadata: serde_json::Value,
+    /// `[[grant_id, delta_units], ...]` (see [`grants`]); `None` when no grant changed.
+    pub grant_changes: Option<String>,
 }
 
 /// Journal rows inserted together with one statement.
@@ -136,18 +139,19 @@ impl<'a> EntryRows<'a> {
         let bys: Vec<Option<&str>> = r.iter().map(|e| e.created_by).collect();
         let corrects: Vec<Option<i64>> = r.iter().map(|e| e.corrects_entry_id).collect();
         let metas: Vec<&serde_json::Value> = r.iter().map(|e| &e.metadata).collect();
+        let grant_changes: Vec<Option<&str>> = r.iter().map(|e| e.grant_changes.as_deref()).collect();
         // WITH ORDINALITY + ORDER BY keeps entry ids in the order balances were computed,
         // so balance_after_units is continuous in entry_id order.
         let rows: Vec<(String, i64)> = sqlx::query_as(
             "INSERT INTO ledger_entries
                (account_id, kind, amount_units, balance_after_units, idempotency_key,
                 payload_hash, event_id, occurred_at, description, created_by, corrects_entry_id,
-                metadata)
-             SELECT a, k, am, ba, ik, h, e, t, d, cb, ce, md
+                metadata, grant_changes)
+             SELECT a, k, am, ba, ik, h, e, t, d, cb, ce, md, gc::jsonb
              FROM UNNEST($1::text[], $2::text[], $3::bigint[], $4::bigint[], $5::text[],
                          $6::bytea[], $7::text[], $8::timestamptz[], $9::text[], $10::text[],
-                         $11::bigint[], $12::jsonb[])
-                  WITH ORDINALITY AS u(a, k, am, ba, ik, h, e, t, d, cb, ce, md, n)
+                         $11::bigint[], $12::jsonb[], $13::text[])
+                  WITH ORDINALITY AS u(a, k, am, ba, ik, h, e, t, d, cb, ce, md, gc, n)
              ORDER BY n
              RETURNING account_id, entry_id",
         )
@@ -163,6 +167,7 @@ impl<'a> EntryRows<'a> {
         .bind(&bys)
         .bind(&corrects)
         .bind(&metas)
+        .bind(&grant_changes)
         .fetch_all(&mut **tx)
         .await?;
         assert_eq!(rows.len(), self.rows.len(), "every entry row was inserted");
@@ -232,6 +237,9 @@ pub struct BalanceView {
     pub last_purchase_at: Option<DateTime<Utc>>,
     pub last_deduction_at: Option<DateTime<Utc>>,
     pub entries: i64,
+    /// The earliest deadline among the account's live credit grants and what is left on
+    /// them (absent: nothing expires).
+    pub next_expiry: Option<grants::NextExpiry>,
 }
 
 pub async fn balance(pool: &PgPool, account_id: &str) -> Result<Option<BalanceView>, sqlx::Error> {
@@ -251,6 +259,7 @@ pub async fn balance(pool: &PgPool, account_id: &str) -> Result<Option<BalanceVi
     .bind(account_id)
     .fetch_optional(pool)
     .await?;
+    let next_expiry = if row.is_some() { grants::next_expiry(pool, account_id).await? } else { None };
     Ok(row.map(|(account_id, currency, units, display_unit, per, lp, ld, reserved, pending, entries)| {
         BalanceView {
             account_id,
@@ -265,6 +274,7 @@ pub async fn balance(pool: &PgPool, account_id: &str) -> Result<Option<BalanceVi
             last_purchase_at: lp,
             last_deduction_at: ld,
             entries,
+            next_expiry,
         }
     }))
 }

@@ -8,7 +8,7 @@
 //! [`LedgerError::Conflict`]. Concurrent calls with one key serialize on the key's unique
 //! index, so exactly one of them does the work.
 
-use super::{EntryRows, NewEntry, lock_balances, store_balances};
+use super::{EntryRows, NewEntry, grants, lock_balances, store_balances};
 use chrono::{DateTime, Utc};
 use serde::{Deserialize, Serialize, de::DeserializeOwned};
 use sha2::{Digest, Sha256};
@@ -99,6 +99,9 @@ pub struct Posted {
     pub kind: String,
     pub amount_units: i64,
     pub balance_after_units: i64,
+    /// Grants this entry created (a credit; see `ledger::grants`).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub grant_ids: Vec<i64>,
 }
 
 /// What to post: one entry on one account.
@@ -114,6 +117,9 @@ pub(crate) struct Posting<'a> {
     pub created_by: Option<&'a str>,
     pub corrects_entry_id: Option<i64>,
     pub metadata: serde_json::Value,
+    /// A credit's grants (their units sum to the amount). Empty: one grant of the source
+    /// the entry's kind implies, with that source's default terms (no expiry).
+    pub grants: Vec<super::grants::CreditPart>,
 }
 
 pub(crate) enum Amount {
@@ -138,6 +144,7 @@ pub(crate) async fn post_at(
     occurred_at: DateTime<Utc>,
 ) -> Result<Posted, LedgerError> {
     let mut balances = lock_balances(tx, &[p.account_id]).await?;
+    let mut wallets = grants::load_wallets(tx, &balances).await?;
     let before = balances[p.account_id];
     let amount = match p.amount {
         Amount::Delta(d) => d,
@@ -149,6 +156,25 @@ pub(crate) async fn post_at(
     let after =
         before.checked_add(amount).ok_or_else(|| LedgerError::Invalid("balance out of range".into()))?;
     balances.insert(p.account_id, after);
+    // A credit creates its grants (repaying any overdraft first); a debit burns grants.
+    let (grant_changes, grant_ids) = match amount.signum() {
+        1 => {
+            let parts = if p.grants.is_empty() {
+                let source = grants::GrantSource::for_entry_kind(p.kind);
+                let terms = grants::GrantPolicies::default().terms(source, Utc::now());
+                vec![grants::CreditPart { terms, units: amount }]
+            } else {
+                p.grants
+            };
+            if parts.iter().map(|g| g.units).sum::<i64>() != amount || parts.iter().any(|g| g.units <= 0) {
+                return Err(LedgerError::InvalidState("a credit's grants must sum to its amount".into()));
+            }
+            grants::credit(tx, &mut wallets, p.account_id, &parts, occurred_at, &p.description, p.created_by)
+                .await?
+        }
+        -1 => (grants::debit(&mut wallets, p.account_id, -amount, occurred_at)?, vec![]),
+        _ => (None, vec![]),
+    };
     let mut rows = EntryRows::default();
     rows.push(NewEntry {
         account_id: p.account_id,
@@ -163,9 +189,12 @@ pub(crate) async fn post_at(
         created_by: p.created_by,
         corrects_entry_id: p.corrects_entry_id,
         metadata: p.metadata,
+        grant_changes,
     });
     let last = rows.insert(tx).await?;
     let entry_id = last[p.account_id];
+    grants::link_entry(tx, &grant_ids, entry_id).await?;
+    grants::store_wallets(tx, &wallets).await?;
     let purchase_at = (p.kind == "topup").then(Utc::now);
     // Only a billed hold is usage; a negative adjustment or a downgrade cap is no deduction.
     let usage_at: HashMap<&str, DateTime<Utc>> = if p.kind == "reservation_settle" {
@@ -181,6 +210,7 @@ pub(crate) async fn post_at(
         kind: p.kind.to_string(),
         amount_units: amount,
         balance_after_units: after,
+        grant_ids,
     })
 }
 
@@ -244,6 +274,7 @@ pub async fn manual(pool: &PgPool, req: &ManualRequest) -> Result<Posted, Ledger
             created_by: Some(&req.created_by),
             corrects_entry_id: corrects,
             metadata: serde_json::json!({}),
+            grants: vec![],
         },
     )
     .await?;
@@ -295,6 +326,9 @@ pub struct HistoryEntry {
     pub corrects_entry_id: Option<i64>,
     pub occurred_at: DateTime<Utc>,
     pub recorded_at: DateTime<Utc>,
+    /// Which credit grants the entry changed: `[[grant_id, delta_units], ...]` (a debit's
+    /// burns are negative; a credit's new grants positive); null when none.
+    pub grant_changes: Option<sqlx::types::Json<Vec<(i64, i64)>>>,
 }
 
 /// Entries with `entry_id < before` (or the newest), at most `limit` (1..=1000).
@@ -307,7 +341,7 @@ pub async fn history(
     let limit = limit.clamp(1, 1000);
     let rows = sqlx::query_as::<_, HistoryEntry>(
         "SELECT entry_id, kind, amount_units, balance_after_units, description, event_id, created_by,
-                corrects_entry_id, occurred_at, recorded_at
+                corrects_entry_id, occurred_at, recorded_at, grant_changes
          FROM ledger_entries WHERE account_id = $1 AND entry_id < $2
          ORDER BY entry_id DESC LIMIT $3",
     )

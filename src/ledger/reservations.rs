@@ -551,6 +551,7 @@ async fn bill_at_deadline(
             created_by: None,
             corrects_entry_id: None,
             metadata: serde_json::json!({"reservation_id": reservation_id}),
+            grants: vec![],
         },
     )
     .await?;

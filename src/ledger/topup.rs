@@ -153,7 +153,9 @@ pub async fn complete(
         }
     };
     let via = format!("top-up {} USD via {}", req.paid_usd, req.source);
-    let posted = credit_order(&mut tx, &req.order_id, &req.account_id, (paid, credited), via, None).await?;
+    let posted =
+        credit_order(&mut tx, &cfg.grants, &req.order_id, &req.account_id, (paid, credited), via, None)
+            .await?;
     tx.commit().await?;
     Ok(new_result(req, "succeeded", paid, credited, Some(posted)))
 }
@@ -330,7 +332,7 @@ pub async fn resolve(
             .execute(&mut *tx)
             .await?;
             let via = format!("top-up {paid_usd} USD via operator review of a {} payment", o.currency);
-            credit_order(&mut tx, order_id, account, (paid, credited), via, Some(by)).await?;
+            credit_order(&mut tx, &cfg.grants, order_id, account, (paid, credited), via, Some(by)).await?;
         }
     }
     let resolved = load_order(&mut tx, order_id).await?.expect("orders are never deleted");
@@ -377,9 +379,12 @@ pub async fn review_backlog(pool: &PgPool) -> Result<(i64, i64), sqlx::Error> {
     .await
 }
 
-/// Post the order's `topup` entry (key `topup:<order_id>`) and mark it succeeded.
+/// Post the order's `topup` entry (key `topup:<order_id>`) and mark it succeeded. The
+/// credit becomes a `purchase` grant of what was paid, plus a `bonus` grant of the tier's
+/// bonus, each with the catalog's `[grants]` terms.
 async fn credit_order(
     tx: &mut sqlx::Transaction<'_, sqlx::Postgres>,
+    policies: &super::grants::GrantPolicies,
     order_id: &str,
     account_id: &str,
     (paid, credited): (i64, i64),
@@ -400,6 +405,7 @@ async fn credit_order(
             created_by,
             corrects_entry_id: None,
             metadata: serde_json::json!({"order_id": order_id, "paid_units": paid}),
+            grants: topup_grants(policies, paid, credited),
         },
     )
     .await?;
@@ -411,6 +417,25 @@ async fn credit_order(
     .execute(&mut **tx)
     .await?;
     Ok(posted)
+}
+
+fn topup_grants(
+    policies: &super::grants::GrantPolicies,
+    paid: i64,
+    credited: i64,
+) -> Vec<super::grants::CreditPart> {
+    use super::grants::{CreditPart, GrantSource};
+    let now = chrono::Utc::now();
+    let bonus = credited - paid;
+    let mut parts = Vec::with_capacity(2);
+    // A paid amount of 0 cannot reach here (credit_for refuses it); keep the parts positive.
+    if paid > 0 {
+        parts.push(CreditPart { terms: policies.terms(GrantSource::Purchase, now), units: paid });
+    }
+    if bonus > 0 {
+        parts.push(CreditPart { terms: policies.terms(GrantSource::Bonus, now), units: bonus });
+    }
+    parts
 }
 
 /// An order fails when its async payment fails; one in review stays for the operator.
@@ -497,7 +522,9 @@ async fn load_order(
 const ORDER_SELECT: &str = "SELECT o.order_id, o.account_id, o.status, o.paid_units, o.credited_units,
         o.entry_id, o.currency, o.amount_minor, o.review_reason, o.resolution, o.resolved_by,
         o.resolution_note, e.kind AS entry_kind, e.amount_units AS entry_amount_units,
-        e.balance_after_units AS entry_balance_after_units
+        e.balance_after_units AS entry_balance_after_units,
+        ARRAY(SELECT g.grant_id FROM credit_grants g WHERE g.entry_id = o.entry_id ORDER BY g.grant_id)
+            AS entry_grant_ids
     FROM topup_orders o LEFT JOIN ledger_entries e ON e.entry_id = o.entry_id";
 
 #[derive(sqlx::FromRow)]
@@ -517,6 +544,7 @@ struct OrderRow {
     entry_kind: Option<String>,
     entry_amount_units: Option<i64>,
     entry_balance_after_units: Option<i64>,
+    entry_grant_ids: Vec<i64>,
 }
 
 impl From<OrderRow> for TopupResult {
@@ -535,6 +563,7 @@ impl From<OrderRow> for TopupResult {
                     kind,
                     amount_units,
                     balance_after_units,
+                    grant_ids: r.entry_grant_ids,
                 })
             }
             _ => None,

@@ -440,6 +440,7 @@ async fn post_debits(
     let accounts: Vec<String> = touched_accounts.into_iter().map(str::to_owned).collect();
     let sorted: Vec<&str> = accounts.iter().map(String::as_str).collect();
     let mut balances = super::lock_balances(tx, &sorted).await?;
+    let mut wallets = super::grants::load_wallets(tx, &balances).await?;
     // Under those locks: events whose hold was already billed at its deadline.
     mark_paid_by_hold(tx, new_events).await?;
     let touched: Vec<&ValidItem> =
@@ -454,6 +455,13 @@ async fn post_debits(
         };
         *bal = after;
         applied.debited_units = applied.debited_units.saturating_add(v.charge.cost_units);
+        // Event-time rule: grants past their deadline at the event's time do not pay.
+        let grant_changes = super::grants::debit(
+            &mut wallets,
+            &v.event.account_id,
+            v.charge.cost_units,
+            v.event.occurred_at,
+        )?;
         rows.push(super::NewEntry {
             account_id: &v.event.account_id,
             kind: "consume",
@@ -467,9 +475,11 @@ async fn post_debits(
             created_by: None,
             corrects_entry_id: None,
             metadata: serde_json::json!({}),
+            grant_changes,
         });
     }
     let last_ids = if rows.is_empty() { HashMap::new() } else { rows.insert(tx).await? };
+    super::grants::store_wallets(tx, &wallets).await?;
     let settlements: Vec<(&str, &str, i64, &str)> = touched
         .iter()
         .filter(|v| !refused.contains(&v.event.event_id))

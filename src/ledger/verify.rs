@@ -4,7 +4,10 @@
 //! 1. `balance_after_units` of each entry = previous balance_after + amount
 //!    (the first entry starts from 0);
 //! 2. the projection `account_balances.balance_units` = sum of amounts = last balance_after;
-//! 3. no projection exists without entries unless it is 0.
+//! 3. no projection exists without entries unless it is 0;
+//! 4. every credit grant's `remaining_units` = the sum of its journal `grant_changes`
+//!    (plus a legacy grant's opening amount), and no account's grants hold less than its
+//!    balance (the overdraft is never negative): see `ledger::grants`.
 //!
 //! Streams the journal (never loads it whole) and stops at the first inconsistency.
 
@@ -17,6 +20,10 @@ pub struct VerifyReport {
     pub accounts: u64,
     pub entries: u64,
     pub total_units: i64,
+    pub grants: u64,
+    /// Accounts whose grants hold more than their balance (usage on credit, repaid by the
+    /// next grant).
+    pub overdrawn_accounts: u64,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -25,6 +32,8 @@ pub enum VerifyError {
     BrokenChain { account_id: String, entry_id: i64, expected: i64, found: i64 },
     #[error("account {account_id}: projection balance {projection}, journal says {journal}")]
     ProjectionMismatch { account_id: String, projection: i64, journal: i64 },
+    #[error("credit grants: {0}")]
+    Grants(String),
     #[error("database: {0}")]
     Db(#[from] sqlx::Error),
 }
@@ -76,5 +85,12 @@ pub async fn verify(pool: &PgPool) -> Result<VerifyReport, VerifyError> {
     }
     // Saturating: a sum of many extreme balances must not panic the check itself.
     let total_units = running.values().fold(0i64, |acc, b| acc.saturating_add(*b));
-    Ok(VerifyReport { accounts, entries, total_units })
+    let g = super::grants::verify_grants(pool).await.map_err(VerifyError::Grants)?;
+    Ok(VerifyReport {
+        accounts,
+        entries,
+        total_units,
+        grants: g.grants,
+        overdrawn_accounts: g.overdrawn_accounts,
+    })
 }

@@ -180,11 +180,12 @@ async fn refresh_quota_state(
     }
 }
 
-/// Periodic work beside the pipeline: expire overdue reservations (so holds never leak)
-/// and publish queued auto-reload requests. Errors are logged and retried next tick.
 /// How often the top-up review gauges are refreshed (one indexed count).
 const REVIEW_GAUGE_INTERVAL: Duration = Duration::from_secs(15);
 
+/// Periodic work beside the pipeline, every second: expire overdue reservations (so holds
+/// never leak) and credit grants past their deadline, post plan cycles, publish queued
+/// auto-reload requests. Errors are logged and retried next tick.
 async fn housekeeping(
     pool: sqlx::PgPool,
     quota_config: Arc<crate::quota::config::QuotaConfig>,
@@ -204,6 +205,10 @@ async fn housekeeping(
         }
         if let Err(e) = ledger::reservations::expire_due(&pool).await {
             tracing::warn!(error = %e, "expiring reservations");
+        }
+        // Credit grants past their deadline: their remainder written off, once (any instance).
+        if let Err(e) = ledger::grants::expire_due(&pool, chrono::Utc::now()).await {
+            tracing::warn!(error = %e, "expiring credit grants");
         }
         // Holding authorize adds holds without the balance lock: bring the projection along.
         if let Err(e) = ledger::reservations::reconcile_projections(&pool).await {

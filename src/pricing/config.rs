@@ -11,8 +11,8 @@ use std::collections::BTreeMap;
 
 /// Top-level tables owned by other modules. They may live in the same file; pricing only
 /// checks that no *other* top-level name appears (a misspelt `[catalgo]` is an error).
-pub const FOREIGN_TABLES: [&str; 7] =
-    ["account", "plans", "quotas", "limits", "topup", "auto_reload", "reservations"];
+pub const FOREIGN_TABLES: [&str; 8] =
+    ["account", "plans", "quotas", "limits", "topup", "auto_reload", "reservations", "grants"];
 
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -33,6 +33,8 @@ pub(crate) struct RawFile {
     pub auto_reload: Option<toml::Value>,
     #[allow(dead_code)]
     pub reservations: Option<toml::Value>,
+    #[allow(dead_code)]
+    pub grants: Option<toml::Value>,
 }
 
 /// `[catalog]`

@@ -15,7 +15,7 @@
 //!
 //! # Catalog format
 //! Pricing owns the top-level `[catalog]` table. A file may also hold tables of other
-//! modules ([`FOREIGN_TABLES`]: `account`, `plans`, `quotas`, `limits`, `topup`,
+//! modules ([`FOREIGN_TABLES`]: `account`, `plans`, `quotas`, `limits`, `topup`, `grants`,
 //! `auto_reload`, `reservations`), which pricing ignores; any other top-level name is an
 //! error, so a misspelt `[catalgo]` is caught. Inside `[catalog]` every unknown key is an
 //! error. **Money is a decimal string** (`"3.30"`) or an integer; a TOML float is refused

@@ -327,6 +327,7 @@ pub async fn change_plan(pool: &PgPool, req: &PlanChangeRequest<'_>) -> Result<P
             created_by: Some(req.created_by),
             corrects_entry_id: None,
             metadata: serde_json::json!({"old_plan": old.map(|o| &o.name), "new_plan": new.name}),
+            grants: vec![],
         },
     )
     .await?;
@@ -577,6 +578,7 @@ async fn post_cycle(
                     "plan": plan.name, "cycle_start": start, "cycle_end": end,
                     "allocation_units": plan.allocation_units,
                 }),
+                grants: vec![],
             },
         )
         .await?;

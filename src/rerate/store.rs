@@ -189,6 +189,7 @@ pub async fn commit_correction(
             created_by: Some(cx.created_by),
             corrects_entry_id: None,
             metadata: payload,
+            grants: vec![],
         },
         period.from,
     )

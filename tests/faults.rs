@@ -4,7 +4,8 @@
 //! killed, (3) Postgres restarted (fast and crash), (4) ClickHouse down, (5) the broker
 //! paused, (6) duplicates days apart (emulated: see `data::duplicates`), (7) bad input
 //! and unknown accounts, (7b) absurd but legal costs, (7c) a balance driven past i64, (7d) rows
-//! the database refuses (a constraint raised by a trigger). Scenario 0 first proves the checks
+//! the database refuses (a constraint raised by a trigger), (8) credit grants expiring while
+//! processes are killed. Scenario 0 first proves the checks
 //! are not vacuous (it tampers with the stores and requires every check to notice).
 //!
 //! After every scenario it checks, against totals computed from what it produced: ledger
@@ -52,6 +53,8 @@ mod book;
 mod check;
 #[path = "faults/data.rs"]
 mod data;
+#[path = "faults/grants.rs"]
+mod grants;
 #[path = "faults/ops.rs"]
 mod ops;
 #[path = "faults/scenarios.rs"]
@@ -62,7 +65,7 @@ mod traffic;
 use scenarios::{Cfg, Row};
 use std::time::{Duration, Instant};
 
-const ALL: [&str; 12] = ["0", "1", "2", "2b", "3", "4", "5", "6", "7", "7b", "7c", "7d"];
+const ALL: [&str; 13] = ["0", "1", "2", "2b", "3", "4", "5", "6", "7", "7b", "7c", "7d", "8"];
 
 fn var<T: std::str::FromStr>(name: &str, default: T) -> T {
     match std::env::var(name) {
@@ -109,6 +112,7 @@ async fn run(cfg: &Cfg, list: &[String]) -> Vec<Row> {
             "7b" => data::absurd(cfg).await,
             "7c" => data::balance_overflow(cfg).await,
             "7d" => data::refused_rows(cfg).await,
+            "8" => grants::expiring_grants(cfg).await,
             _ => unreachable!("checked in config()"),
         };
         ops::say(format!(

@@ -62,6 +62,8 @@ pub struct Book {
     pub acked: u64,
     /// Sends retried after a failed delivery report (the first may still have landed).
     pub resent: u64,
+    /// Credit the scenario put on accounts outside the topic (credit grants), by account.
+    pub credited: HashMap<String, i64>,
 }
 
 impl Book {

@@ -232,7 +232,7 @@ pub async fn check(
     }
     check_clickhouse(env, &stores.ch, &expected_ids, &stores.dead_absurd, &mut v).await;
     let total: i128 = out.charged.values().map(|s| i128::from(*s)).sum();
-    check_balances(env, &out.charged, total, &mut v).await;
+    check_balances(env, &out.charged, &book.credited, total, &mut v).await;
     if let Some(accounts) = auto_created {
         check_auto_created(env, accounts, &mut v).await;
     }
@@ -406,8 +406,16 @@ async fn check_clickhouse(
 }
 
 /// Per account: the journal's debits and the balance projection equal the independent
-/// sums; `ledger verify` passes and agrees on the total.
-async fn check_balances(env: &TestEnv, charged: &HashMap<&str, i64>, total: i128, v: &mut Verdict) {
+/// sums (credit the scenario granted, minus debits, minus what expired grants wrote off);
+/// `ledger verify` passes (it also proves every credit grant from the journal) and agrees
+/// on the total.
+async fn check_balances(
+    env: &TestEnv,
+    charged: &HashMap<&str, i64>,
+    credited: &HashMap<String, i64>,
+    total: i128,
+    v: &mut Verdict,
+) {
     let journal: Vec<(String, i64)> = sqlx::query_as(
         "SELECT account_id, (-sum(amount_units))::bigint FROM ledger_entries WHERE kind = 'consume' GROUP BY account_id",
     )
@@ -421,17 +429,39 @@ async fn check_balances(env: &TestEnv, charged: &HashMap<&str, i64>, total: i128
     if diff > 0 {
         v.fail(format!("{diff} accounts whose journal debits differ from the expected sums"));
     }
+    // Breakage is checked grant by grant by `verify` (remainder == journal deltas) and by
+    // the grants scenario (once per grant, never spent after its deadline).
+    let breakage: Vec<(String, i64)> = sqlx::query_as(
+        "SELECT account_id, (-sum(amount_units))::bigint FROM ledger_entries WHERE kind = 'breakage' GROUP BY account_id",
+    )
+    .fetch_all(&env.pool)
+    .await
+    .expect("breakage sums");
+    let breakage: HashMap<String, i64> = breakage.into_iter().collect();
+    let mut want_balance: HashMap<String, i64> = HashMap::new();
+    for (a, s) in &want {
+        *want_balance.entry(a.clone()).or_default() -= s;
+    }
+    for (a, c) in credited {
+        *want_balance.entry(a.clone()).or_default() += c;
+    }
+    for (a, b) in &breakage {
+        *want_balance.entry(a.clone()).or_default() -= b;
+    }
+    want_balance.retain(|_, b| *b != 0);
     let balances: Vec<(String, i64)> =
-        sqlx::query_as("SELECT account_id, -balance_units FROM account_balances WHERE balance_units <> 0")
+        sqlx::query_as("SELECT account_id, balance_units FROM account_balances WHERE balance_units <> 0")
             .fetch_all(&env.pool)
             .await
             .expect("balances");
-    if balances.into_iter().collect::<HashMap<_, _>>() != want {
+    if balances.into_iter().collect::<HashMap<_, _>>() != want_balance {
         v.fail("account_balances differ from the expected per-account sums".into());
     }
+    let granted: i128 = credited.values().map(|c| i128::from(*c)).sum::<i128>()
+        - breakage.values().map(|b| i128::from(*b)).sum::<i128>();
     match tally::ledger::verify(&env.pool).await {
-        Ok(r) if i128::from(r.total_units) == -total => {}
-        Ok(r) => v.fail(format!("ledger verify total {} != expected {}", r.total_units, -total)),
+        Ok(r) if i128::from(r.total_units) == granted - total => {}
+        Ok(r) => v.fail(format!("ledger verify total {} != expected {}", r.total_units, granted - total)),
         Err(e) => v.fail(format!("ledger verify failed: {e}")),
     }
 }

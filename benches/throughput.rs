@@ -32,7 +32,8 @@
 //!
 //! Env: `BENCH_MESSAGES`, `BENCH_ACCOUNTS`, `BENCH_RAW_ROWS` (rows per raw Postgres /
 //! ClickHouse figure, default 200,000), `BENCH_BASELINE_BIN`, `BENCH_INSTANCES`
-//! (default "1,2").
+//! (default "1,2"), `BENCH_GRANTS` (1, the default: one more drain, with every account
+//! holding credit grants first: a promotion that burns first, then a larger grant).
 //!
 //! `cargo test --all-targets` (the test suite) also runs this binary, without `--bench`
 //! and in the debug profile: it then runs a smoke-sized version (20,000 messages, 5,000
@@ -107,7 +108,7 @@ async fn main() {
     println!(
         "  (runs: baseline if BENCH_BASELINE_BIN, tally x{{BENCH_INSTANCES}}, then tally x1 with authorize, then with holding authorize, at a fixed rate)"
     );
-    let target = Drain { env: &env, messages: messages as i64, distinct, malformed };
+    let target = Drain { env: &env, messages: messages as i64, distinct, malformed, accounts };
     let mut runs = Vec::new();
     if let Ok(baseline) = std::env::var("BENCH_BASELINE_BIN") {
         runs.push(("baseline", PathBuf::from(baseline), 1, Load::None));
@@ -115,6 +116,9 @@ async fn main() {
     let instances = std::env::var("BENCH_INSTANCES").unwrap_or_else(|_| "1,2".into());
     for n in instances.split(',').filter_map(|n| n.trim().parse::<usize>().ok()) {
         runs.push(("tally", PathBuf::from(env!("CARGO_BIN_EXE_tally")), n, Load::None));
+    }
+    if env_usize("BENCH_GRANTS", 1) == 1 {
+        runs.push(("tally + credit grants", PathBuf::from(env!("CARGO_BIN_EXE_tally")), 1, Load::Grants));
     }
     if authorize_rps > 0 {
         runs.push((
@@ -313,6 +317,7 @@ struct Drain<'a> {
     messages: i64,
     distinct: i64,
     malformed: i64,
+    accounts: u32,
 }
 
 /// Load on the API during a drain, at a fixed rate (requests per second).
@@ -321,6 +326,10 @@ enum Load {
     None,
     /// `POST /v1/authorize` (answered from memory).
     Authorize(u64),
+    /// No API load, but every account holds credit grants before the drain (a $1 promotion
+    /// expiring in an hour, then $1,000 that never expires), so each debit burns grants
+    /// in order and crosses from one to the next.
+    Grants,
     /// `POST /v1/authorize` with `"hold": true`: one Postgres transaction each. Bring-your-own-
     /// key calls without a feature, so every hold is allowed and inserted (a refused one
     /// writes nothing and would flatter the figure); 30-second holds, so expiry runs too.
@@ -418,6 +427,9 @@ async fn authorize_at_rate(
 impl Drain<'_> {
     async fn run(&self, bin: &Path, instances: usize, n: usize, load: Load) -> DrainResult {
         let (db, url) = fresh_database(&format!("{}_d{n}", self.env.ch_database)).await;
+        if matches!(load, Load::Grants) {
+            fund_with_grants(&url, self.accounts).await;
+        }
         let group = format!("{}-d{n}", self.env.group);
         let ports: Vec<u16> = (0..instances).map(|_| free_port()).collect();
         let mut children: Vec<Child> = ports
@@ -443,7 +455,7 @@ impl Drain<'_> {
         // Authorize at a fixed rate while one instance of the current binary drains.
         let load_stop = tokio_util::sync::CancellationToken::new();
         let rate = match load {
-            Load::None => None,
+            Load::None | Load::Grants => None,
             Load::Authorize(rps) => Some((rps, false)),
             Load::Hold(rps) => Some((rps, true)),
         };
@@ -488,6 +500,35 @@ impl Drain<'_> {
             authorize,
         }
     }
+}
+
+/// Migrate the fresh database and give each simulated account two grants (see [`Load::Grants`]).
+async fn fund_with_grants(url: &str, accounts: u32) {
+    use tally::ledger::grants::{self, GrantPolicies, GrantRequest, GrantSource};
+    let pool = tally::ledger::connect(url, 2).await.expect("connect");
+    tally::ledger::migrate(&pool).await.expect("migrations");
+    let expires = chrono::Utc::now() + chrono::Duration::hours(1);
+    for a in 0..accounts {
+        let account = format!("acct-{a:04}");
+        for (key, usd, source, expires_at) in [
+            ("promo", 1, GrantSource::Promotion, Some(expires)),
+            ("base", 1_000, GrantSource::Operator, None),
+        ] {
+            let req = GrantRequest {
+                account_id: account.clone(),
+                idempotency_key: format!("{key}-{account}"),
+                units: usd * tally::money::UNITS_PER_USD,
+                source,
+                priority: None,
+                expires_at,
+                expires_in_days: None,
+                created_by: "bench".into(),
+                reason: "bench".into(),
+            };
+            grants::grant(&pool, &GrantPolicies::default(), &req).await.expect("grant");
+        }
+    }
+    pool.close().await;
 }
 
 fn free_port() -> u16 {

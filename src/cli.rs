@@ -109,16 +109,24 @@ pub struct GrantsAddArgs {
     /// same catalog, default and variable as `tally run`).
     #[arg(long = "config", env = "TALLY_CONFIG", default_value = "examples/demo.toml")]
     pub catalog_path: PathBuf,
+    #[command(flatten)]
+    pub who: OperatorArgs,
+    #[arg(long, env = "TALLY_DATABASE_URL", default_value = "postgres://postgres@127.0.0.1:55432/tally")]
+    pub database_url: String,
+}
+
+/// Who does a manual money operation, why, and under which key.
+#[derive(Debug, Args)]
+pub struct OperatorArgs {
     /// Who is doing it (recorded on the entry).
     #[arg(long = "by-user")]
     pub by_user: String,
+    /// Why (recorded on the entry).
     #[arg(long)]
     pub reason: String,
     /// Idempotency key (a new one is generated if absent: retry with the printed key).
     #[arg(long)]
     pub idempotency_key: Option<String>,
-    #[arg(long, env = "TALLY_DATABASE_URL", default_value = "postgres://postgres@127.0.0.1:55432/tally")]
-    pub database_url: String,
 }
 
 #[derive(Debug, Args)]
@@ -334,15 +342,8 @@ pub struct AdjustArgs {
     /// Correct the given entry id by `--by-usd`.
     #[arg(long, requires = "by_usd")]
     pub corrects: Option<i64>,
-    /// Who is doing it (recorded on the entry).
-    #[arg(long = "by-user")]
-    pub by_user: String,
-    /// Why (recorded on the entry).
-    #[arg(long)]
-    pub reason: String,
-    /// Idempotency key (a new one is generated if absent: retry with the printed key).
-    #[arg(long)]
-    pub idempotency_key: Option<String>,
+    #[command(flatten)]
+    pub who: OperatorArgs,
     #[arg(long, env = "TALLY_DATABASE_URL", default_value = "postgres://postgres@127.0.0.1:55432/tally")]
     pub database_url: String,
 }

@@ -313,14 +313,14 @@ async fn adjust(args: crate::cli::AdjustArgs) -> anyhow::Result<()> {
             _ => anyhow::bail!("nothing to do"),
         },
     };
-    let key = args.idempotency_key.unwrap_or_else(|| format!("manual-{}", uuid::Uuid::new_v4()));
+    let key = args.who.idempotency_key.unwrap_or_else(|| format!("manual-{}", uuid::Uuid::new_v4()));
     let pool = ledger::connect(&args.database_url, 2).await?;
     let req = ledger::ops::ManualRequest {
         account_id: args.account,
         idempotency_key: key.clone(),
         kind,
-        created_by: args.by_user,
-        reason: args.reason,
+        created_by: args.who.by_user,
+        reason: args.who.reason,
     };
     let posted = ledger::ops::manual(&pool, &req).await?;
     println!("{}", serde_json::json!({"idempotency_key": key, "entry": posted}));
@@ -343,7 +343,7 @@ async fn grants(cmd: crate::cli::GrantsCommand) -> anyhow::Result<()> {
             let policies = ledger::config::LedgerConfig::load(&args.catalog_path)
                 .map_err(|e| anyhow::anyhow!(e))?
                 .grants;
-            let key = args.idempotency_key.unwrap_or_else(|| format!("grant-{}", uuid::Uuid::new_v4()));
+            let key = args.who.idempotency_key.unwrap_or_else(|| format!("grant-{}", uuid::Uuid::new_v4()));
             let pool = ledger::connect(&args.database_url, 2).await?;
             let req = grants::GrantRequest {
                 account_id: args.account,
@@ -353,8 +353,8 @@ async fn grants(cmd: crate::cli::GrantsCommand) -> anyhow::Result<()> {
                 priority: args.priority,
                 expires_at: args.expires_at,
                 expires_in_days: args.expires_in_days,
-                created_by: args.by_user,
-                reason: args.reason,
+                created_by: args.who.by_user,
+                reason: args.who.reason,
             };
             let granted = grants::grant(&pool, &policies, &req).await?;
             println!("{}", serde_json::json!({"idempotency_key": key, "grant": granted}));

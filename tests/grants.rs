@@ -9,7 +9,7 @@ use chrono::{DateTime, SubsecRound, Utc};
 use common::*;
 use rust_decimal::Decimal;
 use std::time::Duration;
-use tally::event::{RawUsageEvent, UsageEvent};
+use tally::event::UsageEvent;
 use tally::ledger;
 use tally::ledger::config::LedgerConfig;
 use tally::ledger::deductions::{self, DeductionRequest};
@@ -17,22 +17,6 @@ use tally::ledger::grants::{self, GrantRequest, GrantSource};
 use tally::ledger::topup::{self, TopupRequest};
 
 const USD: i64 = tally::money::UNITS_PER_USD;
-const CHAT_UNITS: i64 = 22_000_000; // $0.22 on the demo catalog
-
-fn chat(id: &str, account: &str) -> UsageEvent {
-    UsageEvent::parse(RawUsageEvent {
-        event_id: Some(id.into()),
-        occurred_at: Some(Utc::now().to_rfc3339()),
-        account_id: Some(account.into()),
-        provider: Some("xai".into()),
-        model: Some("grok-4-1-fast".into()),
-        modality: Some("chat".into()),
-        status: Some("success".into()),
-        input_tokens: Some(1_000_000),
-        ..Default::default()
-    })
-    .unwrap()
-}
 
 fn promotion(account: &str, key: &str, units: i64, expires_at: Option<DateTime<Utc>>) -> GrantRequest {
     GrantRequest {
@@ -128,10 +112,10 @@ async fn grants_burn_in_order_expire_once_and_repay_the_overdraft() {
     );
 
     // Usage before the deadline: the promotion with the earliest deadline pays first.
-    apply_usage(&env, vec![chat("e1", a)], 0).await;
+    apply_usage(&env, vec![chat_call("e1", a, None)], 0).await;
     assert_eq!(changes_of(&env, "e1").await, vec![(p.grant_id, -CHAT_UNITS)], "which grant paid this call");
     // Five more: $1.10 spans the rest of the 3-second promotion, then the 30-day one.
-    let events: Vec<UsageEvent> = (2..=6).map(|i| chat(&format!("e{i}"), a)).collect();
+    let events: Vec<UsageEvent> = (2..=6).map(|i| chat_call(&format!("e{i}"), a, None)).collect();
     apply_usage(&env, events, 1).await;
     assert_eq!(changes_of(&env, "e5").await, vec![(p.grant_id, -12_000_000), (p30.grant_id, -10_000_000)]);
     assert_eq!((remaining(&env, p.grant_id).await, remaining(&env, p30.grant_id).await), (0, 68_000_000));
@@ -143,7 +127,7 @@ async fn grants_burn_in_order_expire_once_and_repay_the_overdraft() {
     tokio::time::sleep((deadline2 - Utc::now()).to_std().unwrap_or_default() + Duration::from_millis(100))
         .await;
     // Past its deadline it pays nothing, though its remainder is not written off yet.
-    apply_usage(&env, vec![chat("e7", a)], 6).await;
+    apply_usage(&env, vec![chat_call("e7", a, None)], 6).await;
     assert_eq!(changes_of(&env, "e7").await, vec![(p30.grant_id, -CHAT_UNITS)]);
     assert_eq!(remaining(&env, p2.grant_id).await, USD);
     let before = balance(&env, a).await;

@@ -10,7 +10,7 @@ use common::*;
 use rust_decimal::Decimal;
 use std::str::FromStr;
 use std::time::Duration;
-use tally::event::{RawUsageEvent, UsageEvent};
+use tally::event::UsageEvent;
 use tally::ledger;
 use tally::ledger::config::{LedgerConfig, TopupConfig};
 use tally::ledger::ops::{self, LedgerError, ManualKind, ManualRequest};
@@ -41,25 +41,6 @@ fn topup_req(order: &str, account: &str, usd: &str) -> TopupRequest {
     TopupRequest { order_id: order.into(), account_id: account.into(), paid_usd: d(usd), source: "operator" }
 }
 
-/// A chat call on the demo catalog's default model: 1,000,000 input tokens = $0.22.
-fn chat(id: &str, account: &str, reservation: Option<&str>) -> UsageEvent {
-    UsageEvent::parse(RawUsageEvent {
-        event_id: Some(id.into()),
-        occurred_at: Some(Utc::now().to_rfc3339()),
-        account_id: Some(account.into()),
-        provider: Some("xai".into()),
-        model: Some("grok-4-1-fast".into()),
-        modality: Some("chat".into()),
-        status: Some("success".into()),
-        input_tokens: Some(1_000_000),
-        reservation_id: reservation.map(str::to_string),
-        ..Default::default()
-    })
-    .unwrap()
-}
-
-const CHAT_UNITS: i64 = 22_000_000; // $0.22
-
 #[tokio::test]
 async fn every_entry_type_stamps_balance_after_and_verifies() {
     let env = TestEnv::new(1).await;
@@ -70,7 +51,7 @@ async fn every_entry_type_stamps_balance_after_and_verifies() {
     let e = t.entry.unwrap();
     assert_eq!((e.kind.as_str(), e.balance_after_units), ("topup", 110 * USD));
 
-    let applied = apply_usage(&env, vec![chat("e1", a, None)], 0).await;
+    let applied = apply_usage(&env, vec![chat_call("e1", a, None)], 0).await;
     assert_eq!(applied.debited_units, CHAT_UNITS);
     let steps = [
         (ManualKind::Refund(5 * USD), "refund", 115 * USD - CHAT_UNITS),
@@ -133,7 +114,7 @@ async fn idempotency_replays_and_conflicts() {
     }
     assert_eq!(balance(&env, a).await.balance_units, 38 * USD);
     // Usage replay: the same events again change nothing.
-    let events = vec![chat("u1", a, None), chat("u2", a, None)];
+    let events = vec![chat_call("u1", a, None), chat_call("u2", a, None)];
     apply_usage(&env, events.clone(), 0).await;
     let replay = apply_usage(&env, events, 100).await;
     assert_eq!((replay.duplicates, replay.debited_units), (2, 0));
@@ -203,7 +184,7 @@ async fn holds_expire_settle_by_event_and_release() {
     assert_eq!(s.status, "settling");
     let b = balance(&env, a).await;
     assert_eq!((b.reserved_units, b.pending_units), (0, CHAT_UNITS));
-    apply_usage(&env, vec![chat("ev-r1", a, Some("r1"))], 0).await;
+    apply_usage(&env, vec![chat_call("ev-r1", a, Some("r1"))], 0).await;
     let r1 = reservations::get(&env.pool, "r1").await.unwrap().unwrap();
     assert_eq!((r1.status.as_str(), r1.actual_units), ("settled", Some(CHAT_UNITS)));
     let b = balance(&env, a).await;
@@ -211,7 +192,7 @@ async fn holds_expire_settle_by_event_and_release() {
 
     // An event settles an active hold directly (actual cost below the estimate).
     reservations::reserve(&env.pool, &reserve("r2", 3 * USD, 60)).await.unwrap();
-    apply_usage(&env, vec![chat("ev-r2", a, Some("r2"))], 1).await;
+    apply_usage(&env, vec![chat_call("ev-r2", a, Some("r2"))], 1).await;
     assert_eq!(reservations::get(&env.pool, "r2").await.unwrap().unwrap().status, "settled");
     // Release on failure; releasing twice is harmless; settling a released hold is refused.
     reservations::reserve(&env.pool, &reserve("r3", USD, 60)).await.unwrap();
@@ -231,15 +212,15 @@ async fn auto_reload_is_requested_once_per_crossing() {
     ledger::auto_reload::configure(&env.pool, a, Some((USD / 2, 25 * USD))).await.unwrap();
     let requests = || env.count("SELECT count(*) FROM auto_reload_requests");
     // $1.00 -> 0.78 -> 0.56: above the $0.50 threshold, nothing.
-    apply_usage(&env, vec![chat("c1", a, None), chat("c2", a, None)], 0).await;
+    apply_usage(&env, vec![chat_call("c1", a, None), chat_call("c2", a, None)], 0).await;
     assert_eq!(requests().await, 0);
     // -> 0.34 crosses; -> 0.12 and -> -0.10 stay below: still one request.
-    apply_usage(&env, vec![chat("c3", a, None)], 2).await;
-    apply_usage(&env, vec![chat("c4", a, None), chat("c5", a, None)], 3).await;
+    apply_usage(&env, vec![chat_call("c3", a, None)], 2).await;
+    apply_usage(&env, vec![chat_call("c4", a, None), chat_call("c5", a, None)], 3).await;
     assert_eq!(requests().await, 1);
     // Reloaded above the threshold (re-armed), then crossing again: a second request.
     topup::complete(&env.pool, &TopupConfig::default(), &topup_req("o2", a, "1")).await.unwrap();
-    apply_usage(&env, (6..10).map(|i| chat(&format!("c{i}"), a, None)).collect(), 5).await;
+    apply_usage(&env, (6..10).map(|i| chat_call(&format!("c{i}"), a, None)).collect(), 5).await;
     assert_eq!(requests().await, 2);
     // Published to Kafka exactly as queued.
     let producer = tally::kafka::producer(&BROKERS).unwrap();
@@ -391,7 +372,7 @@ async fn write_claimed(env: &TestEnv, batch: &tally::batch::Batch) -> ledger::us
 #[tokio::test]
 async fn a_claimed_event_is_billed_even_behind_its_rereadable_duplicate() {
     let env = TestEnv::new(1).await;
-    let x = chat("evt-x", "acct-x", None);
+    let x = chat_call("evt-x", "acct-x", None);
     // The original at partition 1, offset 10: claimed, never committed (a crash).
     let original = batch_at(&[(&x, 1, 10)]);
     ledger::usage::claim(&env.pool, "g", "t", &original).await.unwrap();
@@ -458,11 +439,11 @@ async fn last_deduction_at_is_the_latest_usage_event_time() {
         (Utc::now() - chrono::Duration::hours(hours_ago)).trunc_subsecs(6)
     };
     let (newer, older) = (at(2), at(5));
-    let mut e1 = chat("ld-1", a, None);
+    let mut e1 = chat_call("ld-1", a, None);
     e1.occurred_at = newer;
     apply_usage(&env, vec![e1], 0).await;
     assert_eq!(balance(&env, a).await.last_deduction_at, Some(newer));
-    let mut e2 = chat("ld-2", a, None);
+    let mut e2 = chat_call("ld-2", a, None);
     e2.occurred_at = older;
     apply_usage(&env, vec![e2], 1).await;
     assert_eq!(balance(&env, a).await.last_deduction_at, Some(newer), "an older event does not move it back");
@@ -506,12 +487,12 @@ async fn a_settle_ends_in_exactly_one_debit_in_every_order() {
     reservations::settle(&env.pool, "a", half).await.unwrap();
     // Event then settle: the event bills its own price; the settle finds it done.
     reservations::reserve(&env.pool, &reserve("c", 60)).await.unwrap();
-    apply_usage(&env, vec![chat("ev-c", a, Some("c"))], 0).await;
+    apply_usage(&env, vec![chat_call("ev-c", a, Some("c"))], 0).await;
     let c = reservations::settle(&env.pool, "c", 1).await.unwrap();
     assert_eq!((c.status.as_str(), c.actual_units), ("settled", Some(CHAT_UNITS)));
     // Event and no settle: the deadline finds it done. Release: never billed.
     reservations::reserve(&env.pool, &reserve("d", 1)).await.unwrap();
-    apply_usage(&env, vec![chat("ev-d", a, Some("d"))], 1).await;
+    apply_usage(&env, vec![chat_call("ev-d", a, Some("d"))], 1).await;
     reservations::reserve(&env.pool, &reserve("e", 1)).await.unwrap();
     reservations::release(&env.pool, "e").await.unwrap();
     tokio::time::sleep(Duration::from_millis(1_500)).await;
@@ -520,7 +501,7 @@ async fn a_settle_ends_in_exactly_one_debit_in_every_order() {
     assert_eq!(debits("a").await, [("reservation_settle".to_string(), -half)]);
     assert_eq!(reservations::get(&env.pool, "a").await.unwrap().unwrap().status, "settled");
     // Settle, deadline, then the event arrives late: recorded, not billed again.
-    let late = apply_usage(&env, vec![chat("ev-a", a, Some("a"))], 2).await;
+    let late = apply_usage(&env, vec![chat_call("ev-a", a, Some("a"))], 2).await;
     assert_eq!(late.new_events.len(), 1);
     assert_eq!(late.new_events[0].charge.cost_units, 0);
     assert_eq!(late.new_events[0].charge.reason.as_str(), "paid_by_hold");
@@ -543,7 +524,7 @@ async fn a_settle_ends_in_exactly_one_debit_in_every_order() {
         let (p1, p2) = (env.pool.clone(), other.clone());
         let expire1 = tokio::spawn(async move { reservations::expire_due(&p1).await.unwrap() });
         let expire2 = tokio::spawn(async move { reservations::expire_due(&p2).await.unwrap() });
-        apply_usage(&env, vec![chat(&format!("ev-{id}"), a, Some(id))], 3 + round as i64).await;
+        apply_usage(&env, vec![chat_call(&format!("ev-{id}"), a, Some(id))], 3 + round as i64).await;
         expire1.await.unwrap();
         expire2.await.unwrap();
         let d = debits(id).await;

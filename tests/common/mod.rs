@@ -300,3 +300,22 @@ pub async fn credit(env: &TestEnv, account: &str, units: i64) {
     };
     tally::ledger::ops::manual(&env.pool, &req).await.expect("credit");
 }
+
+/// A chat call on the demo catalog's default model: 1,000,000 input tokens = $0.22.
+pub fn chat_call(id: &str, account: &str, reservation: Option<&str>) -> tally::event::UsageEvent {
+    tally::event::UsageEvent::parse(tally::event::RawUsageEvent {
+        event_id: Some(id.into()),
+        occurred_at: Some(chrono::Utc::now().to_rfc3339()),
+        account_id: Some(account.into()),
+        provider: Some("xai".into()),
+        model: Some("grok-4-1-fast".into()),
+        modality: Some("chat".into()),
+        status: Some("success".into()),
+        input_tokens: Some(1_000_000),
+        reservation_id: reservation.map(str::to_string),
+        ..Default::default()
+    })
+    .unwrap()
+}
+
+pub const CHAT_UNITS: i64 = 22_000_000; // $0.22

@@ -259,3 +259,97 @@ async fn debits_across_a_deadline_with_concurrent_expirers_write_off_once() {
     assert_eq!(remaining(&env, promo.grant_id).await, 0);
     ledger::verify(&env.pool).await.unwrap();
 }
+
+#[tokio::test]
+async fn a_refund_of_a_call_goes_back_to_the_grants_that_paid_it() {
+    use tally::ledger::ops::{self, ManualKind, ManualRequest};
+    let env = TestEnv::new(1).await;
+    let a = "acct-refund";
+    let deadline = Utc::now() + chrono::Duration::hours(1);
+    let policies = grants::GrantPolicies::default();
+    let promo =
+        grants::grant(&env.pool, &policies, &promotion(a, "promo", USD, Some(deadline))).await.unwrap();
+    credit(&env, a, 10 * USD).await;
+    let base: i64 = sqlx::query_scalar(
+        "SELECT grant_id FROM credit_grants WHERE account_id = $1 AND source = 'operator'",
+    )
+    .bind(a)
+    .fetch_one(&env.pool)
+    .await
+    .unwrap();
+    let events: Vec<UsageEvent> = (1..=5).map(|i| chat_call(&format!("r{i}"), a, None)).collect();
+    apply_usage(&env, events, 0).await;
+    assert_eq!(changes_of(&env, "r5").await, vec![(promo.grant_id, -12_000_000), (base, -10_000_000)]);
+    let entry: i64 = sqlx::query_scalar("SELECT entry_id FROM ledger_entries WHERE event_id = 'r5'")
+        .fetch_one(&env.pool)
+        .await
+        .unwrap();
+    let refund = |key: &str, units: i64| ManualRequest {
+        account_id: a.into(),
+        idempotency_key: key.into(),
+        kind: ManualKind::Correction { entry_id: entry, units },
+        created_by: "support@example.com".into(),
+        reason: "failed generation refunded".into(),
+    };
+    // The call's price back: into the grants that paid it, latest-burned first.
+    let posted = ops::manual(&env.pool, &refund("refund-1", CHAT_UNITS)).await.unwrap();
+    assert!(posted.grant_ids.is_empty(), "no new grant: {posted:?}");
+    let changes: serde_json::Value =
+        sqlx::query_scalar("SELECT grant_changes FROM ledger_entries WHERE entry_id = $1")
+            .bind(posted.entry_id)
+            .fetch_one(&env.pool)
+            .await
+            .unwrap();
+    assert_eq!(changes, serde_json::json!([[base, 10_000_000], [promo.grant_id, 12_000_000]]));
+    assert_eq!((remaining(&env, base).await, remaining(&env, promo.grant_id).await), (10 * USD, 12_000_000));
+    // Refunding the same call again: nothing left to give back, so a new grant.
+    let again = ops::manual(&env.pool, &refund("refund-2", USD)).await.unwrap();
+    let [new] = again.grant_ids[..] else { panic!("one new grant: {again:?}") };
+    let (source, left): (String, i64) =
+        sqlx::query_as("SELECT source, remaining_units FROM credit_grants WHERE grant_id = $1")
+            .bind(new)
+            .fetch_one(&env.pool)
+            .await
+            .unwrap();
+    assert_eq!((source.as_str(), left), ("correction", USD));
+    assert_eq!(balance(&env, a).await, 11 * USD - 5 * CHAT_UNITS + CHAT_UNITS + USD);
+    ledger::verify(&env.pool).await.unwrap();
+}
+
+#[tokio::test]
+async fn a_plan_reset_ends_every_grant_and_starts_the_new_allocation() {
+    use tally::ledger::ops::{self, ManualKind, ManualRequest};
+    let env = TestEnv::new(1).await;
+    let a = "acct-reset";
+    credit(&env, a, 3 * USD).await;
+    let promo = grants::grant(&env.pool, &grants::GrantPolicies::default(), &promotion(a, "p", USD, None))
+        .await
+        .unwrap();
+    // Into overdraft first: the reset forgives it (no rollover either way).
+    deductions::deduct(&env.pool, &deduction(a, "big", 5 * USD)).await.unwrap();
+    assert_eq!(balance(&env, a).await, -USD);
+    let req = ManualRequest {
+        account_id: a.into(),
+        idempotency_key: "cycle-2".into(),
+        kind: ManualKind::PlanReset(10 * USD),
+        created_by: "plans".into(),
+        reason: "cycle 2".into(),
+    };
+    let posted = ops::manual(&env.pool, &req).await.unwrap();
+    assert_eq!((posted.amount_units, posted.balance_after_units), (11 * USD, 10 * USD));
+    let [alloc] = posted.grant_ids[..] else { panic!("one allocation grant: {posted:?}") };
+    assert_eq!(remaining(&env, alloc).await, 10 * USD);
+    assert_eq!(remaining(&env, promo.grant_id).await, 0);
+    let live = grants::list(&env.pool, a, None, 10, true).await.unwrap();
+    assert_eq!(
+        live.iter().map(|g| (g.grant_id, g.source.as_str())).collect::<Vec<_>>(),
+        vec![(alloc, "plan_allocation")]
+    );
+    // With something left at the next reset, it ends too.
+    deductions::deduct(&env.pool, &deduction(a, "small", 4 * USD)).await.unwrap();
+    let req = ManualRequest { idempotency_key: "cycle-3".into(), ..req };
+    let posted = ops::manual(&env.pool, &req).await.unwrap();
+    assert_eq!(posted.amount_units, 4 * USD);
+    assert_eq!(remaining(&env, alloc).await, 0);
+    ledger::verify(&env.pool).await.unwrap();
+}

@@ -19,6 +19,10 @@ CREATE TABLE credit_grants (
     -- Projection of the journal (like account_balances), updated under the account's
     -- balance lock by every writer.
     remaining_units BIGINT NOT NULL CHECK (remaining_units >= 0 AND remaining_units <= amount_units),
+    -- remaining_units = 0, kept by every writer. The indexes filter on this flag, which
+    -- changes about once per grant, rather than on remaining_units, which changes with
+    -- every batch: so a burn rewrites the row in place (a HOT update, no index entries).
+    exhausted       BOOLEAN NOT NULL DEFAULT false CHECK (exhausted = (remaining_units = 0)),
     effective_from  TIMESTAMPTZ NOT NULL,
     expires_at      TIMESTAMPTZ CHECK (expires_at IS NULL OR expires_at > effective_from),
     -- The entry that created it (NULL: a legacy grant, the balance found at migration).
@@ -28,15 +32,16 @@ CREATE TABLE credit_grants (
     description     TEXT NOT NULL DEFAULT '',
     created_by      TEXT,
     created_at      TIMESTAMPTZ NOT NULL DEFAULT now()
-);
+) WITH (fillfactor = 80); -- room on each page for those in-place updates
 -- The writer loads an account's grants with something left, under its balance lock.
-CREATE INDEX credit_grants_live ON credit_grants (account_id) WHERE remaining_units > 0;
+CREATE INDEX credit_grants_live ON credit_grants (account_id) WHERE NOT exhausted;
 -- The expiry job finds what is due.
-CREATE INDEX credit_grants_due ON credit_grants (expires_at)
-    WHERE expires_at IS NOT NULL AND remaining_units > 0;
+CREATE INDEX credit_grants_due ON credit_grants (expires_at) WHERE expires_at IS NOT NULL AND NOT exhausted;
 CREATE INDEX credit_grants_account ON credit_grants (account_id, grant_id);
 
 ALTER TABLE ledger_entries ADD COLUMN grant_changes JSONB;
+-- A refund of an entry (a positive correction) finds what earlier refunds of it gave back.
+CREATE INDEX ledger_entries_corrects ON ledger_entries (corrects_entry_id) WHERE corrects_entry_id IS NOT NULL;
 
 ALTER TABLE ledger_entries DROP CONSTRAINT ledger_entries_kind_check;
 ALTER TABLE ledger_entries ADD CONSTRAINT ledger_entries_kind_check CHECK (kind IN (

@@ -122,6 +122,7 @@ pub(crate) struct Posting<'a> {
     pub grants: Vec<super::grants::CreditPart>,
 }
 
+#[derive(Clone, Copy)]
 pub(crate) enum Amount {
     Delta(i64),
     SetBalanceTo(i64),
@@ -157,24 +158,82 @@ pub(crate) async fn post_at(
         before.checked_add(amount).ok_or_else(|| LedgerError::Invalid("balance out of range".into()))?;
     balances.insert(p.account_id, after);
     // A credit creates its grants (repaying any overdraft first); a debit burns grants.
-    let (grant_changes, grant_ids) = match amount.signum() {
-        1 => {
-            let parts = if p.grants.is_empty() {
+    let reset_to = match p.amount {
+        Amount::SetBalanceTo(target) if p.kind == "plan_reset" => Some(target),
+        _ => None,
+    };
+    let (grant_changes, grant_ids) = match (reset_to, amount.signum()) {
+        // A plan cycle's reset, no rollover: every grant ends (an overdraft is forgiven)
+        // and the new allocation is one grant of exactly the target.
+        (Some(target), _) => {
+            let mut changes = grants::reset(&mut wallets, p.account_id);
+            let parts = if !p.grants.is_empty() {
+                p.grants
+            } else if target > 0 {
+                let terms =
+                    grants::GrantPolicies::default().terms(grants::GrantSource::PlanAllocation, Utc::now());
+                vec![grants::CreditPart { terms, units: target }]
+            } else {
+                vec![]
+            };
+            if parts.iter().map(|g| g.units).sum::<i64>() != target || parts.iter().any(|g| g.units <= 0) {
+                return Err(LedgerError::InvalidState("a reset's grants must sum to its target".into()));
+            }
+            let (created, ids) = grants::credit(
+                tx,
+                &mut wallets,
+                p.account_id,
+                &parts,
+                occurred_at,
+                &p.description,
+                p.created_by,
+            )
+            .await?;
+            changes.extend(created);
+            (grants::changes_json(&changes), ids)
+        }
+        (None, 1) => {
+            // A positive correction of an entry refunds it: back into the grants that
+            // paid it first (while they can still be spent), the rest as a new grant.
+            let (mut changes, rest) = match p.corrects_entry_id {
+                Some(entry) if p.kind == "correction" && p.grants.is_empty() => {
+                    grants::give_back(tx, &mut wallets, p.account_id, entry, amount, Utc::now()).await?
+                }
+                _ => (grants::GrantChanges::new(), amount),
+            };
+            let parts = if !p.grants.is_empty() {
+                p.grants
+            } else if rest > 0 {
                 let source = grants::GrantSource::for_entry_kind(p.kind);
                 let terms = grants::GrantPolicies::default().terms(source, Utc::now());
-                vec![grants::CreditPart { terms, units: amount }]
+                vec![grants::CreditPart { terms, units: rest }]
             } else {
-                p.grants
+                vec![]
             };
-            if parts.iter().map(|g| g.units).sum::<i64>() != amount || parts.iter().any(|g| g.units <= 0) {
+            if parts.iter().map(|g| g.units).sum::<i64>() != rest || parts.iter().any(|g| g.units <= 0) {
                 return Err(LedgerError::InvalidState("a credit's grants must sum to its amount".into()));
             }
-            grants::credit(tx, &mut wallets, p.account_id, &parts, occurred_at, &p.description, p.created_by)
-                .await?
+            let (created, ids) = grants::credit(
+                tx,
+                &mut wallets,
+                p.account_id,
+                &parts,
+                occurred_at,
+                &p.description,
+                p.created_by,
+            )
+            .await?;
+            changes.extend(created);
+            (grants::changes_json(&changes), ids)
         }
-        -1 => (grants::debit(&mut wallets, p.account_id, -amount, occurred_at)?, vec![]),
-        _ => (None, vec![]),
+        (None, -1) => (grants::debit(&mut wallets, p.account_id, -amount, occurred_at)?, vec![]),
+        (None, _) => (None, vec![]),
     };
+    assert_eq!(
+        wallets[p.account_id].balance_units(),
+        after,
+        "balance == grants - overdraft after every entry"
+    );
     let mut rows = EntryRows::default();
     rows.push(NewEntry {
         account_id: p.account_id,

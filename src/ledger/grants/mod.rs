@@ -23,7 +23,7 @@ use chrono::{DateTime, Duration, Utc};
 use serde::{Deserialize, Serialize};
 use sqlx::{PgPool, Postgres, Transaction};
 use std::collections::HashMap;
-pub use wallet::{GrantChanges, LiveGrant, LiveGrantSpec, Wallet, WalletError, changes_json};
+pub use wallet::{GrantChanges, LiveGrant, LiveGrantSpec, PaidGrant, Wallet, WalletError, changes_json};
 
 /// Where a grant's credit came from. Each source has a default burn priority (lower burns
 /// first) that the catalog's `[grants.<source>]` may override, with an expiry.
@@ -189,7 +189,7 @@ pub(crate) async fn load_wallets(
     type Row = (String, i64, i32, Option<DateTime<Utc>>, i64);
     let rows: Vec<Row> = sqlx::query_as(
         "SELECT account_id, grant_id, priority, expires_at, remaining_units FROM credit_grants
-         WHERE account_id = ANY($1) AND remaining_units > 0",
+         WHERE account_id = ANY($1) AND NOT exhausted",
     )
     .bind(&accounts)
     .fetch_all(&mut **tx)
@@ -222,7 +222,7 @@ pub(crate) async fn store_wallets(
         return Ok(());
     }
     sqlx::query(
-        "UPDATE credit_grants g SET remaining_units = u.r
+        "UPDATE credit_grants g SET remaining_units = u.r, exhausted = (u.r = 0)
          FROM UNNEST($1::bigint[], $2::bigint[]) AS u(id, r) WHERE g.grant_id = u.id",
     )
     .bind(&ids)
@@ -244,6 +244,11 @@ pub(crate) fn debit(
     Ok(changes_json(&changes))
 }
 
+/// A plan cycle's reset on a loaded wallet: every grant ended, the overdraft forgiven.
+pub(crate) fn reset(wallets: &mut HashMap<String, Wallet>, account: &str) -> GrantChanges {
+    wallets.get_mut(account).expect("the account's wallet was loaded under its lock").reset()
+}
+
 /// One part of a credit: `units` of a grant with `terms`.
 #[derive(Debug, Clone)]
 pub struct CreditPart {
@@ -251,8 +256,55 @@ pub struct CreditPart {
     pub units: i64,
 }
 
+/// A refund of debit entry `entry_id` (a positive correction of it): the overdraft first,
+/// then back into the grants that paid it while they can still be spent at `at` (see
+/// [`Wallet::give_back`]). Returns those grants' changes and what is left for a new grant.
+pub(crate) async fn give_back(
+    tx: &mut Transaction<'_, Postgres>,
+    wallets: &mut HashMap<String, Wallet>,
+    account: &str,
+    entry_id: i64,
+    units: i64,
+    at: DateTime<Utc>,
+) -> Result<(GrantChanges, i64), sqlx::Error> {
+    type Row = (i64, i32, Option<DateTime<Utc>>, i64, i64, i64, bool);
+    // What each grant paid of the entry, net of what earlier refunds of it gave back, in
+    // the order the debit burned them.
+    let rows: Vec<Row> = sqlx::query_as(
+        "WITH paid AS (
+             SELECT (x.c->>0)::bigint AS grant_id, -(x.c->>1)::bigint AS units, x.n
+             FROM ledger_entries e, jsonb_array_elements(e.grant_changes) WITH ORDINALITY AS x(c, n)
+             WHERE e.entry_id = $1 AND e.account_id = $2 AND (x.c->>1)::bigint < 0),
+         back AS (
+             SELECT (c->>0)::bigint AS grant_id, sum((c->>1)::bigint) AS units
+             FROM ledger_entries e, jsonb_array_elements(e.grant_changes) c
+             WHERE e.corrects_entry_id = $1 AND (c->>1)::bigint > 0 GROUP BY 1)
+         SELECT g.grant_id, g.priority, g.expires_at, g.remaining_units, g.amount_units,
+                (p.units - COALESCE(b.units, 0))::bigint, g.expired_entry_id IS NOT NULL
+         FROM paid p JOIN credit_grants g USING (grant_id) LEFT JOIN back b USING (grant_id)
+         ORDER BY p.n",
+    )
+    .bind(entry_id)
+    .bind(account)
+    .fetch_all(&mut **tx)
+    .await?;
+    let paid: Vec<wallet::PaidGrant> = rows
+        .into_iter()
+        .map(|(grant_id, priority, expires_at, remaining_units, amount_units, paid_units, written_off)| {
+            wallet::PaidGrant {
+                grant: LiveGrant { grant_id, priority, expires_at, remaining_units },
+                amount_units,
+                paid_units,
+                written_off,
+            }
+        })
+        .collect();
+    let w = wallets.get_mut(account).expect("the account's wallet was loaded under its lock");
+    Ok(w.give_back(&paid, units, at))
+}
+
 /// Create the grants of a credit on a loaded wallet (rows inserted, entry id set later by
-/// [`link_entry`]); returns the entry's `grant_changes` and the new grant ids.
+/// [`link_entry`]); returns the new grants' changes (what each starts with) and their ids.
 pub(crate) async fn credit(
     tx: &mut Transaction<'_, Postgres>,
     wallets: &mut HashMap<String, Wallet>,
@@ -261,7 +313,7 @@ pub(crate) async fn credit(
     effective_from: DateTime<Utc>,
     description: &str,
     created_by: Option<&str>,
-) -> Result<(Option<String>, Vec<i64>), sqlx::Error> {
+) -> Result<(GrantChanges, Vec<i64>), sqlx::Error> {
     let w = wallets.get_mut(account).expect("the account's wallet was loaded under its lock");
     let mut changes = GrantChanges::new();
     let mut ids = Vec::with_capacity(parts.len());
@@ -271,8 +323,9 @@ pub(crate) async fn credit(
         let expires_at = part.terms.expires_at.filter(|e| *e > effective_from);
         let grant_id: i64 = sqlx::query_scalar(
             "INSERT INTO credit_grants (account_id, source, priority, amount_units, repaid_units,
-                                        remaining_units, effective_from, expires_at, description, created_by)
-             VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10) RETURNING grant_id",
+                                        remaining_units, exhausted, effective_from, expires_at, description,
+                                        created_by)
+             VALUES ($1, $2, $3, $4, $5, $6, $6 = 0, $7, $8, $9, $10) RETURNING grant_id",
         )
         .bind(account)
         .bind(part.terms.source.as_str())
@@ -292,7 +345,7 @@ pub(crate) async fn credit(
         changes.push((grant_id, remaining));
         ids.push(grant_id);
     }
-    Ok((changes_json(&changes), ids))
+    Ok((changes, ids))
 }
 
 /// Point new grants at the entry that created them.
@@ -327,7 +380,7 @@ pub async fn expire_due(pool: &PgPool, now: DateTime<Utc>) -> Result<u64, sqlx::
         let due: Vec<(String,)> = sqlx::query_as(
             "SELECT DISTINCT account_id FROM (
                  SELECT account_id FROM credit_grants
-                 WHERE expires_at IS NOT NULL AND expires_at <= $1 AND remaining_units > 0
+                 WHERE expires_at IS NOT NULL AND expires_at <= $1 AND NOT exhausted
                  ORDER BY expires_at LIMIT $2) d",
         )
         .bind(now)
@@ -360,7 +413,7 @@ async fn expire_accounts(
     let mut balances = super::lock_balances(tx, sorted_accounts).await?;
     let due: Vec<(String, i64, i64, DateTime<Utc>)> = sqlx::query_as(
         "SELECT account_id, grant_id, remaining_units, expires_at FROM credit_grants
-         WHERE account_id = ANY($1) AND expires_at IS NOT NULL AND expires_at <= $2 AND remaining_units > 0
+         WHERE account_id = ANY($1) AND expires_at IS NOT NULL AND expires_at <= $2 AND NOT exhausted
          ORDER BY account_id, expires_at, grant_id",
     )
     .bind(sorted_accounts)

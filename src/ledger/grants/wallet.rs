@@ -141,6 +141,70 @@ impl Wallet {
         remaining_units
     }
 
+    /// A credit that refunds a debit: the overdraft is repaid first, then each grant that
+    /// paid the debit gets back what it paid (`paid`: the grants with what they paid net of
+    /// earlier refunds, in the debit's burn order), latest-burned first, never above its
+    /// amount, and only while it can still be spent at `at` (before its deadline, not
+    /// written off). Returns the grants credited (positive deltas) and what is left over,
+    /// which the caller credits as a new grant.
+    pub fn give_back(
+        &mut self,
+        paid: &[PaidGrant],
+        amount_units: i64,
+        at: DateTime<Utc>,
+    ) -> (GrantChanges, i64) {
+        assert!(amount_units > 0, "a refund is positive, got {amount_units}");
+        let repaid = amount_units.min(self.overdraft_units);
+        self.overdraft_units -= repaid;
+        let mut left = amount_units - repaid;
+        let mut changes = GrantChanges::new();
+        for p in paid.iter().rev() {
+            if left == 0 {
+                break;
+            }
+            if p.written_off || p.grant.expires_at.is_some_and(|deadline| at >= deadline) {
+                continue;
+            }
+            let current = self
+                .grants
+                .iter()
+                .find(|g| g.grant_id == p.grant.grant_id)
+                .map_or(p.grant.remaining_units, |g| g.remaining_units);
+            let room = p.amount_units - current;
+            let back = left.min(p.paid_units).min(room);
+            if back <= 0 {
+                continue;
+            }
+            left -= back;
+            let remaining_units = current + back;
+            match self.grants.iter_mut().find(|g| g.grant_id == p.grant.grant_id) {
+                Some(g) => g.remaining_units = remaining_units,
+                None => {
+                    let g = LiveGrant { remaining_units, ..p.grant.clone() };
+                    let at = self.grants.partition_point(|x| burn_order(x) < burn_order(&g));
+                    self.grants.insert(at, g);
+                }
+            }
+            self.changed.insert(p.grant.grant_id, remaining_units);
+            changes.push((p.grant.grant_id, back));
+        }
+        (changes, left)
+    }
+
+    /// End everything the account holds (a plan cycle's reset, no rollover): every grant's
+    /// remainder to 0 and the overdraft forgiven. Returns the grants' changes (negative);
+    /// the caller then credits the new cycle's grant.
+    pub fn reset(&mut self) -> GrantChanges {
+        let mut changes = GrantChanges::new();
+        for g in self.grants.iter_mut().filter(|g| g.remaining_units > 0) {
+            changes.push((g.grant_id, -g.remaining_units));
+            g.remaining_units = 0;
+            self.changed.insert(g.grant_id, 0);
+        }
+        self.overdraft_units = 0;
+        changes
+    }
+
     /// Write off what is left of `grant_id` (its deadline passed). Returns the units
     /// written off (0 if nothing was left).
     pub fn expire(&mut self, grant_id: i64) -> i64 {
@@ -157,6 +221,18 @@ impl Wallet {
     pub fn changed(&self) -> impl Iterator<Item = (i64, i64)> + '_ {
         self.changed.iter().map(|(id, r)| (*id, *r))
     }
+}
+
+/// A grant that paid a debit, as a refund of that debit sees it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PaidGrant {
+    /// The grant now (`remaining_units` as stored; it may be 0).
+    pub grant: LiveGrant,
+    pub amount_units: i64,
+    /// What it paid of the debit, net of earlier refunds of the same debit.
+    pub paid_units: i64,
+    /// Its remainder was written off at its deadline (`breakage`).
+    pub written_off: bool,
 }
 
 /// A new grant's burn-order fields (its row exists; its id is known).
@@ -239,6 +315,46 @@ mod tests {
         assert_eq!(w.expire(1), 40);
         assert_eq!(w.expire(1), 0);
         assert_eq!(w.balance_units(), -10);
+    }
+
+    #[test]
+    fn a_refund_goes_back_to_the_grants_that_paid_while_they_can_be_spent() {
+        // Grant 1 (promotion, deadline t(100)) and grant 2 paid a debit of 80: 50 + 30.
+        let mut w = Wallet::new("a", vec![g(2, 50, None, 20)], 20).unwrap();
+        let paid = |id: i64, expires: Option<i64>, remaining: i64, amount: i64, paid_units: i64| PaidGrant {
+            grant: g(id, if id == 1 { 10 } else { 50 }, expires, remaining),
+            amount_units: amount,
+            paid_units,
+            written_off: false,
+        };
+        let both = [paid(1, Some(100), 0, 50, 50), paid(2, None, 20, 50, 30)];
+        // Latest-burned first: grant 2 gets its 30 back, then grant 1 gets 10 of its 50.
+        let (changes, rest) = w.give_back(&both, 40, t(0));
+        assert_eq!((changes, rest), (vec![(2, 30), (1, 10)], 0));
+        assert_eq!(w.balance_units(), 60);
+        // More than was paid: the excess is left for a new grant.
+        let both = [paid(1, Some(100), 10, 50, 40), paid(2, None, 50, 50, 0)];
+        let (changes, rest) = w.give_back(&both, 100, t(0));
+        assert_eq!((changes, rest), (vec![(1, 40)], 60));
+        // After its deadline a grant takes nothing back.
+        let mut w = Wallet::new("a", vec![], 0).unwrap();
+        let (changes, rest) = w.give_back(&[paid(1, Some(100), 0, 50, 50)], 20, t(100));
+        assert_eq!((changes, rest), (vec![], 20));
+        // An overdraft is repaid first.
+        let mut w = Wallet::new("a", vec![], -15).unwrap();
+        let (changes, rest) = w.give_back(&[paid(2, None, 0, 50, 50)], 20, t(0));
+        assert_eq!((changes, rest, w.overdraft_units()), (vec![(2, 5)], 0, 0));
+    }
+
+    #[test]
+    fn a_reset_ends_every_grant_and_the_overdraft() {
+        let mut w = Wallet::new("a", vec![g(1, 300, None, 30), g(2, 700, None, 5)], 35).unwrap();
+        assert_eq!(w.reset(), vec![(1, -30), (2, -5)]);
+        assert_eq!((w.balance_units(), w.overdraft_units()), (0, 0));
+        let mut w = Wallet::new("a", vec![], -40).unwrap();
+        assert_eq!((w.reset(), w.balance_units()), (vec![], 0), "an overdraft is forgiven");
+        let spec = LiveGrantSpec { grant_id: 3, priority: 300, expires_at: None };
+        assert_eq!(w.credit(spec, 100), 100, "the new allocation starts whole");
     }
 
     #[test]

@@ -188,9 +188,13 @@ pub struct PriceArgs {
 #[derive(Debug, Subcommand)]
 pub enum CatalogCommand {
     /// Convert LiteLLM's model_prices_and_context_window.json to a Tally catalog (stdout).
+    /// Each entry is imported or skipped with its reason (stderr, with a count by reason).
     Import {
         #[arg(long)]
         litellm: PathBuf,
+        /// Exit 1 when any entry was skipped.
+        #[arg(long)]
+        strict: bool,
     },
     /// Load and validate a catalog.
     Check {

@@ -33,11 +33,31 @@ pub async fn dispatch(command: Command) -> anyhow::Result<ExitCode> {
                 return Ok(ExitCode::from(2));
             }
         }
-        Command::Catalog(CatalogCommand::Import { litellm }) => {
+        Command::Catalog(CatalogCommand::Import { litellm, strict }) => {
             let text = std::fs::read_to_string(&litellm)
                 .with_context(|| format!("reading {}", litellm.display()))?;
-            let toml = crate::pricing::litellm::import_litellm(&text).map_err(|e| anyhow::anyhow!("{e}"))?;
-            std::io::stdout().write_all(toml.as_bytes())?;
+            let import =
+                crate::pricing::litellm::import_litellm(&text).map_err(|e| anyhow::anyhow!("{e}"))?;
+            std::io::stdout().write_all(import.toml.as_bytes())?;
+            let r = &import.report;
+            for (key, reason) in &r.skipped {
+                eprintln!("skipped {key}: {reason}");
+            }
+            for (key, note) in &r.adjusted {
+                eprintln!("adjusted {key}: {note}");
+            }
+            eprintln!(
+                "imported {} models, skipped {}, adjusted {} prices",
+                r.imported,
+                r.skipped.len(),
+                r.adjusted.len()
+            );
+            for (reason, n) in r.skipped_by_reason() {
+                eprintln!("  {n:>5} skipped: {reason}");
+            }
+            if strict && !r.skipped.is_empty() {
+                return Ok(ExitCode::from(1));
+            }
         }
         Command::Catalog(CatalogCommand::Check { catalog_path }) => {
             load_catalog(&catalog_path)?;

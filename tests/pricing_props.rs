@@ -403,8 +403,9 @@ proptest! {
     ])) {
         let _ = litellm::import_litellm(&junk);
         let json = format!("{{\"m\": {{\"{key}\": {value:e}, \"litellm_provider\": \"p\"}}}}");
-        if let Ok(toml) = litellm::import_litellm(&json) {
-            prop_assert!(Catalog::from_toml_str(&toml, "import").is_ok());
+        if let Ok(import) = litellm::import_litellm(&json) {
+            prop_assert!(Catalog::from_toml_str(&import.toml, "import").is_ok());
+            prop_assert_eq!(import.report.imported + import.report.skipped.len(), 1);
         }
     }
 

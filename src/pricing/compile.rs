@@ -34,6 +34,7 @@ pub(crate) fn compile(text: &str, origin: &str) -> Result<Catalog, CatalogError>
     }
     let by_name = index_names(ctx, &cat.models)?;
     let by_provider = index_provider_wide(ctx, &cat.models)?;
+    let by_provider_model = index_provider_models(&cat.models);
     let default_entry = match &cat.default_model {
         None => None,
         Some(id) => Some(*by_name.get(id.as_str()).ok_or_else(|| {
@@ -48,6 +49,7 @@ pub(crate) fn compile(text: &str, origin: &str) -> Result<Catalog, CatalogError>
         entries,
         by_name,
         by_provider,
+        by_provider_model,
         local_providers: providers.iter().filter(|(_, p)| p.local).map(|(n, _)| n.clone()).collect(),
         tier_names: cat.model_tiers.keys().cloned().collect(),
         default_entry,
@@ -170,6 +172,29 @@ fn compile_entry(
         versions,
         tier: m.model_tier.clone(),
     })
+}
+
+/// Provider -> model name -> entry (see `Catalog::by_provider_model`). As LiteLLM looks
+/// up `provider/model` before `model`, a name written `provider/model` claims its pair
+/// first; then each entry's declared provider claims its names. The first claim of a pair
+/// keeps it: the pairs are a lookup aid, ids and aliases stay the names that must be unique.
+fn index_provider_models(models: &[RawModel]) -> HashMap<String, HashMap<String, usize>> {
+    let mut map: HashMap<String, HashMap<String, usize>> = HashMap::new();
+    let names =
+        |m: &RawModel| -> Vec<String> { std::iter::once(&m.id).chain(m.aliases.iter()).cloned().collect() };
+    for (index, m) in models.iter().enumerate() {
+        for name in names(m) {
+            if let Some((provider, model)) = name.split_once('/') {
+                map.entry(provider.to_string()).or_default().entry(model.to_string()).or_insert(index);
+            }
+        }
+    }
+    for (index, m) in models.iter().enumerate() {
+        for name in names(m) {
+            map.entry(m.provider.clone()).or_default().entry(name).or_insert(index);
+        }
+    }
+    map
 }
 
 /// Ids and aliases share one namespace: a name must price one thing only.

@@ -19,10 +19,11 @@ struct Amounts {
 }
 
 impl Catalog {
-    /// The catalog entry that would price `event`, without pricing it. Order: the entry
-    /// named by the event (for `modality = feature` with a `feature`, that name; else the
-    /// model), the same name without a `provider/` prefix, the event provider's
-    /// `provider_wide` entry, then `default_model` (a fallback).
+    /// The catalog entry that would price `event`, without pricing it. Order, for the name
+    /// the event gives (for `modality = feature` with a `feature`, that name; else the
+    /// model): the event provider's entry of that name (`provider/name`, as LiteLLM keys
+    /// it), the entry of that name, the same name without a `provider/` prefix, the event
+    /// provider's `provider_wide` entry, then `default_model` (a fallback).
     pub fn lookup(&self, event: &UsageEvent) -> Option<ModelMatch<'_>> {
         self.find_entry(event).map(|(index, fallback)| ModelMatch { id: &self.entries[index].id, fallback })
     }
@@ -72,11 +73,15 @@ impl Catalog {
         }
     }
 
-    /// The entry named `name` (id or alias, also without a `provider/` prefix), else
-    /// `provider`'s `provider_wide` entry; never the default model.
+    /// The entry for `provider` + `name` (LiteLLM's `provider/model` key, or an entry of
+    /// that provider named `name`), else the entry named `name` (id or alias, also without
+    /// a `provider/` prefix), else `provider`'s `provider_wide` entry; never the default
+    /// model. No allocation: this runs for every event.
     pub(super) fn find_named(&self, name: &str, provider: &str) -> Option<usize> {
-        self.by_name
-            .get(name)
+        self.by_provider_model
+            .get(provider)
+            .and_then(|models| models.get(name))
+            .or_else(|| self.by_name.get(name))
             .or_else(|| name.rsplit_once('/').and_then(|(_, bare)| self.by_name.get(bare)))
             .or_else(|| self.by_provider.get(provider))
             .copied()

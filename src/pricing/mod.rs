@@ -239,6 +239,10 @@ pub struct Catalog {
     by_name: HashMap<String, usize>,
     /// Entry index of the `provider_wide` entry of a provider.
     by_provider: HashMap<String, usize>,
+    /// Entry index by provider, then model name, the way LiteLLM keys its map: an id
+    /// `xai/grok-4` is `xai` -> `grok-4`; an id without a prefix is its declared provider ->
+    /// the id. An event's `provider` + `model` is looked up here first.
+    by_provider_model: HashMap<String, HashMap<String, usize>>,
     local_providers: Vec<String>,
     /// Every `[catalog.model_tiers.NAME]`.
     tier_names: Vec<String>,

@@ -355,12 +355,12 @@ fn price_lines_survives_long_and_binary_lines() {
 #[test]
 fn litellm_sample_imports_exactly() {
     let text = match litellm::import_litellm(include_str!("../../examples/litellm_sample.json")) {
-        Ok(t) => t,
+        Ok(t) => t.toml,
         Err(e) => panic!("import failed: {e}"),
     };
     let c = catalog(&text);
     assert!(!text.contains("id = \"sample_spec\""));
-    assert!(text.contains("# skipped \"omni-moderation-latest\""));
+    assert!(text.contains("# skipped \"omni-moderation-latest\": no price Tally imports"));
     assert!(text.contains("input_cost_per_token_flex"), "unmapped cost keys are listed");
     let sonnet = |n: u64, cached: u64| {
         let e = event(
@@ -384,19 +384,56 @@ fn litellm_sample_imports_exactly() {
 }
 
 #[test]
-fn litellm_import_rejects_bad_input_without_panicking() {
+fn litellm_import_skips_bad_entries_with_reasons_and_keeps_the_rest() {
     use litellm::{ImportError, import_litellm};
     assert!(matches!(import_litellm("[1, 2]"), Err(ImportError::NotAnObject)));
     assert!(matches!(import_litellm("{"), Err(ImportError::Json(_))));
-    let negative = r#"{"m": {"input_cost_per_token": -1e-06, "litellm_provider": "x"}}"#;
-    assert!(matches!(import_litellm(negative), Err(ImportError::Invalid { .. })));
-    let text = r#"{"m": {"input_cost_per_token": "3e-06"}}"#;
-    assert!(matches!(import_litellm(text), Err(ImportError::Invalid { .. })));
-    let huge = r#"{"m": {"input_cost_per_token": 1e300}}"#;
-    assert!(import_litellm(huge).is_err());
-    let cheaper_tier =
-        r#"{"m": {"input_cost_per_token": 2e-06, "input_cost_per_token_above_128k_tokens": 1e-06}}"#;
-    assert!(matches!(import_litellm(cheaper_tier), Err(ImportError::Catalog(_))));
+    let file = r#"{
+        "good": {"input_cost_per_token": 1e-06, "litellm_provider": "x"},
+        "negative": {"input_cost_per_token": -1e-06, "litellm_provider": "x"},
+        "text": {"input_cost_per_token": "3e-06"},
+        "huge": {"input_cost_per_token": 1e300},
+        "cheaper-tier": {"input_cost_per_token": 2e-06, "input_cost_per_token_above_128k_tokens": 1e-06},
+        "too-fine": {"input_cost_per_token": 1e-22, "litellm_provider": "x"},
+        "embedding": {"mode": "embedding", "litellm_provider": "x"},
+        "artifact": {"input_cost_per_token": 1.5000020000000002e-05, "litellm_provider": "x"}
+    }"#;
+    let import = import_litellm(file).unwrap();
+    let reason = |key: &str| {
+        import.report.skipped.iter().find(|(k, _)| k == key).map(|(_, r)| r.clone()).unwrap_or_default()
+    };
+    assert!(reason("negative").contains("is negative"), "{:?}", import.report);
+    assert!(reason("text").contains("expected a number"));
+    assert!(!reason("huge").is_empty());
+    assert!(reason("too-fine").starts_with("refused by the catalog rules"), "{}", reason("too-fine"));
+    assert!(reason("embedding").starts_with("no price Tally imports"));
+    assert_eq!(import.report.imported, 3, "{:?}", import.report);
+    // A float artifact is rounded to 15 significant digits, and said so.
+    assert!(import.toml.contains("input_per_1m_tokens = \"15.00002\""), "{}", import.toml);
+    // A tier cheaper than the base is raised to the base rate, and said so.
+    let adjusted: Vec<&str> = import.report.adjusted.iter().map(|(k, _)| k.as_str()).collect();
+    assert_eq!(adjusted, ["artifact", "cheaper-tier"]);
+    let by_reason = import.report.skipped_by_reason();
+    assert_eq!(by_reason.iter().map(|(_, n)| n).sum::<usize>(), 5);
+    catalog(&import.toml);
+}
+
+#[test]
+fn litellm_tiers_inherit_missing_rates_from_the_base_like_litellm() {
+    // gemini-2.5-pro's shape: the >200k tier names input and output, not cache rates.
+    let file = r#"{"gemini/gemini-2.5-pro": {"litellm_provider": "gemini",
+        "input_cost_per_token": 1.25e-06, "output_cost_per_token": 1e-05,
+        "cache_read_input_token_cost": 1.25e-07, "cache_creation_input_token_cost": 2.5e-07,
+        "input_cost_per_token_above_200k_tokens": 2.5e-06, "output_cost_per_token_above_200k_tokens": 1.5e-05}}"#;
+    let import = litellm::import_litellm(file).unwrap();
+    assert_eq!(import.report.imported, 1, "{:?}", import.report);
+    let c = catalog(&import.toml);
+    let e = event(json!({"provider": "gemini", "model": "gemini-2.5-pro", "input_tokens": 300_000,
+        "cached_input_tokens": 100_000}));
+    // Above 200k: input 2.5e-06 (250 units) on 200,000 uncached, cache read at the base 1.25e-07 (12.5).
+    let charge = c.price(&e);
+    assert_eq!((charge.priced_model.as_str(), charge.model_fallback), ("gemini/gemini-2.5-pro", false));
+    assert_eq!(charge.cost_units, 200_000 * 250 + 100_000 * 125 / 10);
 }
 
 #[test]

@@ -227,6 +227,31 @@ async fn captured_money_is_never_dropped() {
         r#"{"type":"payment_intent.succeeded","data":{"object":{"id":"pi_anon","amount_received":5000}}}"#;
     assert_eq!(app.signed(anonymous).await.1["outcome"], "needs_review");
     assert_eq!(topup::review_backlog(&app.env.pool).await.unwrap().0, 3);
+    // The operators' queue across accounts holds all three, the anonymous one included;
+    // an account's own token may not read it.
+    let operator = tally::api::auth::NewToken {
+        account_id: None,
+        role: tally::api::auth::Role::Operator,
+        name: "ops".into(),
+    };
+    let operator = tally::api::auth::create_token(&app.env.pool, &operator).await.unwrap().token;
+    let r = app.http.get(format!("{}/v1/topups", app.base)).bearer_auth(&operator).send().await.unwrap();
+    assert_eq!(r.status().as_u16(), 200);
+    let queue: serde_json::Value = r.json().await.unwrap();
+    let mut ids: Vec<&str> =
+        queue["topups"].as_array().unwrap().iter().map(|o| o["order_id"].as_str().unwrap()).collect();
+    ids.sort_unstable();
+    assert_eq!(ids, ["pi_anon", "pi_eur", "pi_small"]);
+    let r = app.http.get(format!("{}/v1/topups", app.base)).bearer_auth(&token).send().await.unwrap();
+    assert_eq!(r.status().as_u16(), 403, "an owner token is not an operator");
+    let r = app
+        .http
+        .get(format!("{}/v1/topups?status=lost", app.base))
+        .bearer_auth(&operator)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status().as_u16(), 400);
     // A checkout's payment intent ahead of its session: the session names the account and
     // the pre-tax amount, and the rules credit it ($50, no bonus below $100).
     let session = serde_json::json!({"type": "checkout.session.completed", "data": {"object": {

@@ -39,8 +39,12 @@ struct App {
 }
 
 async fn spawn_app(token_ttl: Duration) -> App {
+    spawn_app_with(token_ttl, "examples/brievio.toml").await
+}
+
+async fn spawn_app_with(token_ttl: Duration, catalog: &str) -> App {
     let env = TestEnv::new(1).await;
-    let catalog = repo().join("examples/brievio.toml");
+    let catalog = repo().join(catalog);
     let auth = Arc::new(TokenCache::new(env.pool.clone(), token_ttl));
     let state = AppState {
         pool: env.pool.clone(),
@@ -1134,4 +1138,60 @@ async fn grants_over_http() {
         (Some(-(USD * 5 / 2)), Some(-USD / 2))
     );
     ledger::verify(&app.env.pool).await.unwrap();
+}
+
+/// Reservations that give the call's shape (issue 12 item 3): Struere's worst case (10,000
+/// input + 40,960 output tokens x 10 iterations) held at the catalog's price; a shape of
+/// the caller's own; two worst cases that the balance cannot both cover; a catalog that
+/// cannot price the model refuses rather than letting the call run unreserved.
+#[tokio::test]
+async fn reservations_that_estimate() {
+    let app = spawn_app_with(auth::TOKEN_CACHE_TTL, "examples/struere.toml").await;
+    let gw = app.token(Some("acct-e"), Role::Service).await.token;
+    app.credit("acct-e", 10 * USD, "seed-e").await;
+    let shape =
+        |model: &str| json!({"account_id": "acct-e", "estimate": {"provider": "anthropic", "model": model}});
+    // claude-sonnet-4-5 with Struere's 10% markup: 100,000 x $3.30/M + 409,600 x $16.50/M = $7.0884.
+    let (status, r) = app.post("/v1/reservations", &gw, shape("claude-sonnet-4-5")).await;
+    assert_eq!((status, r["amount"].as_str()), (201, Some("7.08840000")), "{r}");
+    let e = &r["estimate"];
+    assert_eq!(
+        (e["basis"].as_str(), e["priced_model"].as_str()),
+        (Some("catalog"), Some("claude-sonnet-4-5"))
+    );
+    assert_eq!(
+        (e["iterations"].as_i64(), e["input_tokens"].as_i64(), e["output_tokens"].as_i64()),
+        (Some(10), Some(100_000), Some(409_600))
+    );
+    // A second worst case does not fit in what is left: the gateway must not make that call.
+    let (status, err) = app.post("/v1/reservations", &gw, shape("claude-sonnet-4-5")).await;
+    assert_eq!((status, err["error"]["code"].as_str()), (402, Some("insufficient_quota")));
+    // The caller's own shape: 1,000 + 1,000 tokens, once, on claude-haiku-4-5 ($1.10 / $5.50).
+    let own = json!({"account_id": "acct-e", "estimate": {"provider": "anthropic", "model": "claude-haiku-4-5",
+        "input_tokens": 1000, "output_tokens": 1000, "iterations": 1}});
+    let (status, r) = app.post("/v1/reservations", &gw, own).await;
+    assert_eq!((status, r["amount_units"].as_i64()), (201, Some(660_000)), "{r}");
+    // Struere prices unknown models as its default model: still an estimate, flagged by name.
+    let (status, r) = app.post("/v1/reservations", &gw, shape("claude-next")).await;
+    assert_eq!((status, r["estimate"]["priced_model"].as_str()), (201, Some("grok-4-1-fast")), "{r}");
+    for bad in [
+        json!({"account_id": "acct-e", "amount_usd": "1", "estimate": {"provider": "anthropic", "model": "claude-haiku-4-5"}}),
+        json!({"account_id": "acct-e", "estimate": {"provider": "anthropic", "model": "claude-haiku-4-5", "iterations": 0}}),
+        json!({"account_id": "acct-e", "estimate": {"provider": "anthropic", "model": "claude-haiku-4-5", "input_tokens": -5}}),
+        json!({"account_id": "acct-e", "estimate": {"provider": "anthropic"}}),
+        json!({"account_id": "acct-e", "estimate": {"provider": "anthropic", "model": "m", "colour": 1}}),
+    ] {
+        let (status, err) = app.post("/v1/reservations", &gw, bad.clone()).await;
+        assert!((400..500).contains(&status), "{bad} -> {status} {err}");
+    }
+
+    // Brievio's catalog has no default model: an unknown model cannot be estimated.
+    let app = spawn_app(auth::TOKEN_CACHE_TTL).await;
+    let gw = app.token(Some("acct-u"), Role::Service).await.token;
+    app.credit("acct-u", 10 * USD, "seed-u").await;
+    let body = json!({"account_id": "acct-u", "estimate": {"provider": "acme", "model": "unheard-of", "input_tokens": 1000}});
+    let (status, err) = app.post("/v1/reservations", &gw, body).await;
+    assert_eq!((status, err["error"]["code"].as_str()), (422, Some("cannot_estimate")), "{err}");
+    let b = ledger::balance(&app.env.pool, "acct-u").await.unwrap().unwrap();
+    assert_eq!(b.reserved_units, 0, "nothing held");
 }

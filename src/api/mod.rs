@@ -56,6 +56,7 @@ pub fn router(state: AppState) -> Router {
         // Authenticated (bearer token, see `auth`); each handler checks its capability.
         .route("/v1/accounts/{id}/transactions", get(transactions::list))
         .route("/v1/accounts/{id}/topups", get(topups::list))
+        .route("/v1/topups", get(topups::queue))
         .route("/v1/accounts/{id}/grants", get(grants::list).post(grants::create))
         .route("/v1/accounts/{id}/usage", get(usage::get))
         .route("/v1/accounts/{id}/usage/events", get(usage_events::list))

@@ -2,7 +2,10 @@
 //! it with the actual cost, or release it. Capability: `Gateway`.
 //!
 //! - `POST /v1/reservations` -> 201, or 402 `insufficient_quota` when the effective
-//!   balance (balance - reserved - pending) does not cover the hold. Idempotent by
+//!   balance (balance - reserved - pending) does not cover the hold. The hold is an
+//!   amount, or the worst-case price of the call's shape (`estimate`: model, provider,
+//!   counts per iteration, iterations; see `pricing::estimate`); a model the catalog
+//!   cannot price is 422 `cannot_estimate`, or the catalog's default hold. Idempotent by
 //!   `reservation_id` (generated when absent; send your own to retry safely). Reservation
 //!   ids are global: use unique ones (UUIDs).
 //! - `POST /v1/reservations/{id}/settle` -> 200 (`settling` until the usage event that
@@ -35,7 +38,40 @@ pub struct ReserveBody {
     reservation_id: Option<String>,
     amount_usd: Option<ExactDecimal>,
     amount_units: Option<i64>,
+    /// The call's shape instead of an amount: the hold is its worst case's price.
+    estimate: Option<EstimateBody>,
     ttl_secs: Option<u32>,
+}
+
+/// A call's shape (counts per iteration; absent counts and iterations come from the
+/// catalog's `[reservations.estimate]`).
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct EstimateBody {
+    provider: String,
+    model: String,
+    modality: Option<String>,
+    feature: Option<String>,
+    input_tokens: Option<i64>,
+    output_tokens: Option<i64>,
+    images: Option<i64>,
+    video_seconds: Option<i64>,
+    characters: Option<i64>,
+    iterations: Option<i64>,
+}
+
+/// How a hold was computed from a shape.
+#[derive(Debug, Serialize)]
+pub struct EstimateView {
+    /// `catalog`: the worst case priced by the catalog; `unpriced_default`: the catalog
+    /// cannot price the model and `[reservations.estimate]` holds a default amount.
+    pub basis: &'static str,
+    /// The catalog entry that priced it (absent for `unpriced_default`).
+    pub priced_model: Option<String>,
+    pub iterations: i64,
+    /// Totals over all iterations.
+    pub input_tokens: i64,
+    pub output_tokens: i64,
 }
 
 #[derive(Debug, Deserialize)]
@@ -62,6 +98,9 @@ pub struct ReservationView {
     pub actual_units: Option<i64>,
     pub expires_at: DateTime<Utc>,
     pub created_at: DateTime<Utc>,
+    /// How the hold was computed, when the request gave the call's shape.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub estimate: Option<EstimateView>,
 }
 
 impl From<Reservation> for ReservationView {
@@ -78,6 +117,7 @@ impl From<Reservation> for ReservationView {
             actual_units: r.actual_units,
             expires_at: r.expires_at,
             created_at: r.created_at,
+            estimate: None,
         }
     }
 }
@@ -96,7 +136,19 @@ pub async fn reserve(
         }
         None => format!("res_{}", uuid::Uuid::new_v4().simple()),
     };
-    let amount_units = one_amount("amount", body.amount_usd, body.amount_units)?;
+    let (amount_units, estimate) = match body.estimate {
+        Some(shape) if body.amount_usd.is_none() && body.amount_units.is_none() => {
+            let (units, view) = estimate_hold(&state, &body.account_id, shape)?;
+            (units, Some(view))
+        }
+        Some(_) => {
+            return Err(ApiError::unprocessable(
+                "invalid_amount",
+                "give amount_usd, amount_units or estimate, only one",
+            ));
+        }
+        None => (one_amount("amount", body.amount_usd, body.amount_units)?, None),
+    };
     if amount_units <= 0 {
         return Err(ApiError::unprocessable("invalid_amount", "amount must be positive"));
     }
@@ -120,7 +172,60 @@ pub async fn reserve(
         overdraft_units,
     };
     let r = reservations::reserve(&state.pool, &req).await.map_err(reservation_error)?;
-    Ok((StatusCode::CREATED, Json(r.into())))
+    Ok((StatusCode::CREATED, Json(ReservationView { estimate, ..r.into() })))
+}
+
+/// The hold for a call's shape: the catalog's price of its worst case, or the configured
+/// policy when the catalog cannot price the model (never an unreserved call).
+fn estimate_hold(
+    state: &AppState,
+    account_id: &str,
+    body: EstimateBody,
+) -> Result<(i64, EstimateView), ApiError> {
+    use crate::pricing::estimate::{CallShape, Estimate};
+    body_id("estimate.provider", &body.provider)?;
+    body_id("estimate.model", &body.model)?;
+    let defaults = &state.ledger_config.reservations.estimate;
+    let shape = CallShape {
+        provider: body.provider,
+        model: body.model,
+        modality: body.modality,
+        feature: body.feature,
+        input_tokens: body.input_tokens.or(defaults.input_tokens).unwrap_or(0),
+        output_tokens: body.output_tokens.or(defaults.output_tokens).unwrap_or(0),
+        images: body.images.unwrap_or(0),
+        video_seconds: body.video_seconds.unwrap_or(0),
+        characters: body.characters.unwrap_or(0),
+        iterations: body.iterations.or(defaults.iterations).unwrap_or(1),
+    };
+    let estimate = state
+        .catalog
+        .estimate(account_id, &shape, Utc::now())
+        .map_err(|e| ApiError::unprocessable("invalid_estimate", e))?;
+    let view = |basis, priced_model| EstimateView {
+        basis,
+        priced_model,
+        iterations: shape.iterations,
+        input_tokens: shape.input_tokens.saturating_mul(shape.iterations),
+        output_tokens: shape.output_tokens.saturating_mul(shape.iterations),
+    };
+    match estimate {
+        Estimate::Priced { units, priced_model } => Ok((units, view("catalog", Some(priced_model)))),
+        Estimate::Unpriced => match defaults.unpriced_hold_units() {
+            Some(units) => Ok((units, view("unpriced_default", None))),
+            None => Err(ApiError::unprocessable(
+                "cannot_estimate",
+                format!(
+                    "the catalog cannot price {}/{}: the call cannot be reserved (the catalog refuses unpriced models)",
+                    shape.provider, shape.model
+                ),
+            )),
+        },
+        Estimate::Free(reason) => Err(ApiError::unprocessable(
+            "nothing_to_reserve",
+            format!("the call would not be charged ({}): there is nothing to hold", reason.as_str()),
+        )),
+    }
 }
 
 pub async fn settle(

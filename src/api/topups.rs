@@ -3,7 +3,7 @@
 //! rules could not credit, with `review_reason`; an operator resolves it) or
 //! `refund_noted`; `status` keeps one of them (the review queue: `needs_review`; payments
 //! still settling: `pending`). Capability: `Billing`. A payment that named no account is not any
-//! account's: it is in the operator's queue (`tally orders list`) and the
+//! account's: it is in the operators' queue (`GET /v1/topups`, `tally orders list`) and the
 //! `tally_topup_orders_needs_review` gauge.
 
 use super::auth::{Caller, Capability, check_existing};
@@ -41,6 +41,33 @@ pub async fn list(
     ApiQuery(q): ApiQuery<TopupQuery>,
 ) -> Result<Json<TopupList>, ApiError> {
     path_account_id(&id)?;
+    let limit = checked_query(&q)?;
+    check_existing(&caller, &state.pool, &id, Capability::Billing).await?;
+    let topups = topup::list(&state.pool, Some(&id), q.status.as_deref(), limit)
+        .await
+        .map_err(super::stripe::ledger_error)?;
+    Ok(Json(TopupList { topups }))
+}
+
+/// `GET /v1/topups?status=&limit=`: every account's orders, newest first, including
+/// captured payments that named no account: the operators' review queue
+/// (`status=needs_review`, the default) and payments still settling. Capability:
+/// `Operate` (operator tokens).
+pub async fn queue(
+    State(state): State<AppState>,
+    caller: Caller,
+    ApiQuery(q): ApiQuery<TopupQuery>,
+) -> Result<Json<TopupList>, ApiError> {
+    let limit = checked_query(&q)?;
+    caller.require(Capability::Operate)?;
+    let status = q.status.as_deref().unwrap_or("needs_review");
+    let topups =
+        topup::list(&state.pool, None, Some(status), limit).await.map_err(super::stripe::ledger_error)?;
+    Ok(Json(TopupList { topups }))
+}
+
+/// The limit (default [`LIMIT_DEFAULT`]) once the query is known good.
+fn checked_query(q: &TopupQuery) -> Result<i64, ApiError> {
     let limit = q.limit.unwrap_or(LIMIT_DEFAULT);
     if !(1..=LIMIT_MAX).contains(&limit) {
         return Err(ApiError::bad_request("invalid_query", format!("limit must be within 1..={LIMIT_MAX}")));
@@ -51,9 +78,5 @@ pub async fn list(
         let problem = format!("status must be one of {}", STATUSES.join(", "));
         return Err(ApiError::bad_request("invalid_query", problem));
     }
-    check_existing(&caller, &state.pool, &id, Capability::Billing).await?;
-    let topups = topup::list(&state.pool, Some(&id), q.status.as_deref(), limit)
-        .await
-        .map_err(super::stripe::ledger_error)?;
-    Ok(Json(TopupList { topups }))
+    Ok(limit)
 }

@@ -66,6 +66,52 @@ pub struct ReservationConfig {
     /// `POST /v1/authorize` holds by default (a request may still say `"hold": false`).
     #[serde(default)]
     pub hold_on_authorize: bool,
+    /// `[reservations.estimate]`: holds computed from a call's shape.
+    #[serde(default)]
+    pub estimate: EstimateConfig,
+}
+
+/// `[reservations.estimate]`: what `POST /v1/reservations` assumes when a request gives
+/// the call's shape (`estimate`) but not every count, and what it does when the catalog
+/// cannot price the model.
+///
+/// ```toml
+/// [reservations.estimate]
+/// input_tokens = 10000     # Struere: per iteration...
+/// output_tokens = 40960
+/// iterations = 10          # ...times the agent's LLM loop
+/// unpriced = "refuse"      # or "hold" with unpriced_hold_usd = "5"
+/// ```
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct EstimateConfig {
+    pub input_tokens: Option<i64>,
+    pub output_tokens: Option<i64>,
+    pub iterations: Option<i64>,
+    #[serde(default)]
+    pub unpriced: UnpricedPolicy,
+    pub unpriced_hold_usd: Option<Decimal>,
+}
+
+/// A model the catalog cannot price: never an unreserved call.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum UnpricedPolicy {
+    /// 422 `cannot_estimate`: the gateway must not make the call.
+    #[default]
+    Refuse,
+    /// Hold `unpriced_hold_usd`.
+    Hold,
+}
+
+impl EstimateConfig {
+    /// The configured default hold for a model the catalog cannot price, in units.
+    pub fn unpriced_hold_units(&self) -> Option<i64> {
+        match self.unpriced {
+            UnpricedPolicy::Refuse => None,
+            UnpricedPolicy::Hold => self.unpriced_hold_usd.and_then(|usd| exact_units(usd).ok()),
+        }
+    }
 }
 
 /// 15 minutes: longer than any single agent run Struere describes (10 LLM iterations).
@@ -75,7 +121,11 @@ const fn default_ttl_secs() -> u32 {
 
 impl Default for ReservationConfig {
     fn default() -> Self {
-        ReservationConfig { ttl_secs: default_ttl_secs(), hold_on_authorize: false }
+        ReservationConfig {
+            ttl_secs: default_ttl_secs(),
+            hold_on_authorize: false,
+            estimate: EstimateConfig::default(),
+        }
     }
 }
 
@@ -123,6 +173,34 @@ impl LedgerConfig {
             }
         }
         self.grants.validate()?;
+        let e = &self.reservations.estimate;
+        let counts = [("input_tokens", e.input_tokens), ("output_tokens", e.output_tokens)];
+        if let Some((name, _)) =
+            counts.iter().find(|(_, v)| v.is_some_and(|n| !(0..=crate::event::COUNT_MAX).contains(&n)))
+        {
+            return Err(format!(
+                "reservations.estimate.{name} must be within 0..={}",
+                crate::event::COUNT_MAX
+            ));
+        }
+        if e.iterations.is_some_and(|n| !(1..=crate::pricing::estimate::ITERATIONS_MAX).contains(&n)) {
+            return Err(format!(
+                "reservations.estimate.iterations must be within 1..={}",
+                crate::pricing::estimate::ITERATIONS_MAX
+            ));
+        }
+        match (e.unpriced, e.unpriced_hold_usd) {
+            (UnpricedPolicy::Hold, Some(usd)) if usd > Decimal::ZERO && exact_units(usd).is_ok() => {}
+            (UnpricedPolicy::Hold, _) => {
+                return Err(
+                    "reservations.estimate: unpriced = \"hold\" needs a positive unpriced_hold_usd".into()
+                );
+            }
+            (UnpricedPolicy::Refuse, Some(_)) => {
+                return Err("reservations.estimate.unpriced_hold_usd needs unpriced = \"hold\"".into());
+            }
+            (UnpricedPolicy::Refuse, None) => {}
+        }
         if self.reservations.ttl_secs == 0 || self.reservations.ttl_secs > 7 * 86_400 {
             return Err("reservations.ttl_secs must be within 1..=604800".into());
         }

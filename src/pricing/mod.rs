@@ -213,6 +213,7 @@ mod values;
 mod versions;
 
 pub mod cli;
+pub mod estimate;
 pub mod litellm;
 
 #[cfg(test)]

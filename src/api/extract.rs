@@ -39,15 +39,44 @@ impl<S: Send + Sync, T: DeserializeOwned> FromRequest<S> for ApiJson<T> {
     }
 }
 
-/// Parse a JSON body: syntax errors are 400, shape errors 422.
+/// Parse a JSON body: syntax errors are 400, shape errors 422. A string holding a NUL
+/// character (`\u0000`) is refused (422): Postgres text cannot store it, and no id, key,
+/// reason or description needs one.
 pub fn parse_json<T: DeserializeOwned>(body: &[u8]) -> Result<T, ApiError> {
     use serde_json::error::Category;
+    if has_nul_escape(body) {
+        return Err(ApiError::unprocessable("invalid_body", NUL_REFUSED));
+    }
     serde_json::from_slice(body).map_err(|e| match e.classify() {
         Category::Data => ApiError::unprocessable("invalid_body", e.to_string()),
         Category::Syntax | Category::Eof | Category::Io => {
             ApiError::bad_request("malformed_json", format!("body is not valid JSON: {e}"))
         }
     })
+}
+
+const NUL_REFUSED: &str = "text must not contain the NUL character (\\u0000)";
+
+/// A `\u0000` escape in JSON text: a `\` that is not itself escaped, then `u0000`. (A raw
+/// NUL byte is not valid JSON at all.)
+fn has_nul_escape(body: &[u8]) -> bool {
+    let mut backslashes = 0usize;
+    for (i, b) in body.iter().enumerate() {
+        if *b == b'\\' {
+            backslashes += 1;
+            continue;
+        }
+        if *b == b'u' && backslashes % 2 == 1 && body[i + 1..].starts_with(b"0000") {
+            return true;
+        }
+        backslashes = 0;
+    }
+    false
+}
+
+/// A percent-encoded NUL (`%00`) in a path or query: refused like a NUL in a body.
+fn has_encoded_nul(s: &str) -> bool {
+    s.as_bytes().windows(3).any(|w| w == b"%00")
 }
 
 /// Query string parameters whose rejections are JSON errors.
@@ -58,6 +87,9 @@ impl<S: Send + Sync, T: DeserializeOwned> FromRequestParts<S> for ApiQuery<T> {
     type Rejection = ApiError;
 
     async fn from_request_parts(parts: &mut Parts, _state: &S) -> Result<Self, ApiError> {
+        if parts.uri.query().is_some_and(has_encoded_nul) {
+            return Err(ApiError::bad_request("invalid_query", NUL_REFUSED));
+        }
         Query::<T>::try_from_uri(&parts.uri)
             .map(|Query(q)| ApiQuery(q))
             .map_err(|e| ApiError::bad_request("invalid_query", e.body_text()))
@@ -72,6 +104,9 @@ impl<S: Send + Sync, T: DeserializeOwned + Send> FromRequestParts<S> for ApiPath
     type Rejection = ApiError;
 
     async fn from_request_parts(parts: &mut Parts, state: &S) -> Result<Self, ApiError> {
+        if has_encoded_nul(parts.uri.path()) {
+            return Err(ApiError::bad_request("invalid_path", NUL_REFUSED));
+        }
         Path::<T>::from_request_parts(parts, state)
             .await
             .map(|Path(p)| ApiPath(p))
@@ -240,5 +275,22 @@ mod tests {
         for bad in ["", "-", "1.", ".1", "1e", "00", "1.5.5", "0x1", "1 "] {
             assert!(!is_json_number(bad), "{bad}");
         }
+    }
+}
+
+#[cfg(test)]
+mod nul_tests {
+    use super::*;
+
+    #[test]
+    fn nul_escapes_are_found_and_escaped_backslashes_are_not() {
+        assert!(has_nul_escape(br#"{"a": "x\u0000y"}"#));
+        assert!(has_nul_escape(br#"{"a\u0000": 1}"#));
+        assert!(has_nul_escape(br#"{"a": "\\\u0000"}"#), "an escaped backslash, then a NUL escape");
+        assert!(!has_nul_escape(br#"{"a": "\\u0000"}"#), "a literal backslash followed by u0000");
+        assert!(!has_nul_escape(br#"{"a": "\u00e9 u0000"}"#));
+        assert!(
+            has_encoded_nul("/v1/accounts/a%00b/balance") && !has_encoded_nul("/v1/accounts/a%2500/balance")
+        );
     }
 }

@@ -13,6 +13,7 @@ use common::spec;
 use chrono::{Duration as ChronoDuration, Utc};
 use common::*;
 use reqwest::Method;
+use rust_decimal::Decimal;
 use serde_json::{Value, json};
 use std::collections::HashMap;
 use std::sync::Arc;
@@ -1185,6 +1186,24 @@ async fn reservations_that_estimate() {
         assert!((400..500).contains(&status), "{bad} -> {status} {err}");
     }
 
+    // Amounts in Struere's own unit, integer microdollars, beside the internal units.
+    let owner = app.token(Some("acct-e"), Role::Owner).await.token;
+    let (_, b) = app.get("/v1/accounts/acct-e/balance", &owner).await;
+    let d = &b["display"];
+    assert_eq!(
+        (d["unit"].as_str(), d["balance"]["shown"].as_str()),
+        (Some("microdollar"), Some("10000000")),
+        "{b}"
+    );
+    let held = b["reserved_units"].as_i64().unwrap();
+    assert_eq!(
+        d["reserved"]["value"].as_str().unwrap(),
+        (Decimal::from(held) / Decimal::from(100)).normalize().to_string()
+    );
+    let (_, tx) = app.get("/v1/accounts/acct-e/transactions", &owner).await;
+    assert_eq!(tx["display_unit"], "microdollar");
+    assert_eq!(tx["transactions"][0]["display"]["amount"]["shown"], "10000000");
+
     // Brievio's catalog has no default model: an unknown model cannot be estimated.
     let app = spawn_app(auth::TOKEN_CACHE_TTL).await;
     let gw = app.token(Some("acct-u"), Role::Service).await.token;
@@ -1194,4 +1213,11 @@ async fn reservations_that_estimate() {
     assert_eq!((status, err["error"]["code"].as_str()), (422, Some("cannot_estimate")), "{err}");
     let b = ledger::balance(&app.env.pool, "acct-u").await.unwrap().unwrap();
     assert_eq!(b.reserved_units, 0, "nothing held");
+    // Brievio shows USD with 2 decimals once past a cent, 6 below.
+    let owner = app.token(Some("acct-u"), Role::Owner).await.token;
+    let (_, b) = app.get("/v1/accounts/acct-u/balance", &owner).await;
+    assert_eq!(
+        (b["display"]["unit"].as_str(), b["display"]["balance"]["shown"].as_str()),
+        (Some("USD"), Some("10.00"))
+    );
 }

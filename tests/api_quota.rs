@@ -166,6 +166,15 @@ async fn authorize_answers_every_code_with_an_overage_result() {
         (Some(true), Some(1), Some(true))
     );
     assert_eq!(o["policy"], "hard_limit");
+    // BroomVA's OverageResult in its own unit: 1 internal unit past the allocation is
+    // 0.000001 credits (1 credit = 1 cent), shown with the catalog's 2 decimals.
+    assert_eq!(o["display_unit"], "credit");
+    assert_eq!(
+        (o["overage_amount_display"]["value"].as_str(), o["overage_amount_display"]["shown"].as_str()),
+        (Some("0.000001"), Some("0.00"))
+    );
+    let (_, b) = app.authorize(&gw, ask(106_000_000)).await;
+    assert_eq!(b["overage"]["overage_amount_display"]["value"], "100", "$1.00 past it is 100 credits: {b}");
     // Quota: free tier allows 2 ad_generations; 1 used -> allowed; 2 used -> 429.
     let q =
         serde_json::json!({"account_id": "acct-f", "feature": "ad_generations", "estimated_cost_usd": "0"});

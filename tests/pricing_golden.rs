@@ -360,12 +360,16 @@ fn brievio_versions_follow_occurred_at() {
 }
 
 #[test]
-fn brievio_credits_are_half_a_cent() {
+fn brievio_display_rounds_to_6_decimals_then_2() {
+    // Seed: "Dashboard display rounds to 6 decimals (USD) for small values and 2 decimals
+    // once it crosses cents. Internal accounting is exact."
     let c = catalog(BRIEVIO, "brievio.toml");
-    let per_credit = c.display_unit().units_per_display_unit;
-    assert_eq!(per_credit, 500_000);
-    // $0.099 = 19.8 credits -> 20 when shown as whole credits (half to even).
-    assert_eq!(money::units_to_coarse(usd("0.099"), per_credit), 20);
+    let shown = |usd_text: &str| c.display_unit().amount(usd(usd_text)).shown;
+    assert_eq!(shown("0.00493812"), "0.004938");
+    assert_eq!(shown("0.0099999"), "0.010000");
+    assert_eq!(shown("0.099"), "0.10");
+    assert_eq!(shown("18.5"), "18.50");
+    assert_eq!(c.display_unit().amount(usd("0.00493812")).value, "0.00493812", "and exact beside it");
     assert_eq!(c.minimum_charge_units(), 100);
 }
 

@@ -131,6 +131,14 @@ async fn balance(
     let extra =
         state.quota.with_account(&id, |acct| quota::plan_and_burn(&state, acct, view.effective_units, now));
     let mut body = serde_json::to_value(&view).map_err(ApiError::internal)?;
+    let unit = state.catalog.display_unit();
+    body["display"] = serde_json::json!({
+        "unit": unit.unit_name,
+        "balance": unit.amount(view.balance_units),
+        "effective": unit.amount(view.effective_units),
+        "reserved": unit.amount(view.reserved_units),
+        "pending": unit.amount(view.pending_units),
+    });
     if let (Some(b), Some(e)) = (body.as_object_mut(), extra.as_object()) {
         b.extend(e.clone());
     }

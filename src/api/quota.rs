@@ -13,7 +13,7 @@ use super::extract::{ApiJson, ApiPath, ApiQuery};
 use super::{ApiError, AppState};
 use crate::ledger::reservations::{self, HoldOutcome, HoldRequest};
 use crate::money;
-use crate::quota::decide::{self, OverageResult};
+use crate::quota::decide;
 use crate::quota::state::{self, AccountState, Ask};
 use crate::quota::{store, window};
 use axum::Json;
@@ -59,7 +59,18 @@ pub struct AuthorizeRequest {
 struct AuthorizeResponse {
     allowed: bool,
     message: String,
-    overage: OverageResult,
+    overage: serde_json::Value,
+}
+
+/// An OverageResult with its amount also in the catalog's display unit (BroomVA: credits).
+fn overage_view(state: &AppState, mut overage: serde_json::Value) -> serde_json::Value {
+    let unit = state.catalog.display_unit();
+    let units = overage["overage_amount"].as_i64().unwrap_or(0);
+    if let Some(o) = overage.as_object_mut() {
+        o.insert("display_unit".into(), serde_json::json!(unit.unit_name));
+        o.insert("overage_amount_display".into(), serde_json::json!(unit.amount(units)));
+    }
+    overage
 }
 
 fn check_id(field: &str, v: &str) -> Result<(), ApiError> {
@@ -154,14 +165,15 @@ pub async fn authorize(
         decide::decide_for(&state::view(cfg, acct, &ask, now), ask.feature, estimate, mode)
     });
     if d.allowed {
-        let body = AuthorizeResponse { allowed: true, message: d.message, overage: d.overage };
+        let overage = overage_view(&state, serde_json::to_value(&d.overage).expect("serializes"));
+        let body = AuthorizeResponse { allowed: true, message: d.message, overage };
         return Ok(Json(body).into_response());
     }
     let status = StatusCode::from_u16(d.status).unwrap_or(StatusCode::PAYMENT_REQUIRED);
     let body = serde_json::json!({
         "allowed": false,
         "error": {"code": d.code.unwrap_or("refused"), "message": d.message},
-        "overage": d.overage,
+        "overage": overage_view(&state, serde_json::to_value(&d.overage).expect("serializes")),
     });
     Ok((status, Json(body)).into_response())
 }
@@ -235,7 +247,7 @@ async fn authorize_holding(
             let body = serde_json::json!({
                 "allowed": true,
                 "message": decision["message"],
-                "overage": decision["overage"],
+                "overage": overage_view(&state, decision["overage"].clone()),
                 "authorization_id": reservation.reservation_id,
                 "hold_expires_at": reservation.expires_at,
                 "held_units": reservation.amount_units,
@@ -247,7 +259,7 @@ async fn authorize_holding(
             let body = serde_json::json!({
                 "allowed": false,
                 "error": {"code": decision["code"], "message": decision["message"]},
-                "overage": decision["overage"],
+                "overage": overage_view(&state, decision["overage"].clone()),
             });
             (status.unwrap_or(StatusCode::PAYMENT_REQUIRED), Json(body)).into_response()
         }
@@ -307,6 +319,7 @@ pub fn plan_and_burn(
     now: DateTime<Utc>,
 ) -> serde_json::Value {
     let cfg = &state.quota_config;
+    let unit = state.catalog.display_unit();
     let (start, end) = state::period(cfg, acct, now);
     let consumed = state::spent(acct, "account", "", start, end).cost_units;
     let week =
@@ -334,6 +347,11 @@ pub fn plan_and_burn(
             "consumed_units": used,
             "remaining_units": remaining,
             "usage_percent": percent,
+            "display": {
+                "allocated": unit.amount(p.allocation_units),
+                "consumed": unit.amount(used),
+                "remaining": unit.amount(remaining),
+            },
         })
     });
     serde_json::json!({
@@ -389,6 +407,7 @@ pub async fn get_limits(
     caller.check(&id, Capability::Billing)?;
     let now = Utc::now();
     let cfg = &state.quota_config;
+    let unit = state.catalog.display_unit();
     let limits = state.quota.with_account(&id, |acct| {
         let (start, end) = state::period(cfg, acct, now);
         let mut out: Vec<serde_json::Value> = acct
@@ -397,15 +416,18 @@ pub async fn get_limits(
             .filter(|(_, cap)| **cap < i64::MAX)
             .map(|((scope, scope_id), cap)| {
                 let spent = state::spent(acct, scope, scope_id, start, end).cost_units;
+                let remaining = cap.saturating_sub(spent);
                 serde_json::json!({"scope": scope, "scope_id": scope_id, "monthly_limit_units": cap,
-                    "spent_units": spent, "remaining_units": cap.saturating_sub(spent),
-                    "period_start": start, "period_end": end})
+                    "spent_units": spent, "remaining_units": remaining,
+                    "period_start": start, "period_end": end,
+                    "display": {"monthly_limit": unit.amount(*cap), "spent": unit.amount(spent),
+                                "remaining": unit.amount(remaining)}})
             })
             .collect();
         out.sort_by_key(|a| a.to_string());
         out
     });
-    Ok(Json(serde_json::json!({"account_id": id, "limits": limits})))
+    Ok(Json(serde_json::json!({"account_id": id, "display_unit": unit.unit_name, "limits": limits})))
 }
 
 #[derive(Debug, Deserialize)]

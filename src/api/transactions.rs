@@ -49,6 +49,15 @@ pub struct Transaction {
     /// The credit grants this entry changed: which grants paid a debit (negative units), or
     /// the grants a credit created (what each starts with after repaying any overdraft).
     pub grants: Vec<GrantChange>,
+    /// `amount` and `balance_after` in the catalog's display unit (`display_unit` of the
+    /// page).
+    pub display: TransactionDisplay,
+}
+
+#[derive(Debug, Serialize)]
+pub struct TransactionDisplay {
+    pub amount: crate::pricing::DisplayAmount,
+    pub balance_after: crate::pricing::DisplayAmount,
 }
 
 #[derive(Debug, Serialize)]
@@ -58,9 +67,13 @@ pub struct GrantChange {
     pub amount: String,
 }
 
-impl From<HistoryEntry> for Transaction {
-    fn from(h: HistoryEntry) -> Transaction {
+impl Transaction {
+    fn new(h: HistoryEntry, unit: &crate::pricing::DisplayUnit) -> Transaction {
         Transaction {
+            display: TransactionDisplay {
+                amount: unit.amount(h.amount_units),
+                balance_after: unit.amount(h.balance_after_units),
+            },
             entry_id: h.entry_id,
             kind: h.kind,
             amount: units_to_usd_string(h.amount_units),
@@ -86,6 +99,8 @@ impl From<HistoryEntry> for Transaction {
 
 #[derive(Debug, Serialize)]
 pub struct TransactionPage {
+    /// The catalog's display unit of every `display` amount.
+    pub display_unit: String,
     pub transactions: Vec<Transaction>,
     /// Pass as `before` for the next (older) page; null when this page is the last.
     pub next_before: Option<i64>,
@@ -113,5 +128,7 @@ pub async fn list(
     // A full page may have older entries behind it; a short one is the last.
     let full = i64::try_from(rows.len()).is_ok_and(|n| n == limit);
     let next_before = if full { rows.last().map(|r| r.entry_id) } else { None };
-    Ok(Json(TransactionPage { transactions: rows.into_iter().map(Transaction::from).collect(), next_before }))
+    let unit = state.catalog.display_unit();
+    let transactions = rows.into_iter().map(|h| Transaction::new(h, unit)).collect();
+    Ok(Json(TransactionPage { display_unit: unit.unit_name.clone(), transactions, next_before }))
 }

@@ -13,6 +13,7 @@ use super::auth::{Caller, Capability, check_existing};
 use super::extract::{ApiPath, ApiQuery, path_account_id};
 use super::{ApiError, AppState};
 use crate::money::units_to_usd_string;
+use crate::pricing::DisplayUnit;
 use axum::Json;
 use axum::extract::State;
 use chrono::{DateTime, Duration, Utc};
@@ -75,7 +76,7 @@ impl Totals {
         self.cost_units = self.cost_units.saturating_add(r.cost_units);
     }
 
-    fn view(&self) -> TotalsView {
+    fn view(&self, unit: &DisplayUnit) -> TotalsView {
         TotalsView {
             events: self.events,
             charged_events: self.charged_events,
@@ -88,6 +89,7 @@ impl Totals {
             },
             cost: units_to_usd_string(self.cost_units),
             cost_units: self.cost_units,
+            display_cost: unit.amount(self.cost_units),
         }
     }
 }
@@ -110,6 +112,8 @@ pub struct TotalsView {
     pub tokens: Tokens,
     pub cost: String,
     pub cost_units: i64,
+    /// The cost in the catalog's display unit (`display_unit` of the answer).
+    pub display_cost: crate::pricing::DisplayAmount,
 }
 
 #[derive(Debug, Serialize)]
@@ -125,6 +129,8 @@ pub struct UsageView {
     pub account_id: String,
     pub from: DateTime<Utc>,
     pub to: DateTime<Utc>,
+    /// The catalog's display unit (`credit`, `USD`, ...) of every `display_cost`.
+    pub display_unit: String,
     pub totals: TotalsView,
     pub by_model: Vec<Group>,
     pub by_provider: Vec<Group>,
@@ -142,7 +148,7 @@ pub async fn get(
     let (from, to) = window(q.from, q.to, Utc::now())?;
     check_existing(&caller, &state.pool, &id, Capability::Usage).await?;
     let rows = fetch(&state.clickhouse, &id, from, to).await?;
-    Ok(Json(summarize(id, from, to, &rows)))
+    Ok(Json(summarize(id, from, to, &rows, state.catalog.display_unit())))
 }
 
 /// Parse and bound the window (also `/usage/events`'). Pure: `now` is passed in.
@@ -239,7 +245,13 @@ async fn fetch(
     Ok(rows)
 }
 
-fn summarize(account_id: String, from: DateTime<Utc>, to: DateTime<Utc>, rows: &[GroupRow]) -> UsageView {
+fn summarize(
+    account_id: String,
+    from: DateTime<Utc>,
+    to: DateTime<Utc>,
+    rows: &[GroupRow],
+    unit: &DisplayUnit,
+) -> UsageView {
     let mut totals = Totals::default();
     let mut by: [BTreeMap<&str, Totals>; 4] = Default::default();
     for r in rows {
@@ -249,8 +261,19 @@ fn summarize(account_id: String, from: DateTime<Utc>, to: DateTime<Utc>, rows: &
         }
     }
     let [by_model, by_provider, by_modality, by_day] =
-        by.map(|m| m.into_iter().map(|(k, t)| Group { key: k.to_string(), totals: t.view() }).collect());
-    UsageView { account_id, from, to, totals: totals.view(), by_model, by_provider, by_modality, by_day }
+        by.map(|m| m.into_iter().map(|(k, t)| Group { key: k.to_string(), totals: t.view(unit) }).collect());
+    let display_unit = unit.unit_name.clone();
+    UsageView {
+        account_id,
+        from,
+        to,
+        display_unit,
+        totals: totals.view(unit),
+        by_model,
+        by_provider,
+        by_modality,
+        by_day,
+    }
 }
 
 #[cfg(test)]
@@ -299,7 +322,7 @@ mod tests {
         };
         let rows = [row("2026-05-01", "a", 100), row("2026-05-02", "a", 50), row("2026-05-02", "b", 1)];
         let now = Utc::now();
-        let v = summarize("acct".into(), now, now, &rows);
+        let v = summarize("acct".into(), now, now, &rows, &(DisplayUnit::USD)());
         assert_eq!((v.totals.events, v.totals.cost_units, v.totals.cost.as_str()), (6, 151, "0.00000151"));
         assert_eq!(v.by_model.iter().map(|g| g.totals.cost_units).collect::<Vec<_>>(), [150, 1]);
         assert_eq!(v.by_day.iter().map(|g| g.key.as_str()).collect::<Vec<_>>(), ["2026-05-01", "2026-05-02"]);

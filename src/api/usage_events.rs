@@ -175,6 +175,8 @@ pub struct UsageEventView {
     /// What the call costs now (exact USD string and internal units, 1e-8 USD).
     pub cost: String,
     pub cost_units: i64,
+    /// `cost_units` in the catalog's display unit (`display_unit` of the page).
+    pub display_cost: crate::pricing::DisplayAmount,
     /// What it was billed when it arrived (differs after a re-rate).
     pub billed_cost_units: i64,
     pub catalog_cost_units: i64,
@@ -189,6 +191,8 @@ pub struct UsageEventPage {
     pub account_id: String,
     pub from: DateTime<Utc>,
     pub to: DateTime<Utc>,
+    /// The catalog's display unit of every `display_cost`.
+    pub display_unit: String,
     pub events: Vec<UsageEventView>,
     /// Pass as `cursor` for the next (older) page; null when this page is the last.
     pub next_cursor: Option<String>,
@@ -216,8 +220,10 @@ pub async fn list(
         None
     };
     let deltas = corrections(&state.clickhouse, &id, &rows).await.map_err(unavailable)?;
-    let events = rows.into_iter().map(|r| view(r, &deltas)).collect();
-    Ok(Json(UsageEventPage { account_id: id, from, to, events, next_cursor }))
+    let unit = state.catalog.display_unit();
+    let events = rows.into_iter().map(|r| view(r, &deltas, unit)).collect();
+    let display_unit = unit.unit_name.clone();
+    Ok(Json(UsageEventPage { account_id: id, from, to, display_unit, events, next_cursor }))
 }
 
 async fn fetch(
@@ -280,7 +286,7 @@ async fn corrections(
     Ok(deltas.into_iter().map(|d| (d.event_id, d.delta)).collect())
 }
 
-fn view(r: EventRow, deltas: &HashMap<String, i64>) -> UsageEventView {
+fn view(r: EventRow, deltas: &HashMap<String, i64>, unit: &crate::pricing::DisplayUnit) -> UsageEventView {
     let cost_units = r.cost_units.saturating_add(deltas.get(&r.event_id).copied().unwrap_or(0));
     UsageEventView {
         occurred_at: Utc.timestamp_opt(i64::from(r.occurred_at), 0).single().unwrap_or_default(),
@@ -297,6 +303,7 @@ fn view(r: EventRow, deltas: &HashMap<String, i64>) -> UsageEventView {
             messages: r.messages,
         },
         cost: units_to_usd_string(cost_units),
+        display_cost: unit.amount(cost_units),
         cost_units,
         billed_cost_units: r.cost_units,
         charged: r.charged != 0,

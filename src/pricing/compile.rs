@@ -61,7 +61,7 @@ pub(crate) fn compile(text: &str, origin: &str) -> Result<Catalog, CatalogError>
 
 fn compile_display(ctx: Ctx, raw: Option<&RawDisplay>) -> Result<DisplayUnit, CatalogError> {
     let Some(raw) = raw else {
-        return Ok(DisplayUnit { unit_name: "USD".into(), units_per_display_unit: money::UNITS_PER_USD });
+        return Ok((DisplayUnit::USD)());
     };
     if raw.unit_name.trim().is_empty() {
         return Err(ctx.invalid("catalog.display.unit_name", "empty"));
@@ -69,12 +69,45 @@ fn compile_display(ctx: Ctx, raw: Option<&RawDisplay>) -> Result<DisplayUnit, Ca
     let key = "catalog.display.usd_per_unit";
     let usd = ctx.rate(key, &raw.usd_per_unit)?;
     let units = usd.to_fixed(money::USD_SCALE).and_then(|u| i64::try_from(u).ok());
-    match units {
-        Some(units) if units > 0 => {
-            Ok(DisplayUnit { unit_name: raw.unit_name.clone(), units_per_display_unit: units })
+    let units = match units {
+        Some(units) if units > 0 => units,
+        _ => return Err(ctx.invalid(key, "must be a positive whole number of internal units (1e-8 USD)")),
+    };
+    // units / (2^a x 5^b) always has a finite decimal expansion: exact display values.
+    let mut rest = units;
+    for p in [2, 5] {
+        while rest % p == 0 {
+            rest /= p;
         }
-        _ => Err(ctx.invalid(key, "must be a positive whole number of internal units (1e-8 USD)")),
     }
+    if rest != 1 {
+        return Err(ctx.invalid(key, "must be a power-of-ten fraction of a cent's kind (2^a x 5^b internal units) so that amounts convert exactly"));
+    }
+    let decimals = raw.decimals.unwrap_or(2);
+    if decimals > 8 {
+        return Err(ctx.invalid("catalog.display.decimals", "must be within 0..=8"));
+    }
+    let small = match (&raw.small_below, raw.small_decimals) {
+        (None, None) => None,
+        (Some(below), Some(small_decimals)) if small_decimals <= 12 => {
+            let key = "catalog.display.small_below";
+            let below_units = ctx
+                .rate(key, below)?
+                .checked_mul(Exact::from_int(i128::from(units)))
+                .and_then(|u| u.to_fixed(0))
+                .and_then(|u| i64::try_from(u).ok())
+                .filter(|u| *u > 0)
+                .ok_or_else(|| ctx.invalid(key, "must be a positive amount of display units"))?;
+            Some((below_units, small_decimals))
+        }
+        _ => {
+            return Err(ctx.invalid(
+                "catalog.display.small_decimals",
+                "small_decimals (0..=12) and small_below go together",
+            ));
+        }
+    };
+    Ok(DisplayUnit { unit_name: raw.unit_name.clone(), units_per_display_unit: units, decimals, small })
 }
 
 fn usd_per_display_unit(display: &DisplayUnit) -> Exact {

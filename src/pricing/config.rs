@@ -67,6 +67,12 @@ pub(crate) struct RawDisplay {
     pub unit_name: String,
     /// USD value of one display unit, e.g. "0.01" for 1 credit = 1 cent.
     pub usd_per_unit: toml::Value,
+    /// Decimals shown (default 2).
+    pub decimals: Option<u32>,
+    /// Decimals shown for amounts below `small_below` display units (Brievio: 6 below a
+    /// cent, 2 above).
+    pub small_decimals: Option<u32>,
+    pub small_below: Option<toml::Value>,
 }
 
 /// `[catalog.providers.NAME]`

@@ -267,13 +267,51 @@ struct Entry {
     tier: Option<String>,
 }
 
-/// The unit balances are shown in: USD by default, credits where a seed uses them.
+/// The unit amounts are shown in: USD by default, the platform's credit where a seed uses
+/// one (`[catalog.display]`), with the platform's decimals.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct DisplayUnit {
-    /// e.g. `"credit"`, `"USD"`.
+    /// e.g. `"credit"`, `"USD"`, `"microdollar"`.
     pub unit_name: String,
-    /// Internal units (1e-8 USD) in one display unit: 1_000_000 for a 1-cent credit.
+    /// Internal units (1e-8 USD) in one display unit: 1_000_000 for a 1-cent credit. Always
+    /// 2^a x 5^b (checked at load), so every amount has an exact finite decimal value.
     pub units_per_display_unit: i64,
+    /// Decimals shown.
+    pub decimals: u32,
+    /// Below this many internal units (absolute), show `small_decimals` instead.
+    pub small: Option<(i64, u32)>,
+}
+
+/// One amount in the display unit.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
+pub struct DisplayAmount {
+    /// The exact value in display units (no rounding: `"1850"`, `"0.000123"`).
+    pub value: String,
+    /// As the platform shows it: the one rounding rule (half to even) at the unit's
+    /// decimals (`"1850.00"`, `"$0.000123"` is `"0.000123"`).
+    pub shown: String,
+}
+
+impl DisplayUnit {
+    pub const USD: fn() -> DisplayUnit = || DisplayUnit {
+        unit_name: "USD".into(),
+        units_per_display_unit: crate::money::UNITS_PER_USD,
+        decimals: 2,
+        small: None,
+    };
+
+    /// `units` (1e-8 USD) in this unit: exact, and as shown.
+    pub fn amount(&self, units: i64) -> DisplayAmount {
+        use rust_decimal::Decimal;
+        let exact = Decimal::from(units) / Decimal::from(self.units_per_display_unit);
+        let decimals = match self.small {
+            Some((below, small_decimals)) if units.unsigned_abs() < below.unsigned_abs() => small_decimals,
+            _ => self.decimals,
+        };
+        let mut shown = exact.round_dp_with_strategy(decimals, crate::money::ROUNDING);
+        shown.rescale(decimals);
+        DisplayAmount { value: exact.normalize().to_string(), shown: shown.to_string() }
+    }
 }
 
 /// A catalog entry matched to an event, without pricing it.

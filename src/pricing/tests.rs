@@ -100,13 +100,39 @@ fn catalog_is_send_and_sync() {
 }
 
 #[test]
-fn display_units_convert_credits() {
+fn display_units_show_each_platforms_amounts() {
+    let shown = |c: &Catalog, units: i64| {
+        let a = c.display_unit().amount(units);
+        (a.value, a.shown)
+    };
+    let s = |a: &str, b: &str| (a.to_string(), b.to_string());
+    // Brievio: USD, 6 decimals below a cent, 2 once past it.
     let brievio = catalog(EXAMPLES[2].1);
-    assert_eq!(brievio.display_unit().unit_name, "credit");
-    assert_eq!(brievio.display_unit().units_per_display_unit, 500_000);
+    assert_eq!(brievio.display_unit().unit_name, "USD");
+    assert_eq!(shown(&brievio, 493_800), s("0.004938", "0.004938"));
+    assert_eq!(shown(&brievio, 1_850_000_000), s("18.5", "18.50"));
+    assert_eq!(shown(&brievio, 1_234_567_891), s("12.34567891", "12.35"));
+    assert_eq!(shown(&brievio, -49_382), s("-0.00049382", "-0.000494"));
+    // BroomVA: 1 credit = 1 cent: $18.50 is 1850 credits.
     let broomva = catalog(EXAMPLES[3].1);
     assert_eq!(broomva.display_unit().units_per_display_unit, crate::money::UNITS_PER_CENT);
-    assert_eq!(catalog(EXAMPLES[0].1).display_unit().units_per_display_unit, crate::money::UNITS_PER_USD);
+    assert_eq!(shown(&broomva, 1_850_000_000), s("1850", "1850.00"));
+    assert_eq!(shown(&broomva, 250_000), s("0.25", "0.25"));
+    // Reeve: 1 credit = $1; Brokr: USD (no [catalog.display]).
+    let reeve = catalog(EXAMPLES[1].1);
+    assert_eq!(reeve.display_unit().unit_name, "credit");
+    assert_eq!(shown(&reeve, 1_850_000_000), s("18.5", "18.50"));
+    let brokr = catalog(EXAMPLES[0].1);
+    assert_eq!((brokr.display_unit().unit_name.as_str(), shown(&brokr, 5)), ("USD", s("0.00000005", "0.00")));
+    // Struere: integer microdollars, half to even.
+    let struere = catalog(EXAMPLES[4].1);
+    assert_eq!(shown(&struere, 1_850_000_000), s("18500000", "18500000"));
+    assert_eq!(shown(&struere, 250), s("2.5", "2"));
+    assert_eq!(shown(&struere, 350), s("3.5", "4"));
+    // A unit that would not convert exactly is refused at load.
+    let bad =
+        "[catalog]\nname = \"t\"\n[catalog.display]\nunit_name = \"c\"\nusd_per_unit = \"0.00000003\"\n";
+    assert!(Catalog::from_toml_str(bad, "t").unwrap_err().to_string().contains("exactly"));
 }
 
 #[test]

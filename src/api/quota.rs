@@ -247,7 +247,7 @@ async fn authorize_holding(
             let body = serde_json::json!({
                 "allowed": true,
                 "message": decision["message"],
-                "overage": overage_view(&state, decision["overage"].clone()),
+                "overage": overage_view(state, decision["overage"].clone()),
                 "authorization_id": reservation.reservation_id,
                 "hold_expires_at": reservation.expires_at,
                 "held_units": reservation.amount_units,
@@ -259,7 +259,7 @@ async fn authorize_holding(
             let body = serde_json::json!({
                 "allowed": false,
                 "error": {"code": decision["code"], "message": decision["message"]},
-                "overage": overage_view(&state, decision["overage"].clone()),
+                "overage": overage_view(state, decision["overage"].clone()),
             });
             (status.unwrap_or(StatusCode::PAYMENT_REQUIRED), Json(body)).into_response()
         }

@@ -314,3 +314,62 @@ async fn captured_money_is_never_dropped() {
     assert_eq!(topup::review_backlog(&app.env.pool).await.unwrap().0, 0);
     ledger::verify(&app.env.pool).await.unwrap();
 }
+
+/// A Stripe refund takes back the credits the refunded part of the payment bought (bonus
+/// included), once per cumulative amount, whatever the delivery order, even into overdraft.
+#[tokio::test]
+async fn a_stripe_refund_takes_back_what_it_bought_once() {
+    let app = spawn_app().await;
+    let a = "acct-rf";
+    // Brievio: $100 buys $110 (10% bonus).
+    assert_eq!(app.signed(&payment_intent("pi_rf", a, 10_000)).await.1["outcome"], "credited");
+    assert_eq!(app.balance_units(a).await, 110 * USD);
+    let refund = |cents: i64| {
+        serde_json::json!({"id": format!("evt_rf_{cents}"), "type": "charge.refunded",
+            "data": {"object": {"id": "ch_rf", "payment_intent": "pi_rf", "amount_refunded": cents,
+            "currency": "usd"}}})
+        .to_string()
+    };
+    // Half of it: half of the $110.
+    assert_eq!(app.signed(&refund(5_000)).await.1["outcome"], "refund_debited");
+    assert_eq!(app.balance_units(a).await, 55 * USD);
+    assert_eq!(app.signed(&refund(5_000)).await.1["outcome"], "already_recorded", "a redelivery");
+    // Meanwhile the customer spends $50 of what is left.
+    let spend = ledger::deductions::DeductionRequest {
+        account_id: a.into(),
+        amount_units: 50 * USD,
+        idempotency_key: "spend".into(),
+        description: "calls".into(),
+        created_by: None,
+    };
+    ledger::deductions::deduct(&app.env.pool, &spend).await.unwrap();
+    // A second partial refund (to $75 in all), then the full refund, then the first again
+    // out of order: each cumulative amount once; the whole refund takes back the whole $110,
+    // into overdraft because $50 of it was spent.
+    assert_eq!(app.signed(&refund(7_500)).await.1["outcome"], "refund_debited");
+    assert_eq!(app.balance_units(a).await, 5 * USD - (8_250_000_000 - 55 * USD));
+    assert_eq!(app.signed(&refund(10_000)).await.1["outcome"], "refund_debited");
+    assert_eq!(app.signed(&refund(7_500)).await.1["outcome"], "already_recorded", "out of order");
+    assert_eq!(app.balance_units(a).await, -50 * USD);
+    let debits: Vec<i64> = sqlx::query_scalar(
+        "SELECT amount_units FROM ledger_entries WHERE account_id = $1 AND kind = 'payment_refund' ORDER BY entry_id",
+    )
+    .bind(a)
+    .fetch_all(&app.env.pool)
+    .await
+    .unwrap();
+    assert_eq!(debits, vec![-55 * USD, -2_750_000_000, -2_750_000_000]);
+    // The payment's own grants paid back first: nothing left of them.
+    let left: i64 = sqlx::query_scalar(
+        "SELECT COALESCE(sum(remaining_units), 0)::bigint FROM credit_grants WHERE account_id = $1",
+    )
+    .bind(a)
+    .fetch_one(&app.env.pool)
+    .await
+    .unwrap();
+    assert_eq!(left, 0);
+    let unknown = refund(100).replace("pi_rf", "pi_never");
+    assert_eq!(app.signed(&unknown).await.1["outcome"], "unknown_payment");
+    let report = ledger::verify(&app.env.pool).await.unwrap();
+    assert_eq!(report.overdrawn_accounts, 1);
+}

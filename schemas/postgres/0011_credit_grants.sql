@@ -46,7 +46,11 @@ CREATE INDEX ledger_entries_corrects ON ledger_entries (corrects_entry_id) WHERE
 ALTER TABLE ledger_entries DROP CONSTRAINT ledger_entries_kind_check;
 ALTER TABLE ledger_entries ADD CONSTRAINT ledger_entries_kind_check CHECK (kind IN (
     'topup', 'consume', 'refund', 'addition', 'adjustment', 'plan_allocation', 'plan_reset',
-    'plan_change', 'correction', 'reservation_settle', 'breakage'));
+    'plan_change', 'correction', 'reservation_settle', 'breakage', 'payment_refund'));
+
+-- Stripe refunds of a credited payment (`charge.refunded`): the cumulative refunded amount
+-- in the processor's minor unit, so each refund takes its credits back exactly once.
+ALTER TABLE topup_orders ADD COLUMN refunded_minor BIGINT NOT NULL DEFAULT 0 CHECK (refunded_minor >= 0);
 
 -- Balances found at migration become one never-expiring legacy grant each, so the
 -- invariant holds from the first debit on. Negative balances are overdraft.

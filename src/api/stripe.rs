@@ -10,7 +10,10 @@
 //! - `payment_intent.succeeded`: credit `amount_received` cents for `metadata.account_id`;
 //! - `checkout.session.completed`: `payment_status = paid` credits `amount_subtotal`;
 //!   `unpaid` (async methods: ACH, SEPA) records the order as pending;
-//! - `checkout.session.async_payment_succeeded` / `..._failed`: settle / fail the order.
+//! - `checkout.session.async_payment_succeeded` / `..._failed`: settle / fail the order;
+//! - `charge.refunded`: take back the credits the refunded part of the payment bought
+//!   (`payment_refund` entry, once per cumulative `amount_refunded`; see
+//!   `topup::refund_payment`).
 //!
 //! **Which amount is the credit.** A checkout session's `amount_subtotal`: the price of the
 //! credits before tax and discounts. `amount_total` includes tax, which is owed to a tax
@@ -157,8 +160,33 @@ async fn handle(state: &AppState, event: &Event) -> Result<&'static str, ApiErro
             topup::fail(&state.pool, &p.order_id).await.map_err(ledger_error)?;
             Ok("failed")
         }
+        "charge.refunded" => refunded(state, obj).await,
         _ => Ok("ignored"),
     }
+}
+
+/// `charge.refunded`: the charge's payment intent and its cumulative `amount_refunded`.
+async fn refunded(state: &AppState, obj: &serde_json::Value) -> Result<&'static str, ApiError> {
+    let order_id = obj
+        .get("payment_intent")
+        .and_then(|v| v.as_str())
+        .filter(|id| !id.is_empty() && id.len() <= 200)
+        .ok_or_else(|| ApiError::unprocessable("missing_payment_id", "payment_intent is missing"))?;
+    let total = obj
+        .get("amount_refunded")
+        .and_then(|v| v.as_i64())
+        .filter(|c| *c > 0)
+        .ok_or_else(|| ApiError::unprocessable("missing_amount", "amount_refunded is missing"))?;
+    use topup::RefundOutcome as R;
+    Ok(match topup::refund_payment(&state.pool, order_id, total).await.map_err(ledger_error)? {
+        R::Debited(_) => "refund_debited",
+        R::AlreadyRecorded => "already_recorded",
+        R::NotCredited => "refund_noted",
+        R::UnknownPayment => {
+            tracing::warn!(order_id, "refund of a payment Tally never credited");
+            "unknown_payment"
+        }
+    })
 }
 
 /// Money the processor captured: credited, or recorded for review; never refused.

@@ -139,6 +139,7 @@ pub async fn deduct(pool: &PgPool, req: &DeductionRequest) -> Result<Deducted, L
             corrects_entry_id: None,
             metadata: req.metadata(),
             grants: vec![],
+            burn_first: vec![],
         },
     )
     .await?;

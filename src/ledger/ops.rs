@@ -120,6 +120,9 @@ pub(crate) struct Posting<'a> {
     /// A credit's grants (their units sum to the amount). Empty: one grant of the source
     /// the entry's kind implies, with that source's default terms (no expiry).
     pub grants: Vec<super::grants::CreditPart>,
+    /// A debit's grants to burn before the burn order (a payment refund takes back what
+    /// that payment bought). Usually empty.
+    pub burn_first: Vec<i64>,
 }
 
 #[derive(Clone, Copy)]
@@ -226,7 +229,9 @@ pub(crate) async fn post_at(
             changes.extend(created);
             (grants::changes_json(&changes), ids)
         }
-        (None, -1) => (grants::debit(&mut wallets, p.account_id, -amount, occurred_at)?, vec![]),
+        (None, -1) => {
+            (grants::debit_from(&mut wallets, p.account_id, &p.burn_first, -amount, occurred_at)?, vec![])
+        }
         (None, _) => (None, vec![]),
     };
     assert_eq!(
@@ -334,6 +339,7 @@ pub async fn manual(pool: &PgPool, req: &ManualRequest) -> Result<Posted, Ledger
             corrects_entry_id: corrects,
             metadata: serde_json::json!({}),
             grants: vec![],
+            burn_first: vec![],
         },
     )
     .await?;

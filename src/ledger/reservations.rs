@@ -552,6 +552,7 @@ async fn bill_at_deadline(
             corrects_entry_id: None,
             metadata: serde_json::json!({"reservation_id": reservation_id}),
             grants: vec![],
+            burn_first: vec![],
         },
     )
     .await?;

@@ -406,6 +406,7 @@ async fn credit_order(
             corrects_entry_id: None,
             metadata: serde_json::json!({"order_id": order_id, "paid_units": paid}),
             grants: topup_grants(policies, paid, credited),
+            burn_first: vec![],
         },
     )
     .await?;
@@ -417,6 +418,109 @@ async fn credit_order(
     .execute(&mut **tx)
     .await?;
     Ok(posted)
+}
+
+/// What a processor's refund of a payment did.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum RefundOutcome {
+    /// No order with that payment id, or one that names no account: nothing was credited.
+    UnknownPayment,
+    /// The order was never credited (pending, failed, in review): the refunded amount is
+    /// recorded on it; nothing to take back.
+    NotCredited,
+    /// This cumulative refund (or a larger one) was taken back already.
+    AlreadyRecorded,
+    /// The credits the refunded part bought were debited (`payment_refund`).
+    Debited(Posted),
+}
+
+/// A processor refunded `refunded_minor_total` (cumulative, in the payment's minor unit:
+/// Stripe's `amount_refunded`) of payment `order_id`. The credits that part bought (the
+/// same share of the credit, bonus included) are debited once, from that payment's grants
+/// first, even into overdraft (the customer may have spent them). Redeliveries and
+/// out-of-order events change nothing: only the cumulative total past what was already
+/// taken back counts, and the amount is `round(credited x total / paid)` minus what the
+/// earlier refunds took, so partial refunds add up to exactly one rounding.
+pub async fn refund_payment(
+    pool: &PgPool,
+    order_id: &str,
+    refunded_minor_total: i64,
+) -> Result<RefundOutcome, LedgerError> {
+    if refunded_minor_total <= 0 {
+        return Err(LedgerError::Invalid("a refunded amount is positive".into()));
+    }
+    let mut tx = pool.begin().await?;
+    let account: Option<(Option<String>,)> =
+        sqlx::query_as("SELECT account_id FROM topup_orders WHERE order_id = $1")
+            .bind(order_id)
+            .fetch_optional(&mut *tx)
+            .await?;
+    let Some((Some(account),)) = account else {
+        return Ok(RefundOutcome::UnknownPayment);
+    };
+    // Lock order: the balance row first, as every writer.
+    super::lock_balances(&mut tx, &[account.as_str()]).await?;
+    let o = load_order(&mut tx, order_id).await?.expect("orders are never deleted");
+    let before: i64 = sqlx::query_scalar("SELECT refunded_minor FROM topup_orders WHERE order_id = $1")
+        .bind(order_id)
+        .fetch_one(&mut *tx)
+        .await?;
+    let paid_minor = o.paid_units / crate::money::UNITS_PER_CENT;
+    if o.status != "succeeded" || paid_minor <= 0 || o.currency != "usd" {
+        sqlx::query("UPDATE topup_orders SET refunded_minor = GREATEST(refunded_minor, $2), updated_at = now() WHERE order_id = $1")
+            .bind(order_id)
+            .bind(refunded_minor_total)
+            .execute(&mut *tx)
+            .await?;
+        tx.commit().await?;
+        return Ok(RefundOutcome::NotCredited);
+    }
+    let total = refunded_minor_total.min(paid_minor);
+    if total <= before {
+        return Ok(RefundOutcome::AlreadyRecorded);
+    }
+    let share = |minor: i64| -> Result<i64, LedgerError> {
+        use rust_decimal::Decimal;
+        let units = Decimal::from(o.credited_units) * Decimal::from(minor) / Decimal::from(paid_minor);
+        i64::try_from(units.round_dp_with_strategy(0, crate::money::ROUNDING))
+            .map_err(|_| LedgerError::Invalid("refund out of range".into()))
+    };
+    let debit = share(total)? - share(before)?;
+    let grant_ids: Vec<i64> =
+        sqlx::query_scalar("SELECT grant_id FROM credit_grants WHERE entry_id = $1 ORDER BY grant_id")
+            .bind(o.entry.as_ref().map(|e| e.entry_id))
+            .fetch_all(&mut *tx)
+            .await?;
+    let key = format!("payment_refund:{order_id}:{total}");
+    let hash = hash_payload(&(order_id, total, debit));
+    let posted = post(
+        &mut tx,
+        Posting {
+            account_id: &account,
+            kind: "payment_refund",
+            amount: Amount::Delta(-debit),
+            idempotency_key: &key,
+            payload_hash: &hash,
+            description: format!(
+                "payment {order_id} refunded: {} USD of {} USD",
+                crate::money::units_to_usd((total - before) * crate::money::UNITS_PER_CENT),
+                crate::money::units_to_usd(o.paid_units)
+            ),
+            created_by: None,
+            corrects_entry_id: o.entry.as_ref().map(|e| e.entry_id),
+            metadata: serde_json::json!({"order_id": order_id, "refunded_minor": total}),
+            grants: vec![],
+            burn_first: grant_ids,
+        },
+    )
+    .await?;
+    sqlx::query("UPDATE topup_orders SET refunded_minor = $2, updated_at = now() WHERE order_id = $1")
+        .bind(order_id)
+        .bind(total)
+        .execute(&mut *tx)
+        .await?;
+    tx.commit().await?;
+    Ok(RefundOutcome::Debited(posted))
 }
 
 fn topup_grants(

@@ -328,6 +328,7 @@ pub async fn change_plan(pool: &PgPool, req: &PlanChangeRequest<'_>) -> Result<P
             corrects_entry_id: None,
             metadata: serde_json::json!({"old_plan": old.map(|o| &o.name), "new_plan": new.name}),
             grants: vec![],
+            burn_first: vec![],
         },
     )
     .await?;
@@ -579,6 +580,7 @@ async fn post_cycle(
                     "allocation_units": plan.allocation_units,
                 }),
                 grants: vec![],
+                burn_first: vec![],
             },
         )
         .await?;

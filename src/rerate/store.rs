@@ -190,6 +190,7 @@ pub async fn commit_correction(
             corrects_entry_id: None,
             metadata: payload,
             grants: vec![],
+            burn_first: vec![],
         },
         period.from,
     )

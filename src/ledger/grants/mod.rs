@@ -239,8 +239,19 @@ pub(crate) fn debit(
     units: i64,
     at: DateTime<Utc>,
 ) -> Result<Option<String>, sqlx::Error> {
+    debit_from(wallets, account, &[], units, at)
+}
+
+/// [`debit`], burning the grants `first` before the burn order.
+pub(crate) fn debit_from(
+    wallets: &mut HashMap<String, Wallet>,
+    account: &str,
+    first: &[i64],
+    units: i64,
+    at: DateTime<Utc>,
+) -> Result<Option<String>, sqlx::Error> {
     let w = wallets.get_mut(account).expect("the account's wallet was loaded under its lock");
-    let changes = w.debit(units, at).map_err(corrupt)?;
+    let changes = w.debit_from(first, units, at).map_err(corrupt)?;
     Ok(changes_json(&changes))
 }
 
@@ -624,6 +635,7 @@ pub async fn grant(
             corrects_entry_id: None,
             metadata: serde_json::json!({"grant_source": req.source.as_str()}),
             grants: vec![CreditPart { terms, units: req.units }],
+            burn_first: vec![],
         },
     )
     .await?;

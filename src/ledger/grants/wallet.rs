@@ -100,10 +100,26 @@ impl Wallet {
     /// Burn `amount_units` (> 0) for a debit that occurred at `at`. Returns the burned
     /// grants (negative deltas); the rest went to the overdraft.
     pub fn debit(&mut self, amount_units: i64, at: DateTime<Utc>) -> Result<GrantChanges, WalletError> {
+        self.debit_from(&[], amount_units, at)
+    }
+
+    /// [`Wallet::debit`], burning the grants `first` before the burn order (a payment's
+    /// refund takes back the credit that payment bought).
+    pub fn debit_from(
+        &mut self,
+        first: &[i64],
+        amount_units: i64,
+        at: DateTime<Utc>,
+    ) -> Result<GrantChanges, WalletError> {
         assert!(amount_units > 0, "a debit is positive, got {amount_units}");
         let mut left = amount_units;
         let mut changes = GrantChanges::new();
-        for g in self.grants.iter_mut() {
+        let mut order: Vec<usize> =
+            first.iter().filter_map(|id| self.grants.iter().position(|g| g.grant_id == *id)).collect();
+        let rest: Vec<usize> = (0..self.grants.len()).filter(|i| !order.contains(i)).collect();
+        order.extend(rest);
+        for i in order {
+            let g = &mut self.grants[i];
             if left == 0 {
                 break;
             }
@@ -355,6 +371,18 @@ mod tests {
         assert_eq!((w.reset(), w.balance_units()), (vec![], 0), "an overdraft is forgiven");
         let spec = LiveGrantSpec { grant_id: 3, priority: 300, expires_at: None };
         assert_eq!(w.credit(spec, 100), 100, "the new allocation starts whole");
+    }
+
+    #[test]
+    fn a_debit_can_burn_named_grants_first() {
+        let mut w = Wallet::new("a", vec![g(1, 10, None, 50), g(2, 700, None, 100)], 150).unwrap();
+        assert_eq!(w.debit_from(&[2], 120, t(0)).unwrap(), vec![(2, -100), (1, -20)]);
+        assert_eq!(
+            w.debit_from(&[2, 9], 40, t(0)).unwrap(),
+            vec![(1, -30)],
+            "spent or unknown: the burn order"
+        );
+        assert_eq!(w.overdraft_units(), 10);
     }
 
     #[test]

@@ -165,49 +165,32 @@ pub(crate) async fn post_at(
         Amount::SetBalanceTo(target) if p.kind == "plan_reset" => Some(target),
         _ => None,
     };
-    let (grant_changes, grant_ids) = match (reset_to, amount.signum()) {
+    // A credit: what it gives back to existing grants (a refund of an entry) or clears (a
+    // plan reset), then the new grants of the rest, from `p.grants` or the kind's source.
+    let credit = match (reset_to, amount.signum()) {
         // A plan cycle's reset, no rollover: every grant ends (an overdraft is forgiven)
         // and the new allocation is one grant of exactly the target.
         (Some(target), _) => {
-            let mut changes = grants::reset(&mut wallets, p.account_id);
-            let parts = if !p.grants.is_empty() {
-                p.grants
-            } else if target > 0 {
-                let terms =
-                    grants::GrantPolicies::default().terms(grants::GrantSource::PlanAllocation, Utc::now());
-                vec![grants::CreditPart { terms, units: target }]
-            } else {
-                vec![]
-            };
-            if parts.iter().map(|g| g.units).sum::<i64>() != target || parts.iter().any(|g| g.units <= 0) {
-                return Err(LedgerError::InvalidState("a reset's grants must sum to its target".into()));
-            }
-            let (created, ids) = grants::credit(
-                tx,
-                &mut wallets,
-                p.account_id,
-                &parts,
-                occurred_at,
-                &p.description,
-                p.created_by,
-            )
-            .await?;
-            changes.extend(created);
-            (grants::changes_json(&changes), ids)
+            Some((grants::reset(&mut wallets, p.account_id), target, grants::GrantSource::PlanAllocation))
         }
+        // A positive correction of an entry refunds it: back into the grants that paid it
+        // first (while they can still be spent), the rest as a new grant.
         (None, 1) => {
-            // A positive correction of an entry refunds it: back into the grants that
-            // paid it first (while they can still be spent), the rest as a new grant.
-            let (mut changes, rest) = match p.corrects_entry_id {
+            let (changes, rest) = match p.corrects_entry_id {
                 Some(entry) if p.kind == "correction" && p.grants.is_empty() => {
                     grants::give_back(tx, &mut wallets, p.account_id, entry, amount, Utc::now()).await?
                 }
                 _ => (grants::GrantChanges::new(), amount),
             };
+            Some((changes, rest, grants::GrantSource::for_entry_kind(p.kind)))
+        }
+        _ => None,
+    };
+    let (grant_changes, grant_ids) = match (credit, amount.signum()) {
+        (Some((mut changes, rest, source)), _) => {
             let parts = if !p.grants.is_empty() {
                 p.grants
             } else if rest > 0 {
-                let source = grants::GrantSource::for_entry_kind(p.kind);
                 let terms = grants::GrantPolicies::default().terms(source, Utc::now());
                 vec![grants::CreditPart { terms, units: rest }]
             } else {

@@ -107,6 +107,9 @@ pub struct RunSettings {
     /// Stripe webhook signing secret (enables `POST /v1/webhooks/stripe`). Never logged.
     #[arg(long, env = "TALLY_STRIPE_WEBHOOK_SECRET", hide_env_values = true)]
     pub stripe_webhook_secret: Option<String>,
+    /// Polar webhook secret (enables `POST /v1/webhooks/polar`). Never logged.
+    #[arg(long, env = "TALLY_POLAR_WEBHOOK_SECRET", hide_env_values = true)]
+    pub polar_webhook_secret: Option<String>,
     /// Stop once this many messages were handled (0 = run until SIGTERM/SIGINT). For tests.
     #[arg(long, default_value_t = 0)]
     pub exit_after_messages: u64,

@@ -11,6 +11,7 @@ use tally::ledger;
 use tokio_util::sync::CancellationToken;
 
 const SECRET: &str = "whsec_test_secret";
+const POLAR_SECRET: &str = "polar_whs_test_secret";
 const USD: i64 = tally::money::UNITS_PER_USD;
 
 struct App {
@@ -28,6 +29,7 @@ async fn spawn_app() -> App {
         metrics: metrics_exporter_prometheus::PrometheusBuilder::new().build_recorder().handle(),
         ledger_config: Arc::new(cfg),
         stripe_webhook_secret: Some(SECRET.into()),
+        polar_webhook_secret: Some(POLAR_SECRET.into()),
         auth: Arc::new(api::auth::TokenCache::new(env.pool.clone(), api::auth::TOKEN_CACHE_TTL)),
         clickhouse: env.clickhouse(),
         quota: Default::default(),
@@ -372,4 +374,52 @@ async fn a_stripe_refund_takes_back_what_it_bought_once() {
     assert_eq!(app.signed(&unknown).await.1["outcome"], "unknown_payment");
     let report = ledger::verify(&app.env.pool).await.unwrap();
     assert_eq!(report.overdrawn_accounts, 1);
+}
+
+/// Polar (Struere): order.paid credits the order's subtotal once per order id, whatever
+/// the delivery (a redelivery has a new webhook-id); signatures are Standard Webhooks'.
+#[tokio::test]
+async fn polar_orders_credit_once_with_verified_signatures() {
+    let app = spawn_app().await;
+    let a = "acct-polar";
+    let post = |body: String, signature: Option<String>, id: &str| {
+        let now = chrono::Utc::now().timestamp();
+        let sig =
+            signature.unwrap_or_else(|| tally::api::polar::sign(id, now, body.as_bytes(), POLAR_SECRET));
+        app.http
+            .post(format!("{}/v1/webhooks/polar", app.base))
+            .header("webhook-id", id)
+            .header("webhook-timestamp", now.to_string())
+            .header("webhook-signature", sig)
+            .body(body)
+            .send()
+    };
+    let order = |kind: &str, id: &str, cents: i64, status: &str| {
+        serde_json::json!({"type": kind, "data": {"id": id, "status": status, "subtotal_amount": cents,
+            "total_amount": cents + 200, "currency": "usd", "metadata": {"account_id": a}}})
+        .to_string()
+    };
+    let outcome = |r: reqwest::Response| async move {
+        let status = r.status().as_u16();
+        let body: serde_json::Value = r.json().await.unwrap();
+        (status, body["outcome"].as_str().unwrap_or_default().to_string())
+    };
+    // $25.00, before tax: 25,000,000 microdollars.
+    let paid = order("order.paid", "ord_1", 2_500, "paid");
+    assert_eq!(outcome(post(paid.clone(), None, "msg_1").await.unwrap()).await, (200, "credited".into()));
+    assert_eq!(app.balance_units(a).await, 25 * USD);
+    let updated = order("order.updated", "ord_1", 2_500, "paid");
+    assert_eq!(outcome(post(updated, None, "msg_2").await.unwrap()).await, (200, "already_recorded".into()));
+    assert_eq!(app.balance_units(a).await, 25 * USD, "once per order id");
+    // Not paid yet: nothing; a forged signature: 400 and nothing.
+    let pending = order("order.updated", "ord_2", 5_000, "pending");
+    assert_eq!(outcome(post(pending, None, "msg_3").await.unwrap()).await, (200, "ignored".into()));
+    let forged = order("order.paid", "ord_3", 100_000, "paid");
+    let r = post(forged, Some("v1,AAAA".into()), "msg_4").await.unwrap();
+    assert_eq!(r.status().as_u16(), 400);
+    // Below Brievio's $10 minimum: captured money is recorded for review, not refused.
+    let small = order("order.paid", "ord_4", 500, "paid");
+    assert_eq!(outcome(post(small, None, "msg_5").await.unwrap()).await, (200, "needs_review".into()));
+    assert_eq!(app.balance_units(a).await, 25 * USD);
+    ledger::verify(&app.env.pool).await.unwrap();
 }

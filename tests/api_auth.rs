@@ -52,6 +52,7 @@ async fn spawn_app_with(token_ttl: Duration, catalog: &str) -> App {
         metrics: metrics_exporter_prometheus::PrometheusBuilder::new().build_recorder().handle(),
         ledger_config: Arc::new(ledger::config::LedgerConfig::load(&catalog).unwrap()),
         stripe_webhook_secret: None,
+        polar_webhook_secret: None,
         auth: auth.clone(),
         clickhouse: env.clickhouse(),
         quota: Default::default(),

@@ -54,6 +54,7 @@ async fn spawn_app() -> App {
         metrics: metrics_exporter_prometheus::PrometheusBuilder::new().build_recorder().handle(),
         ledger_config: Arc::new(Default::default()),
         stripe_webhook_secret: None,
+        polar_webhook_secret: None,
         auth: Arc::new(tally::api::auth::TokenCache::new(
             env.pool.clone(),
             std::time::Duration::from_secs(30),

@@ -26,7 +26,8 @@ async fn schemathesis_finds_no_failure() {
     };
     let token = tally::api::auth::create_token(&env.pool, &owner).await.unwrap().token;
     let port = free_port();
-    let secret = [("TALLY_STRIPE_WEBHOOK_SECRET", "whsec_schemathesis")];
+    let secret =
+        [("TALLY_STRIPE_WEBHOOK_SECRET", "whsec_schemathesis"), ("TALLY_POLAR_WEBHOOK_SECRET", "polar_st")];
     let _run = env.spawn_run_env("examples/brievio.toml", port, &[], &secret);
     let base = format!("http://127.0.0.1:{port}");
     let http = reqwest::Client::new();
@@ -47,6 +48,6 @@ async fn schemathesis_finds_no_failure() {
     let text = String::from_utf8_lossy(&out.stdout);
     assert!(out.status.success(), "schemathesis failed:\n{text}\n{}", String::from_utf8_lossy(&out.stderr));
     // Not vacuous: every operation was exercised.
-    assert!(text.contains("Tested: 23"), "{text}");
+    assert!(text.contains("Tested: 24"), "{text}");
     println!("{text}");
 }

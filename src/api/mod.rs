@@ -8,6 +8,7 @@ pub mod deductions;
 mod error;
 pub mod extract;
 pub mod grants;
+pub mod polar;
 pub mod quota;
 pub mod reservations;
 pub mod stripe;
@@ -36,6 +37,8 @@ pub struct AppState {
     pub ledger_config: std::sync::Arc<crate::ledger::config::LedgerConfig>,
     /// Stripe webhook signing secret; webhooks answer 503 without it.
     pub stripe_webhook_secret: Option<String>,
+    /// Polar webhook secret; its webhook answers 503 without it.
+    pub polar_webhook_secret: Option<String>,
     /// Verified bearer tokens, trusted for `auth::TOKEN_CACHE_TTL` (see `auth`).
     pub auth: std::sync::Arc<auth::TokenCache>,
     /// The ClickHouse usage log (`GET /v1/accounts/{id}/usage`).
@@ -53,6 +56,7 @@ pub fn router(state: AppState) -> Router {
         .route("/metrics", get(metrics_text))
         .route("/v1/accounts/{id}/balance", get(balance))
         .route("/v1/webhooks/stripe", axum::routing::post(stripe::webhook))
+        .route("/v1/webhooks/polar", axum::routing::post(polar::webhook))
         // Authenticated (bearer token, see `auth`); each handler checks its capability.
         .route("/v1/accounts/{id}/transactions", get(transactions::list))
         .route("/v1/accounts/{id}/topups", get(topups::list))

@@ -66,6 +66,7 @@ pub async fn run(
         metrics,
         ledger_config: Arc::new(ledger_config),
         stripe_webhook_secret: settings.stripe_webhook_secret.clone(),
+        polar_webhook_secret: settings.polar_webhook_secret.clone(),
         auth: Arc::new(api::auth::TokenCache::new(pool.clone(), api::auth::TOKEN_CACHE_TTL)),
         clickhouse: analytics::client(&c.clickhouse_url, &c.clickhouse_database),
         quota: quota_state.clone(),

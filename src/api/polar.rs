@@ -16,7 +16,7 @@
 //! account is recorded for review. Anything else is acknowledged and ignored.
 
 use super::{ApiError, AppState};
-use crate::ledger::topup::{self, CapturedPayment};
+use crate::ledger::topup::CapturedPayment;
 use axum::Json;
 use axum::body::Bytes;
 use axum::extract::State;
@@ -123,19 +123,7 @@ async fn captured(state: &AppState, order: &serde_json::Value) -> Result<&'stati
         return Err(ApiError::unprocessable("invalid_currency", format!("currency {currency:?}")));
     }
     let p = CapturedPayment { order_id, account_id, currency, amount_minor, source: "polar" };
-    let before = topup::find(&state.pool, &p.order_id).await.map_err(super::stripe::ledger_error)?;
-    let order = topup::record_captured(&state.pool, &state.ledger_config.topup, &p)
-        .await
-        .map_err(super::stripe::ledger_error)?;
-    Ok(match (before.map(|o| o.status), order.status.as_str()) {
-        (Some(b), now) if b == now => "already_recorded",
-        (_, "succeeded") => "credited",
-        (_, "needs_review") => {
-            metrics::counter!(crate::metrics::TOPUP_NEEDS_REVIEW).increment(1);
-            "needs_review"
-        }
-        _ => "already_recorded",
-    })
+    super::stripe::captured(state, &p).await
 }
 
 #[cfg(test)]

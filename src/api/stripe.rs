@@ -190,7 +190,7 @@ async fn refunded(state: &AppState, obj: &serde_json::Value) -> Result<&'static 
 }
 
 /// Money the processor captured: credited, or recorded for review; never refused.
-async fn captured(state: &AppState, p: &CapturedPayment) -> Result<&'static str, ApiError> {
+pub(super) async fn captured(state: &AppState, p: &CapturedPayment) -> Result<&'static str, ApiError> {
     let known = topup::find(&state.pool, &p.order_id).await.map_err(ledger_error)?;
     let before = known.as_ref().map(|o| o.status.clone());
     let order =

@@ -132,6 +132,9 @@ pub(crate) enum Amount {
     /// Lower the balance to this if it is above (a downgrade caps remaining credits);
     /// otherwise a zero entry records that nothing changed.
     CapBalanceAt(i64),
+    /// A plan cycle's reset, no rollover: every grant ends, an overdraft is forgiven, and
+    /// the balance becomes this as one new allocation grant.
+    ResetTo(i64),
 }
 
 /// Lock the account's balance, append one entry, update the projection, run the
@@ -152,7 +155,7 @@ pub(crate) async fn post_at(
     let before = balances[p.account_id];
     let amount = match p.amount {
         Amount::Delta(d) => d,
-        Amount::SetBalanceTo(target) => target
+        Amount::SetBalanceTo(target) | Amount::ResetTo(target) => target
             .checked_sub(before)
             .ok_or_else(|| LedgerError::Invalid("balance change out of range".into()))?,
         Amount::CapBalanceAt(cap) => cap.saturating_sub(before).min(0),
@@ -162,7 +165,7 @@ pub(crate) async fn post_at(
     balances.insert(p.account_id, after);
     // A credit creates its grants (repaying any overdraft first); a debit burns grants.
     let reset_to = match p.amount {
-        Amount::SetBalanceTo(target) if p.kind == "plan_reset" => Some(target),
+        Amount::ResetTo(target) => Some(target),
         _ => None,
     };
     // A credit: what it gives back to existing grants (a refund of an entry) or clears (a
@@ -303,7 +306,7 @@ pub async fn manual(pool: &PgPool, req: &ManualRequest) -> Result<Posted, Ledger
         ManualKind::AdjustBy(u) => ("adjustment", Amount::Delta(u), None),
         ManualKind::SetBalanceTo(u) => ("adjustment", Amount::SetBalanceTo(u), None),
         ManualKind::PlanAllocation(u) => ("plan_allocation", Amount::Delta(positive(u)?), None),
-        ManualKind::PlanReset(u) => ("plan_reset", Amount::SetBalanceTo(non_negative(u)?), None),
+        ManualKind::PlanReset(u) => ("plan_reset", Amount::ResetTo(non_negative(u)?), None),
         ManualKind::Correction { entry_id, units } => {
             check_corrected_entry(&mut tx, entry_id, &req.account_id).await?;
             ("correction", Amount::Delta(units), Some(entry_id))

@@ -565,7 +565,7 @@ async fn post_cycle(
             Posting {
                 account_id: account,
                 kind: "plan_reset",
-                amount: Amount::SetBalanceTo(plan.allocation_units),
+                amount: Amount::ResetTo(plan.allocation_units),
                 idempotency_key: &key,
                 payload_hash: &hash,
                 description: format!(

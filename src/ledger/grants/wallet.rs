@@ -114,11 +114,11 @@ impl Wallet {
         assert!(amount_units > 0, "a debit is positive, got {amount_units}");
         let mut left = amount_units;
         let mut changes = GrantChanges::new();
-        let mut order: Vec<usize> =
+        // Usually `first` is empty: no allocation, and the burn order as it is.
+        let preferred: Vec<usize> =
             first.iter().filter_map(|id| self.grants.iter().position(|g| g.grant_id == *id)).collect();
-        let rest: Vec<usize> = (0..self.grants.len()).filter(|i| !order.contains(i)).collect();
-        order.extend(rest);
-        for i in order {
+        let rest = (0..self.grants.len()).filter(|i| !preferred.contains(i));
+        for i in preferred.iter().copied().chain(rest) {
             let g = &mut self.grants[i];
             if left == 0 {
                 break;

@@ -256,10 +256,14 @@ async fn crash_and_restart(seed: u64, duplicate_share: f64) -> Crashed {
     );
 
     let mut run = env.spawn_run(CATALOG, 0, &["--batch-events-max", "1000"]);
-    env.wait_for("all events", Duration::from_secs(300), || async {
-        env.count("SELECT count(*) FROM processed_events").await == distinct
+    // Wait for applied offsets, not claims: a claim commits before its batch, so counting
+    // claims could stop the run between the two (as tests/pipeline.rs learned).
+    let total = messages.len() as i64;
+    env.wait_for("all messages applied", Duration::from_secs(300), || async {
+        env.count("SELECT COALESCE(sum(next_offset), 0)::bigint FROM consumer_offsets").await == total
     })
     .await;
+    assert_eq!(env.count("SELECT count(*) FROM processed_events").await, distinct, "every event claimed");
     terminate(&mut run);
     let after = raw_usage_rows(&env).await;
     assert_eq!((after.rows, after.ids), (distinct as u64, distinct as u64), "one usage row per event");

@@ -392,6 +392,40 @@ async fn a_claimed_event_is_billed_even_behind_its_rereadable_duplicate() {
     ledger::verify(&env.pool).await.expect("ledger verify passes");
 }
 
+/// `ledger verify` proves each usage event billed at most once in the journal and each
+/// billed event present in the dedup store. A second usage row for a billed event, planted
+/// by hand (zero amount, so every balance chain stays intact and only this check can see
+/// it), is caught.
+#[tokio::test]
+async fn verify_catches_a_second_usage_entry_for_one_event() {
+    let env = TestEnv::new(1).await;
+    let x = chat_call("evt-twice", "acct-twice", None);
+    assert_eq!(write_claimed(&env, &batch_at(&[(&x, 0, 1)])).await.new_events.len(), 1);
+    ledger::verify(&env.pool).await.expect("ledger verify passes");
+    sqlx::query(
+        "INSERT INTO ledger_entries (account_id, kind, amount_units, balance_after_units,
+                                     idempotency_key, payload_hash, event_id, occurred_at)
+         SELECT account_id, kind, 0, balance_after_units, 'planted:' || idempotency_key, payload_hash,
+                event_id, occurred_at
+         FROM ledger_entries WHERE event_id = 'evt-twice'",
+    )
+    .execute(&env.pool)
+    .await
+    .unwrap();
+    let err = ledger::verify(&env.pool).await.unwrap_err().to_string();
+    assert!(err.contains("evt-twice") && err.contains("more than one usage entry"), "{err}");
+    // And a billed event whose claim is gone from the dedup store (a replay would bill it
+    // again), in a fresh database.
+    let env = TestEnv::new(1).await;
+    assert_eq!(write_claimed(&env, &batch_at(&[(&x, 0, 1)])).await.new_events.len(), 1);
+    sqlx::query("DELETE FROM processed_events WHERE event_id = 'evt-twice'")
+        .execute(&env.pool)
+        .await
+        .unwrap();
+    let err = ledger::verify(&env.pool).await.unwrap_err().to_string();
+    assert!(err.contains("evt-twice") && err.contains("without a claim"), "{err}");
+}
+
 /// Money inputs are bounded at the edge: a settle of i64::MAX used to be accepted and wrap
 /// the account's pending total (and with it the effective balance authorize reads).
 #[tokio::test]

@@ -7,7 +7,10 @@
 //! 3. no projection exists without entries unless it is 0;
 //! 4. every credit grant's `remaining_units` = the sum of its journal `grant_changes`
 //!    (plus a legacy grant's opening amount), and no account's grants hold less than its
-//!    balance (the overdraft is never negative): see `ledger::grants`.
+//!    balance (the overdraft is never negative): see `ledger::grants`;
+//! 5. usage entries (the pipeline's, which carry an `event_id`) are unique per event and
+//!    each event is in the dedup store: their keys have no unique index of their own
+//!    (Postgres migration 0012), so this check stands in for one.
 //!
 //! Streams the journal (never loads it whole) and stops at the first inconsistency.
 
@@ -32,6 +35,8 @@ pub enum VerifyError {
     BrokenChain { account_id: String, entry_id: i64, expected: i64, found: i64 },
     #[error("account {account_id}: projection balance {projection}, journal says {journal}")]
     ProjectionMismatch { account_id: String, projection: i64, journal: i64 },
+    #[error("event {event_id}: {problem}")]
+    UsageEntry { event_id: String, problem: &'static str },
     #[error("credit grants: {0}")]
     Grants(String),
     #[error("database: {0}")]
@@ -83,6 +88,7 @@ pub async fn verify(pool: &PgPool) -> Result<VerifyReport, VerifyError> {
             });
         }
     }
+    verify_usage_entries(pool).await?;
     // Saturating: a sum of many extreme balances must not panic the check itself.
     let total_units = running.values().fold(0i64, |acc, b| acc.saturating_add(*b));
     let g = super::grants::verify_grants(pool).await.map_err(VerifyError::Grants)?;
@@ -93,4 +99,32 @@ pub async fn verify(pool: &PgPool) -> Result<VerifyReport, VerifyError> {
         grants: g.grants,
         overdrawn_accounts: g.overdrawn_accounts,
     })
+}
+
+/// Check 5: at most one usage entry per event, and its event claimed in the dedup store.
+async fn verify_usage_entries(pool: &PgPool) -> Result<(), VerifyError> {
+    let twice: Option<(String,)> = sqlx::query_as(
+        "SELECT event_id FROM ledger_entries WHERE event_id IS NOT NULL
+         GROUP BY event_id HAVING count(*) > 1 LIMIT 1",
+    )
+    .fetch_optional(pool)
+    .await?;
+    if let Some((event_id,)) = twice {
+        return Err(VerifyError::UsageEntry { event_id, problem: "more than one usage entry" });
+    }
+    let unclaimed: Option<(String,)> = sqlx::query_as(
+        "SELECT e.event_id FROM ledger_entries e
+         WHERE e.event_id IS NOT NULL
+           AND NOT EXISTS (SELECT 1 FROM processed_events p WHERE p.event_id = e.event_id)
+         LIMIT 1",
+    )
+    .fetch_optional(pool)
+    .await?;
+    if let Some((event_id,)) = unclaimed {
+        return Err(VerifyError::UsageEntry {
+            event_id,
+            problem: "usage entry without a claim in processed_events",
+        });
+    }
+    Ok(())
 }

@@ -61,10 +61,15 @@ pub async fn dispatch(command: Command) -> anyhow::Result<ExitCode> {
         }
         Command::Catalog(CatalogCommand::Check { catalog_path }) => {
             load_catalog(&catalog_path)?;
-            ledger::config::LedgerConfig::load(&catalog_path).map_err(|e| anyhow::anyhow!(e))?;
+            let ledger_cfg =
+                ledger::config::LedgerConfig::load(&catalog_path).map_err(|e| anyhow::anyhow!(e))?;
             let quotas =
                 crate::quota::config::QuotaConfig::load(&catalog_path).map_err(|e| anyhow::anyhow!(e))?;
             quotas.check_against(&load_catalog(&catalog_path)?).map_err(|e| anyhow::anyhow!(e))?;
+            ledger_cfg
+                .subscriptions
+                .validate(|plan| quotas.plans.contains_key(plan))
+                .map_err(|e| anyhow::anyhow!("{}: {e}", catalog_path.display()))?;
             println!("{}: ok", catalog_path.display());
         }
         Command::Schema(SchemaCommand::List { sources, ids }) => {

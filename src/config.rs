@@ -110,6 +110,19 @@ pub struct RunSettings {
     /// Polar webhook secret (enables `POST /v1/webhooks/polar`). Never logged.
     #[arg(long, env = "TALLY_POLAR_WEBHOOK_SECRET", hide_env_values = true)]
     pub polar_webhook_secret: Option<String>,
+    /// Stripe secret key: `POST /v1/accounts/{id}/checkout` creates Stripe Checkout
+    /// sessions with it. Never logged.
+    #[arg(long, env = "TALLY_STRIPE_SECRET_KEY", hide_env_values = true)]
+    pub stripe_secret_key: Option<String>,
+    /// Stripe's API (a proxy, or a local Stripe-compatible server in tests).
+    #[arg(long, env = "TALLY_STRIPE_API_BASE", default_value = "https://api.stripe.com")]
+    pub stripe_api_base: String,
+    /// Polar organization access token: checkout creates Polar checkouts with it.
+    #[arg(long, env = "TALLY_POLAR_ACCESS_TOKEN", hide_env_values = true)]
+    pub polar_access_token: Option<String>,
+    /// Polar's API (`https://sandbox-api.polar.sh` for its sandbox).
+    #[arg(long, env = "TALLY_POLAR_API_BASE", default_value = "https://api.polar.sh")]
+    pub polar_api_base: String,
     /// Stop once this many messages were handled (0 = run until SIGTERM/SIGINT). For tests.
     #[arg(long, default_value_t = 0)]
     pub exit_after_messages: u64,

@@ -10,6 +10,7 @@
 //! - [`analytics`]: the ClickHouse usage log.
 //! - [`rerate`]: `tally rerate`: price stored history again, correct the ledger once.
 //! - [`api`]: the HTTP API (axum).
+//! - [`payments`]: checkout sessions at Stripe / Polar, subscriptions driving plans.
 //! - [`simulate`]: deterministic traffic generator.
 //! - [`kafka`], [`config`], [`metrics`], [`cli`], [`commands`]: plumbing.
 //!
@@ -29,6 +30,7 @@ pub mod kafka;
 pub mod ledger;
 pub mod metrics;
 pub mod money;
+pub mod payments;
 pub mod pipeline;
 pub mod pricing;
 pub mod quota;

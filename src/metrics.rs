@@ -40,6 +40,14 @@ pub const GRANTS_EXPIRED: &str = "tally_grants_expired_total";
 pub const GRANTS_EXPIRED_UNITS: &str = "tally_grants_expired_units_total";
 /// Captured payments recorded in `needs_review` (the rules could not credit them).
 pub const TOPUP_NEEDS_REVIEW: &str = "tally_topup_needs_review_total";
+/// Checkout sessions created at the payment provider, by `provider`.
+pub const CHECKOUTS_CREATED: &str = "tally_checkouts_created_total";
+/// Checkout sessions the provider refused or could not be asked for, by `provider`.
+pub const CHECKOUT_ERRORS: &str = "tally_checkout_errors_total";
+/// Stripe subscription events that changed an account's plan, by `event`.
+pub const SUBSCRIPTION_PLAN_CHANGES: &str = "tally_subscription_plan_changes_total";
+/// `invoice.payment_failed` for a subscription (the owner's notification hook: alert on it).
+pub const SUBSCRIPTION_PAYMENTS_FAILED: &str = "tally_subscription_payments_failed_total";
 /// Gauge: top-up orders waiting for an operator (`tally orders resolve`): alert on > 0.
 pub const TOPUP_ORDERS_NEEDS_REVIEW: &str = "tally_topup_orders_needs_review";
 /// Gauge: age of the oldest order waiting for an operator, seconds (0 when none).
@@ -95,6 +103,13 @@ fn describe() {
     describe_counter!(
         TOPUP_NEEDS_REVIEW,
         "Captured payments recorded for operator review instead of credited"
+    );
+    describe_counter!(CHECKOUTS_CREATED, "Checkout sessions created at the payment provider, by provider");
+    describe_counter!(CHECKOUT_ERRORS, "Checkout sessions the provider refused or could not be asked for");
+    describe_counter!(SUBSCRIPTION_PLAN_CHANGES, "Plan changes driven by Stripe subscription events");
+    describe_counter!(
+        SUBSCRIPTION_PAYMENTS_FAILED,
+        "Failed subscription invoice payments (notify the owner)"
     );
     metrics::describe_gauge!(TOPUP_ORDERS_NEEDS_REVIEW, "Top-up orders waiting for an operator");
     metrics::describe_gauge!(

@@ -36,6 +36,7 @@ async fn spawn_app() -> App {
         quota_config: Arc::new(
             tally::quota::config::QuotaConfig::load(&repo().join("examples/brievio.toml")).unwrap(),
         ),
+        payments: Default::default(),
         catalog: Arc::new(tally::pricing::Catalog::load(&repo().join("examples/brievio.toml")).unwrap()),
     };
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();

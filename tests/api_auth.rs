@@ -57,6 +57,7 @@ async fn spawn_app_with(token_ttl: Duration, catalog: &str) -> App {
         clickhouse: env.clickhouse(),
         quota: Default::default(),
         quota_config: Arc::new(tally::quota::config::QuotaConfig::load(&catalog).unwrap()),
+        payments: Default::default(),
         catalog: Arc::new(Catalog::load(&catalog).unwrap()),
     };
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();

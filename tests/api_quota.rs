@@ -62,6 +62,7 @@ async fn spawn_app() -> App {
         clickhouse: env.clickhouse(),
         quota: quota.clone(),
         quota_config: Arc::new(QuotaConfig::from_toml_str(CONFIG, "test").unwrap()),
+        payments: Default::default(),
         catalog: Arc::new(tally::pricing::Catalog::load(&repo().join("examples/broomva.toml")).unwrap()),
     };
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();

@@ -26,8 +26,14 @@ async fn schemathesis_finds_no_failure() {
     };
     let token = tally::api::auth::create_token(&env.pool, &owner).await.unwrap().token;
     let port = free_port();
-    let secret =
-        [("TALLY_STRIPE_WEBHOOK_SECRET", "whsec_schemathesis"), ("TALLY_POLAR_WEBHOOK_SECRET", "polar_st")];
+    // Checkout reaches a local Stripe-compatible server (Brievio sells through Stripe).
+    let (stripe_base, stripe, _stripe_stop) = common::providers::spawn_provider().await;
+    let secret = [
+        ("TALLY_STRIPE_WEBHOOK_SECRET", "whsec_schemathesis"),
+        ("TALLY_POLAR_WEBHOOK_SECRET", "polar_st"),
+        ("TALLY_STRIPE_SECRET_KEY", common::providers::STRIPE_KEY),
+        ("TALLY_STRIPE_API_BASE", stripe_base.as_str()),
+    ];
     let _run = env.spawn_run_env("examples/brievio.toml", port, &[], &secret);
     let base = format!("http://127.0.0.1:{port}");
     let http = reqwest::Client::new();
@@ -48,6 +54,7 @@ async fn schemathesis_finds_no_failure() {
     let text = String::from_utf8_lossy(&out.stdout);
     assert!(out.status.success(), "schemathesis failed:\n{text}\n{}", String::from_utf8_lossy(&out.stderr));
     // Not vacuous: every operation was exercised.
-    assert!(text.contains("Tested: 24"), "{text}");
+    assert!(text.contains("Tested: 25"), "{text}");
+    assert!(!stripe.received.lock().unwrap().is_empty(), "checkout reached the provider");
     println!("{text}");
 }

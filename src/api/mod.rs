@@ -4,6 +4,7 @@
 //! The OpenAPI description lives in `schemas/openapi.yaml`.
 
 pub mod auth;
+pub mod checkout;
 pub mod deductions;
 mod error;
 pub mod extract;
@@ -12,6 +13,7 @@ pub mod polar;
 pub mod quota;
 pub mod reservations;
 pub mod stripe;
+pub mod subscriptions;
 pub mod topups;
 pub mod transactions;
 pub mod usage;
@@ -48,6 +50,8 @@ pub struct AppState {
     pub quota_config: std::sync::Arc<crate::quota::config::QuotaConfig>,
     /// The price catalog (authorize resolves a model's tier for plans that gate models).
     pub catalog: std::sync::Arc<crate::pricing::Catalog>,
+    /// The payment providers' APIs (`POST /v1/accounts/{id}/checkout`).
+    pub payments: std::sync::Arc<crate::payments::client::Providers>,
 }
 
 pub fn router(state: AppState) -> Router {
@@ -60,6 +64,7 @@ pub fn router(state: AppState) -> Router {
         // Authenticated (bearer token, see `auth`); each handler checks its capability.
         .route("/v1/accounts/{id}/transactions", get(transactions::list))
         .route("/v1/accounts/{id}/topups", get(topups::list))
+        .route("/v1/accounts/{id}/checkout", post(checkout::create))
         .route("/v1/topups", get(topups::queue))
         .route("/v1/accounts/{id}/grants", get(grants::list).post(grants::create))
         .route("/v1/accounts/{id}/usage", get(usage::get))

@@ -8,12 +8,16 @@
 //!
 //! Events handled (anything else is acknowledged and ignored):
 //! - `payment_intent.succeeded`: credit `amount_received` cents for `metadata.account_id`;
+//!   a payment intent of a Tally checkout session (`metadata.tally_checkout`) is left to
+//!   the session's event (`settled_by_checkout`);
 //! - `checkout.session.completed`: `payment_status = paid` credits `amount_subtotal`;
 //!   `unpaid` (async methods: ACH, SEPA) records the order as pending;
 //! - `checkout.session.async_payment_succeeded` / `..._failed`: settle / fail the order;
 //! - `charge.refunded`: take back the credits the refunded part of the payment bought
 //!   (`payment_refund` entry, once per cumulative `amount_refunded`; see
-//!   `topup::refund_payment`).
+//!   `topup::refund_payment`);
+//! - `customer.subscription.created|updated|deleted`, `invoice.payment_failed`: plans
+//!   driven by subscriptions (BroomVA), see `api::subscriptions`.
 //!
 //! **Which amount is the credit.** A checkout session's `amount_subtotal`: the price of the
 //! credits before tax and discounts. `amount_total` includes tax, which is owed to a tax
@@ -104,8 +108,11 @@ pub fn sign(body: &[u8], secret: &str, t: i64) -> String {
 
 #[derive(Debug, Deserialize)]
 struct Event {
+    id: Option<String>,
     #[serde(rename = "type")]
     kind: String,
+    /// Unix seconds.
+    created: Option<i64>,
     data: EventData,
 }
 
@@ -141,6 +148,14 @@ async fn handle(state: &AppState, event: &Event) -> Result<&'static str, ApiErro
     let cfg = &state.ledger_config.topup;
     match event.kind.as_str() {
         "payment_intent.succeeded" => {
+            let from_checkout = obj.pointer("/metadata/tally_checkout").and_then(|v| v.as_str())
+                == Some(crate::payments::CHECKOUT_MARK);
+            if from_checkout && obj.pointer("/metadata/account_id").is_none() {
+                // A Tally checkout's payment: its checkout.session.completed credits the
+                // subtotal; crediting here would take the taxed total or, with no account,
+                // send captured money to review.
+                return Ok("settled_by_checkout");
+            }
             let p = payment(obj, "id", &["amount_received"])?;
             captured(state, &p).await
         }
@@ -161,8 +176,28 @@ async fn handle(state: &AppState, event: &Event) -> Result<&'static str, ApiErro
             Ok("failed")
         }
         "charge.refunded" => refunded(state, obj).await,
+        "customer.subscription.created"
+        | "customer.subscription.updated"
+        | "customer.subscription.deleted" => {
+            super::subscriptions::subscription_event(state, &meta(event)?, obj).await
+        }
+        "invoice.payment_failed" => super::subscriptions::payment_failed(state, &meta(event)?, obj).await,
         _ => Ok("ignored"),
     }
+}
+
+/// The id and creation time a subscription event must carry (idempotency and order).
+fn meta(event: &Event) -> Result<super::subscriptions::EventMeta<'_>, ApiError> {
+    let id = event
+        .id
+        .as_deref()
+        .filter(|id| !id.is_empty() && id.len() <= 255)
+        .ok_or_else(|| ApiError::unprocessable("missing_event_id", "the event has no id"))?;
+    let created = event
+        .created
+        .and_then(|t| chrono::DateTime::from_timestamp(t, 0))
+        .ok_or_else(|| ApiError::unprocessable("missing_created", "the event has no valid created time"))?;
+    Ok(super::subscriptions::EventMeta { id, kind: &event.kind, created })
 }
 
 /// `charge.refunded`: the charge's payment intent and its cumulative `amount_refunded`.

@@ -34,6 +34,12 @@ pub struct LedgerConfig {
     /// `[grants.<source>]`: burn priority and expiry per grant source.
     #[serde(default)]
     pub grants: crate::ledger::grants::GrantPolicies,
+    /// `[checkout]`: where `POST /v1/accounts/{id}/checkout` sends the customer to pay.
+    #[serde(default)]
+    pub checkout: crate::payments::CheckoutConfig,
+    /// `[subscriptions]`: Stripe subscriptions driving plans.
+    #[serde(default)]
+    pub subscriptions: crate::payments::SubscriptionConfig,
 }
 
 #[derive(Debug, Clone, Default, Deserialize)]
@@ -41,12 +47,25 @@ pub struct LedgerConfig {
 pub struct TopupConfig {
     pub min_usd: Option<Decimal>,
     pub max_usd: Option<Decimal>,
+    /// What a checkout without an amount or pack charges (Brokr: $25).
+    pub default_usd: Option<Decimal>,
+    /// `[[topup.packs]]`: fixed offers a checkout may name (Reeve: starter, standard, power).
+    #[serde(default)]
+    pub packs: Vec<Pack>,
     #[serde(default)]
     pub bonus: Vec<BonusTier>,
     /// The terms of the grants a purchase creates (a copy of the file's `[grants]`, so
     /// the top-up paths that take this table see them).
     #[serde(skip)]
     pub grants: crate::ledger::grants::GrantPolicies,
+}
+
+/// A credit pack: its price in USD (the credit, before any bonus tier).
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Pack {
+    pub name: String,
+    pub usd: Decimal,
 }
 
 /// A purchase of at least `from_usd` is credited `bonus_percent` more. The highest tier
@@ -138,6 +157,10 @@ struct File {
     reservations: ReservationConfig,
     #[serde(default)]
     grants: crate::ledger::grants::GrantPolicies,
+    #[serde(default)]
+    checkout: crate::payments::CheckoutConfig,
+    #[serde(default)]
+    subscriptions: crate::payments::SubscriptionConfig,
 }
 
 impl LedgerConfig {
@@ -145,7 +168,13 @@ impl LedgerConfig {
         let file: File = toml::from_str(text).map_err(|e| format!("{origin}: {e}"))?;
         let mut topup = file.topup;
         topup.grants = file.grants.clone();
-        let cfg = LedgerConfig { topup, reservations: file.reservations, grants: file.grants };
+        let cfg = LedgerConfig {
+            topup,
+            reservations: file.reservations,
+            grants: file.grants,
+            checkout: file.checkout,
+            subscriptions: file.subscriptions,
+        };
         cfg.validate().map_err(|e| format!("{origin}: {e}"))?;
         Ok(cfg)
     }
@@ -172,6 +201,22 @@ impl LedgerConfig {
                 ));
             }
         }
+        // The amounts a checkout may charge without being asked must themselves pass.
+        if let Some(usd) = t.default_usd {
+            crate::payments::checkout_amount(t, Some(usd), None)
+                .map_err(|e| format!("topup.default_usd {usd}: {e}"))?;
+        }
+        for (i, p) in t.packs.iter().enumerate() {
+            if p.name.is_empty() || p.name.len() > 64 || t.packs[..i].iter().any(|q| q.name == p.name) {
+                return Err(format!(
+                    "topup.packs[{i}]: name {:?} must be 1..=64 bytes, not given twice",
+                    p.name
+                ));
+            }
+            crate::payments::checkout_amount(t, Some(p.usd), None)
+                .map_err(|e| format!("topup.packs[{i}] {:?}: {e}", p.name))?;
+        }
+        self.checkout.validate()?;
         self.grants.validate()?;
         let e = &self.reservations.estimate;
         let counts = [("input_tokens", e.input_tokens), ("output_tokens", e.output_tokens)];

@@ -37,6 +37,10 @@ pub async fn run(
     let quota_config =
         crate::quota::config::QuotaConfig::load(&settings.catalog_path).map_err(|e| anyhow::anyhow!(e))?;
     quota_config.check_against(&catalog).map_err(|e| anyhow::anyhow!(e))?;
+    ledger_config
+        .subscriptions
+        .validate(|plan| quota_config.plans.contains_key(plan))
+        .map_err(|e| anyhow::anyhow!("{}: {e}", settings.catalog_path.display()))?;
     let c = &settings.connections;
     let pool = ledger::connect(&c.database_url, settings.pg_connections_max)
         .await
@@ -72,6 +76,16 @@ pub async fn run(
         quota: quota_state.clone(),
         quota_config: Arc::new(quota_config),
         catalog: catalog.clone(),
+        payments: Arc::new(crate::payments::client::Providers::new(
+            settings.stripe_secret_key.clone().map(|secret| crate::payments::client::ProviderAccount {
+                base_url: settings.stripe_api_base.clone(),
+                secret,
+            }),
+            settings.polar_access_token.clone().map(|secret| crate::payments::client::ProviderAccount {
+                base_url: settings.polar_api_base.clone(),
+                secret,
+            }),
+        )),
     };
     // Plan rows from before cycles were posted keep their balance for the current cycle.
     let adopted = crate::quota::store::adopt_plan_cycles(&pool, &http_state.quota_config, chrono::Utc::now())

@@ -11,8 +11,18 @@ use std::collections::BTreeMap;
 
 /// Top-level tables owned by other modules. They may live in the same file; pricing only
 /// checks that no *other* top-level name appears (a misspelt `[catalgo]` is an error).
-pub const FOREIGN_TABLES: [&str; 8] =
-    ["account", "plans", "quotas", "limits", "topup", "auto_reload", "reservations", "grants"];
+pub const FOREIGN_TABLES: [&str; 10] = [
+    "account",
+    "plans",
+    "quotas",
+    "limits",
+    "topup",
+    "auto_reload",
+    "reservations",
+    "grants",
+    "checkout",
+    "subscriptions",
+];
 
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -35,6 +45,10 @@ pub(crate) struct RawFile {
     pub reservations: Option<toml::Value>,
     #[allow(dead_code)]
     pub grants: Option<toml::Value>,
+    #[allow(dead_code)]
+    pub checkout: Option<toml::Value>,
+    #[allow(dead_code)]
+    pub subscriptions: Option<toml::Value>,
 }
 
 /// `[catalog]`

@@ -2,6 +2,7 @@
 //! isolation: a fresh Postgres database, ClickHouse database, topics and consumer group.
 #![allow(dead_code)]
 
+pub mod providers;
 pub mod spec;
 
 use rdkafka::Message;

@@ -110,6 +110,11 @@ pub struct RunSettings {
     /// Polar webhook secret (enables `POST /v1/webhooks/polar`). Never logged.
     #[arg(long, env = "TALLY_POLAR_WEBHOOK_SECRET", hide_env_values = true)]
     pub polar_webhook_secret: Option<String>,
+    /// Threads of the HTTP API's own runtime (0: share the pipeline's). Its own threads
+    /// let the OS scheduler interleave authorize with decoding and row building, so a
+    /// request never waits for a pipeline task to yield (see ARCHITECTURE, "Memory").
+    #[arg(long, env = "TALLY_HTTP_THREADS", default_value_t = 2)]
+    pub http_threads: usize,
     /// Stripe secret key: `POST /v1/accounts/{id}/checkout` creates Stripe Checkout
     /// sessions with it. Never logged.
     #[arg(long, env = "TALLY_STRIPE_SECRET_KEY", hide_env_values = true)]
@@ -131,6 +136,9 @@ pub struct RunSettings {
 impl RunSettings {
     /// Cross-field rules (checked before anything connects).
     pub fn validate(&self) -> Result<(), String> {
+        if self.http_threads > 64 {
+            return Err("http_threads must be within 0..=64".into());
+        }
         if self.batch_events_max == 0 || self.batch_events_max > 50_000 {
             return Err("batch_events_max must be within 1..=50000".into());
         }

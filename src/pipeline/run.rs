@@ -61,9 +61,9 @@ pub async fn run(
     let abort = CancellationToken::new();
     spawn_signal_handler(shutdown.clone(), abort.clone());
 
-    let listener = tokio::net::TcpListener::bind(&settings.http_addr)
-        .await
+    let listener = std::net::TcpListener::bind(&settings.http_addr)
         .with_context(|| format!("binding {}", settings.http_addr))?;
+    listener.set_nonblocking(true).context("HTTP listener")?;
     tracing::info!(addr = %settings.http_addr, "http listening");
     let http_state = api::AppState {
         pool: pool.clone(),
@@ -105,7 +105,18 @@ pub async fn run(
     ));
     let fold = tokio::spawn(fold_and_prune(pool.clone(), shutdown.clone()));
     let http_stop = CancellationToken::new();
-    let http = tokio::spawn(api::serve(listener, http_state, http_stop.clone()));
+    let http_runtime = http_runtime(settings.http_threads)?;
+    let http = match &http_runtime {
+        Some(rt) => {
+            let _in = rt.enter();
+            let listener = tokio::net::TcpListener::from_std(listener).context("HTTP listener")?;
+            rt.spawn(api::serve(listener, http_state, http_stop.clone()))
+        }
+        None => {
+            let listener = tokio::net::TcpListener::from_std(listener).context("HTTP listener")?;
+            tokio::spawn(api::serve(listener, http_state, http_stop.clone()))
+        }
+    };
 
     let (tx, rx) = mpsc::channel(settings.batches_in_flight_max);
     let reader = Reader {
@@ -166,6 +177,9 @@ pub async fn run(
     consumer.unsubscribe();
     http_stop.cancel();
     let _ = http.await;
+    if let Some(rt) = http_runtime {
+        rt.shutdown_background();
+    }
     let _ = housekeeping.await;
     let _ = fold.await;
     let _ = refresher.await;
@@ -174,6 +188,24 @@ pub async fn run(
     writer_result.context("writer")?;
     tracing::info!("tally run stopped cleanly");
     Ok(())
+}
+
+/// The HTTP API's own runtime (`None`: share the pipeline's). Authorize answers from memory
+/// in microseconds, but on a shared runtime a request can wait for a pipeline task (decoding,
+/// row building) to reach its next yield point; on threads of its own the OS scheduler
+/// preempts for it. The Postgres pool and the ClickHouse client stay on the main runtime's
+/// I/O driver, which is alive for as long as this one.
+fn http_runtime(threads: usize) -> anyhow::Result<Option<tokio::runtime::Runtime>> {
+    if threads == 0 {
+        return Ok(None);
+    }
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(threads)
+        .thread_name("tally-http")
+        .enable_all()
+        .build()
+        .context("HTTP runtime")?;
+    Ok(Some(rt))
 }
 
 /// Keep the in-memory quota state current (see `quota::state` for the design).

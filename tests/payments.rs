@@ -245,6 +245,30 @@ async fn brokr_tops_up_25_by_default_and_a_provider_refusal_is_a_502() {
     assert!(json["error"]["message"].as_str().unwrap().contains("Invalid API Key"), "{json}");
 }
 
+/// The answer says what the payment will credit, bonus tiers included, also in the
+/// catalog's display unit: Brievio's $100 credits $110 (+10%), Reeve's credits are dollars.
+#[tokio::test]
+async fn a_checkout_says_what_it_will_credit_in_the_platforms_unit() {
+    let app = spawn_app("examples/brievio.toml", STRIPE_KEY).await;
+    let token = app.token("acct-brievio").await;
+    let (status, json) = app.checkout("acct-brievio", &token, serde_json::json!({"amount_usd": "100"})).await;
+    assert_eq!(status, 201, "{json}");
+    assert_eq!(
+        (json["amount_usd"].as_str(), json["credit_usd"].as_str()),
+        (Some("100"), Some("110.00000000"))
+    );
+    assert_eq!(json["display"]["credit"]["shown"], "110.00");
+    assert_eq!(json["display"]["amount"]["shown"], "100.00");
+    let reeve = spawn_app("examples/reeve.toml", STRIPE_KEY).await;
+    let token = reeve.token("acct-reeve").await;
+    let (_, json) = reeve.checkout("acct-reeve", &token, serde_json::json!({"pack": "starter"})).await;
+    assert_eq!(json["credit_usd"], "5.00000000");
+    assert_eq!(
+        (json["display"]["unit"].as_str(), json["display"]["credit"]["value"].as_str()),
+        (Some("credit"), Some("5"))
+    );
+}
+
 #[tokio::test]
 async fn struere_buys_through_polar_at_a_dollar_or_more_credited_once_per_order() {
     let app = spawn_app("examples/struere.toml", STRIPE_KEY).await;

@@ -1,5 +1,7 @@
 //! `POST /v1/accounts/{id}/checkout` `{amount_usd?, pack?, idempotency_key?}` ->
-//! `{checkout_url, session_id, provider, amount_usd, pack}`: start a credit purchase.
+//! `{checkout_url, session_id, provider, amount_usd, pack, credit_usd, display}`: start a
+//! credit purchase (`credit_usd`: what it will credit, bonus tiers included; `display`: both
+//! in the catalog's credit unit).
 //!
 //! The amount is decided and checked *before* the customer pays (`payments::checkout_amount`:
 //! a pack from `[[topup.packs]]`, the amount asked within `[topup]`'s limits, or the
@@ -38,6 +40,18 @@ pub struct CheckoutAnswer {
     /// What the customer will be charged, in USD (a decimal string).
     amount_usd: String,
     pack: Option<String>,
+    /// What the payment will credit once captured, bonus tiers included (Brievio: $100
+    /// credits $110), USD.
+    credit_usd: String,
+    /// Both in the catalog's display unit (`[catalog.display]`).
+    display: CheckoutDisplay,
+}
+
+#[derive(Debug, Serialize)]
+struct CheckoutDisplay {
+    unit: String,
+    amount: crate::pricing::DisplayAmount,
+    credit: crate::pricing::DisplayAmount,
 }
 
 pub async fn create(
@@ -58,6 +72,9 @@ pub async fn create(
     let amount =
         crate::payments::checkout_amount(&cfg.topup, body.amount_usd.map(|d| d.0), body.pack.as_deref())
             .map_err(|e| ApiError::unprocessable(e.code(), e.to_string()))?;
+    // Checked by `checkout_amount` already; the credit is what the webhook will add.
+    let (paid_units, credit_units) =
+        cfg.topup.credit_for(amount.usd).map_err(|e| ApiError::unprocessable("amount_out_of_range", e))?;
     let provider = cfg.checkout.provider.ok_or_else(|| {
         ApiError::unavailable("checkout is not configured: the catalog has no [checkout] provider")
     })?;
@@ -81,6 +98,12 @@ pub async fn create(
         account_id: id,
         amount_usd: amount.usd.to_string(),
         pack: amount.pack,
+        credit_usd: crate::money::units_to_usd_string(credit_units),
+        display: CheckoutDisplay {
+            unit: state.catalog.display_unit().unit_name.clone(),
+            amount: state.catalog.display_unit().amount(paid_units),
+            credit: state.catalog.display_unit().amount(credit_units),
+        },
     };
     Ok((StatusCode::CREATED, Json(answer)))
 }

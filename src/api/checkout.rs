@@ -72,9 +72,7 @@ pub async fn create(
     let amount =
         crate::payments::checkout_amount(&cfg.topup, body.amount_usd.map(|d| d.0), body.pack.as_deref())
             .map_err(|e| ApiError::unprocessable(e.code(), e.to_string()))?;
-    // Checked by `checkout_amount` already; the credit is what the webhook will add.
-    let (paid_units, credit_units) =
-        cfg.topup.credit_for(amount.usd).map_err(|e| ApiError::unprocessable("amount_out_of_range", e))?;
+    let (paid_units, credit_units) = amount.units;
     let provider = cfg.checkout.provider.ok_or_else(|| {
         ApiError::unavailable("checkout is not configured: the catalog has no [checkout] provider")
     })?;

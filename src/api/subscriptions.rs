@@ -125,13 +125,9 @@ async fn apply(
             return Ok("not_current_subscription");
         }
     }
-    let outcome = match &action {
-        PlanAction::Nothing(why) => why,
-        PlanAction::ChangeTo(plan) => change_plan(state, event, account, plan).await?,
-    };
-    let plan = match &action {
-        PlanAction::ChangeTo(p) => Some(p.as_str()),
-        PlanAction::Nothing(_) => None,
+    let (outcome, plan) = match &action {
+        PlanAction::Nothing(why) => (*why, None),
+        PlanAction::ChangeTo(plan) => (change_plan(state, event, account, plan).await?, Some(plan.as_str())),
     };
     sqlx::query(
         "INSERT INTO subscription_state (account_id, subscription_id, status, plan, last_event_id, last_event_at)

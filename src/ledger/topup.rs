@@ -460,7 +460,9 @@ pub async fn refund_payment(
     };
     // Lock order: the balance row first, as every writer.
     super::lock_balances(&mut tx, &[account.as_str()]).await?;
-    let o = load_order(&mut tx, order_id).await?.expect("orders are never deleted");
+    let o = load_order(&mut tx, order_id)
+        .await?
+        .ok_or_else(|| LedgerError::NotFound(format!("top-up order {order_id}")))?;
     let before: i64 = sqlx::query_scalar("SELECT refunded_minor FROM topup_orders WHERE order_id = $1")
         .bind(order_id)
         .fetch_one(&mut *tx)

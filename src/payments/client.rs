@@ -50,9 +50,12 @@ pub enum ProviderError {
 const PROVIDER_TIMEOUT: Duration = Duration::from_secs(15);
 
 impl Providers {
-    pub fn new(stripe: Option<ProviderAccount>, polar: Option<ProviderAccount>) -> Providers {
-        let http = reqwest::Client::builder().timeout(PROVIDER_TIMEOUT).build().expect("http client");
-        Providers { http, stripe, polar }
+    pub fn new(
+        stripe: Option<ProviderAccount>,
+        polar: Option<ProviderAccount>,
+    ) -> reqwest::Result<Providers> {
+        let http = reqwest::Client::builder().timeout(PROVIDER_TIMEOUT).build()?;
+        Ok(Providers { http, stripe, polar })
     }
 
     /// Create the session. `idempotency_key`: the caller's, passed to Stripe as its

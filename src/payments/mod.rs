@@ -161,6 +161,9 @@ pub struct CheckoutAmount {
     pub cents: i64,
     /// The pack bought, if one was named.
     pub pack: Option<String>,
+    /// (paid, credited) in internal units: what the captured payment will credit, bonus
+    /// tiers included (`TopupConfig::credit_for`).
+    pub units: (i64, i64),
 }
 
 /// Why a checkout is refused before payment (all 422).
@@ -218,8 +221,8 @@ pub fn checkout_amount(
         return Err(CheckoutError::InvalidAmount(usd));
     }
     let cents = i64::try_from(cents).map_err(|_| CheckoutError::InvalidAmount(usd))?;
-    topup.credit_for(usd).map_err(CheckoutError::OutOfRange)?;
-    Ok(CheckoutAmount { usd: usd.normalize(), cents, pack })
+    let units = topup.credit_for(usd).map_err(CheckoutError::OutOfRange)?;
+    Ok(CheckoutAmount { usd: usd.normalize(), cents, pack, units })
 }
 
 /// The form Stripe's `POST /v1/checkout/sessions` takes for a one-off credit purchase.

@@ -76,16 +76,19 @@ pub async fn run(
         quota: quota_state.clone(),
         quota_config: Arc::new(quota_config),
         catalog: catalog.clone(),
-        payments: Arc::new(crate::payments::client::Providers::new(
-            settings.stripe_secret_key.clone().map(|secret| crate::payments::client::ProviderAccount {
-                base_url: settings.stripe_api_base.clone(),
-                secret,
-            }),
-            settings.polar_access_token.clone().map(|secret| crate::payments::client::ProviderAccount {
-                base_url: settings.polar_api_base.clone(),
-                secret,
-            }),
-        )),
+        payments: Arc::new(
+            crate::payments::client::Providers::new(
+                settings.stripe_secret_key.clone().map(|secret| crate::payments::client::ProviderAccount {
+                    base_url: settings.stripe_api_base.clone(),
+                    secret,
+                }),
+                settings.polar_access_token.clone().map(|secret| crate::payments::client::ProviderAccount {
+                    base_url: settings.polar_api_base.clone(),
+                    secret,
+                }),
+            )
+            .context("payment providers' HTTP client")?,
+        ),
     };
     // Plan rows from before cycles were posted keep their balance for the current cycle.
     let adopted = crate::quota::store::adopt_plan_cycles(&pool, &http_state.quota_config, chrono::Utc::now())

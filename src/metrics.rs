@@ -34,6 +34,10 @@ pub const SCHEMA_REGISTRY_ERRORS: &str = "tally_schema_registry_errors_total";
 /// Holds (reservations, holding authorizations) that expired with nothing reported: a
 /// gateway that holds and never settles or releases (leak detection), by `kind`.
 pub const HOLDS_EXPIRED: &str = "tally_holds_expired_total";
+/// Holding authorize calls decided per transaction (group commit, `ledger::holds`).
+pub const HOLD_BATCH_CALLS: &str = "tally_hold_batch_calls";
+/// Time of one holding authorize transaction, queue to reply.
+pub const HOLD_BATCH_SECONDS: &str = "tally_hold_batch_duration_seconds";
 /// Credit grants whose remainder was written off at their deadline (`breakage` entries).
 pub const GRANTS_EXPIRED: &str = "tally_grants_expired_total";
 /// Units written off by grant expiry (1e-8 USD).
@@ -67,6 +71,7 @@ pub fn install() -> anyhow::Result<PrometheusHandle> {
             Matcher::Full(BATCH_EVENTS.into()),
             &[1.0, 10.0, 100.0, 1000.0, 5000.0, 20000.0],
         )?
+        .set_buckets_for_metric(Matcher::Full(HOLD_BATCH_CALLS.into()), &[1.0, 4.0, 16.0, 64.0, 256.0])?
         .install_recorder()?;
     describe();
     Ok(handle)
@@ -86,6 +91,8 @@ fn describe() {
     describe_counter!(LEDGER_DEBITED_UNITS, "Debits committed, internal units (1e-8 USD)");
     describe_histogram!(BATCH_SECONDS, "Batch write time: Postgres + ClickHouse + dead letters");
     describe_histogram!(BATCH_EVENTS, "Messages per batch");
+    describe_histogram!(HOLD_BATCH_CALLS, "Holding authorize calls decided per transaction");
+    describe_histogram!(HOLD_BATCH_SECONDS, "Holding authorize transaction time per batch of calls");
     describe_counter!(BATCH_RETRIES, "Batch write attempts that failed and were retried, by stage");
     describe_counter!(BATCH_SPLITS, "Batches split in halves to isolate a message the database refused");
     describe_counter!(EVENTS_REFUSED, "Messages the database refused, dead-lettered as refused_by_database");

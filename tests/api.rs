@@ -38,6 +38,7 @@ async fn spawn_app() -> App {
         ),
         payments: Default::default(),
         catalog: Arc::new(tally::pricing::Catalog::load(&repo().join("examples/brievio.toml")).unwrap()),
+        holds: Arc::new(tally::ledger::holds::HoldQueue::new(env.pool.clone())),
     };
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let base = format!("http://{}", listener.local_addr().unwrap());

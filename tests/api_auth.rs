@@ -59,6 +59,7 @@ async fn spawn_app_with(token_ttl: Duration, catalog: &str) -> App {
         quota_config: Arc::new(tally::quota::config::QuotaConfig::load(&catalog).unwrap()),
         payments: Default::default(),
         catalog: Arc::new(Catalog::load(&catalog).unwrap()),
+        holds: Arc::new(tally::ledger::holds::HoldQueue::new(env.pool.clone())),
     };
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let base = format!("http://{}", listener.local_addr().unwrap());

@@ -643,3 +643,102 @@ async fn operator_cli_resolves_reviews_and_assigns_enterprise() {
     assert_ne!(code, Some(0), "terms without an allocation are refused: {err}");
     ledger::verify(&env.pool).await.unwrap();
 }
+
+/// Holding authorize's group commit (`ledger::holds`): one transaction decides a batch in
+/// arrival order, each call seeing the holds allowed before it; a repeat in the batch gets
+/// its first's answer, a changed payload a conflict, a reused reservation id a conflict that
+/// leaves the others' decisions exact; a refusal stores nothing, so it passes after a top-up.
+#[tokio::test]
+async fn a_batch_of_holds_decides_in_order_and_isolates_each_calls_failure() {
+    use tally::ledger::holds::{self, HoldCall, HoldOutcome, HoldRequest, Locked};
+    let env = TestEnv::new(1).await;
+    let a = "acct-batch";
+    topup::complete(&env.pool, &TopupConfig::default(), &topup_req("o1", a, "1")).await.unwrap();
+    let taken = ReserveRequest {
+        account_id: a.into(),
+        reservation_id: "taken".into(),
+        amount_units: USD / 100,
+        ttl_secs: 600,
+        overdraft_units: 0,
+    };
+    reservations::reserve(&env.pool, &taken).await.unwrap();
+    // Allowed while the effective balance covers the amount; the answer names what it saw.
+    let call = |account: &str, id: &str, cents: i64| {
+        let amount_units = cents * USD / 100;
+        HoldCall {
+            req: HoldRequest {
+                account_id: account.into(),
+                authorization_id: id.into(),
+                amount_units,
+                feature: Some("chat".into()),
+                project_id: None,
+                api_key_id: None,
+                expires_at: Utc::now() + chrono::Duration::seconds(600),
+            },
+            counted_from_xid: 0,
+            decide: Box::new(move |l: &Locked| {
+                let effective =
+                    tally::money::effective_units(l.balance_units, l.reserved_units, l.pending_units);
+                (
+                    effective >= amount_units,
+                    serde_json::json!({"effective": effective, "holds": l.holds.len()}),
+                )
+            }),
+        }
+    };
+    let out = holds::hold_batch(
+        &env.pool,
+        vec![
+            call(a, "a1", 50),
+            call(a, "taken", 1),
+            call(a, "a2", 40),
+            call(a, "a1", 50),
+            call(a, "a1", 7),
+            call(a, "a3", 10),
+            call(a, "", 1),
+            call("acct-batch-2", "b1", 0),
+        ],
+    )
+    .await
+    .unwrap();
+    let held = |o: &Result<HoldOutcome, LedgerError>| match o {
+        Ok(HoldOutcome::Held { reservation, decision }) => (reservation.clone(), decision.clone()),
+        other => panic!("expected a hold, got {other:?}"),
+    };
+    // $1 - $0.01 (taken) = 99 cents; a1 sees no batch hold, a2 sees a1's.
+    let (r1, d1) = held(&out[0]);
+    assert_eq!(
+        (r1.reservation_id.as_str(), r1.amount_units, r1.status.as_str()),
+        ("a1", 50 * USD / 100, "active")
+    );
+    assert_eq!(d1, serde_json::json!({"effective": 99 * USD / 100, "holds": 1}));
+    assert!(matches!(&out[1], Err(LedgerError::Conflict { key }) if key == "taken"), "{:?}", out[1]);
+    let (_, d2) = held(&out[2]);
+    assert_eq!(d2, serde_json::json!({"effective": 49 * USD / 100, "holds": 2}));
+    assert_eq!(held(&out[3]).0, r1, "a repeat in the batch gets its first's answer");
+    assert!(matches!(&out[4], Err(LedgerError::Conflict { key }) if key == "a1"), "{:?}", out[4]);
+    match &out[5] {
+        Ok(HoldOutcome::Refused(d)) => {
+            assert_eq!(d, &serde_json::json!({"effective": 9 * USD / 100, "holds": 3}))
+        }
+        other => panic!("a3 must be refused: {other:?}"),
+    }
+    assert!(matches!(&out[6], Err(LedgerError::Invalid(_))), "{:?}", out[6]);
+    assert_eq!(held(&out[7]).0.account_id, "acct-batch-2");
+    let b = balance(&env, a).await;
+    assert_eq!((b.reserved_units, b.effective_units), (91 * USD / 100, 9 * USD / 100));
+    let refused_claims =
+        env.count("SELECT count(*) FROM idempotency_records WHERE idempotency_key = 'authorize:a3'").await;
+    assert_eq!(refused_claims, 0, "a refusal stores nothing");
+
+    // After a top-up the refused call passes; the held ones replay their first answer.
+    topup::complete(&env.pool, &TopupConfig::default(), &topup_req("o2", a, "1")).await.unwrap();
+    let again = holds::hold_batch(&env.pool, vec![call(a, "a3", 10), call(a, "a1", 50)]).await.unwrap();
+    assert_eq!(held(&again[0]).1, serde_json::json!({"effective": 109 * USD / 100, "holds": 3}));
+    assert_eq!(held(&again[1]), (r1, d1), "the stored answer, not a second hold");
+    let open = env
+        .count("SELECT count(*) FROM reservations WHERE account_id = 'acct-batch' AND status = 'active'")
+        .await;
+    assert_eq!(open, 4, "taken, a1, a2, a3");
+    ledger::verify(&env.pool).await.unwrap();
+}

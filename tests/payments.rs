@@ -50,6 +50,7 @@ async fn spawn_app(catalog: &str, stripe_key: &str) -> App {
         quota_config: Arc::new(tally::quota::config::QuotaConfig::load(&path).unwrap()),
         catalog: Arc::new(tally::pricing::Catalog::load(&path).unwrap()),
         payments: Arc::new(Providers::new(account(stripe_key), account(POLAR_TOKEN)).unwrap()),
+        holds: Arc::new(tally::ledger::holds::HoldQueue::new(env.pool.clone())),
     };
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let base = format!("http://{}", listener.local_addr().unwrap());

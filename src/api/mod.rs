@@ -52,6 +52,8 @@ pub struct AppState {
     pub catalog: std::sync::Arc<crate::pricing::Catalog>,
     /// The payment providers' APIs (`POST /v1/accounts/{id}/checkout`).
     pub payments: std::sync::Arc<crate::payments::client::Providers>,
+    /// Holding authorize's group commit (`ledger::holds`).
+    pub holds: std::sync::Arc<crate::ledger::holds::HoldQueue>,
 }
 
 pub fn router(state: AppState) -> Router {

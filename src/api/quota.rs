@@ -11,7 +11,7 @@
 use super::auth::{Caller, Capability, check_existing};
 use super::extract::{ApiJson, ApiPath, ApiQuery};
 use super::{ApiError, AppState};
-use crate::ledger::reservations::{self, HoldOutcome, HoldRequest};
+use crate::ledger::holds::{Decide, HoldCall, HoldOutcome, HoldRequest};
 use crate::money;
 use crate::quota::decide;
 use crate::quota::state::{self, AccountState, Ask};
@@ -178,13 +178,14 @@ pub async fn authorize(
     Ok((status, Json(body)).into_response())
 }
 
-/// Holding authorize (issue 16): decide and hold in one Postgres transaction under the
-/// account's holds lock, the one authority per account whichever instance answers.
+/// Holding authorize (issue 16): decide and hold in a Postgres transaction under the
+/// account's holds lock, the one authority per account whichever instance answers
+/// (concurrent calls share a transaction: `ledger::holds`).
 /// The balance, reserved and pending amounts come from one snapshot of the rows; the
 /// feature's window usage and the period's spend come from this instance's counters, plus
 /// every open hold, plus every hold already closed into usage that those counters do not
 /// include yet (`QuotaState::counted`): a call is counted as a hold or as usage, never as
-/// neither. Cost: one transaction per call (~1 ms here); the non-holding path stays in memory.
+/// neither. The non-holding path stays in memory.
 async fn authorize_holding(
     state: &AppState,
     req: AuthorizeRequest,
@@ -220,28 +221,31 @@ async fn authorize_holding(
         api_key_id: req.api_key_id.clone(),
         expires_at: now + Duration::seconds(i64::from(ttl_secs)),
     };
-    let ask = Ask {
-        api_key_id: req.api_key_id.as_deref(),
-        project_id: req.project_id.as_deref(),
-        feature: req.feature.as_deref(),
-    };
-    let cfg = &state.quota_config;
-    let counters = &state.quota;
-    let outcome = reservations::hold(&state.pool, &hold, counters.counted_below(), |locked| {
+    let (quota, cfg) = (state.quota.clone(), state.quota_config.clone());
+    let counted_from_xid = quota.counted_below();
+    let decide: Decide = Box::new(move |locked| {
+        let ask = Ask {
+            api_key_id: req.api_key_id.as_deref(),
+            project_id: req.project_id.as_deref(),
+            feature: req.feature.as_deref(),
+        };
         let held = decide::held_totals(&locked.holds, ask.feature, ask.project_id, ask.api_key_id, |xid| {
-            counters.counted(xid)
+            quota.counted(xid)
         });
-        let d = counters.with_account(&req.account_id, |acct| {
-            let mut view = state::view(cfg, acct, &ask, now);
+        let d = quota.with_account(&req.account_id, |acct| {
+            let mut view = state::view(&cfg, acct, &ask, now);
             let balance = (locked.balance_units, locked.reserved_units, locked.pending_units);
             decide::with_holds(&mut view, balance, &held);
             decide::decide_for(&view, ask.feature, estimate, mode)
         });
         // Stored with the hold as JSON, so that a repeated request gets the same answer.
         (d.allowed, serde_json::to_value(&d).expect("a decision serializes"))
-    })
-    .await
-    .map_err(super::reservations::reservation_error)?;
+    });
+    let outcome = state
+        .holds
+        .hold(HoldCall { req: hold, counted_from_xid, decide })
+        .await
+        .map_err(super::reservations::reservation_error)?;
     Ok(match outcome {
         HoldOutcome::Held { reservation, decision } => {
             let body = serde_json::json!({

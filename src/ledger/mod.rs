@@ -15,6 +15,7 @@ pub mod config;
 pub mod counting;
 pub mod deductions;
 pub mod grants;
+pub mod holds;
 pub mod ops;
 pub mod reservations;
 pub mod topup;

@@ -89,6 +89,7 @@ pub async fn run(
             )
             .context("payment providers' HTTP client")?,
         ),
+        holds: Arc::new(crate::ledger::holds::HoldQueue::new(pool.clone())),
     };
     // Plan rows from before cycles were posted keep their balance for the current cycle.
     let adopted = crate::quota::store::adopt_plan_cycles(&pool, &http_state.quota_config, chrono::Utc::now())

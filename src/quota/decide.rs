@@ -234,7 +234,7 @@ pub struct HeldTotals {
 /// open hold, and every hold closed into usage whose closing transaction `counted` says
 /// the counters do not include yet (so each call is counted once: as a hold or as usage).
 pub fn held_totals(
-    holds: &[crate::ledger::reservations::HeldRow],
+    holds: &[crate::ledger::holds::HeldRow],
     feature: Option<&str>,
     project_id: Option<&str>,
     api_key_id: Option<&str>,
@@ -366,8 +366,8 @@ mod tests {
         project: Option<&str>,
         money: i64,
         closed: Option<i64>,
-    ) -> crate::ledger::reservations::HeldRow {
-        crate::ledger::reservations::HeldRow {
+    ) -> crate::ledger::holds::HeldRow {
+        crate::ledger::holds::HeldRow {
             feature: feature.map(str::to_string),
             quota_units: i32::from(feature.is_some()),
             project_id: project.map(str::to_string),

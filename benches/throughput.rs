@@ -177,6 +177,10 @@ async fn main() {
              p50 {} ms, p99 {} ms, max {} ms over {} probes ({} not visible within 30 s)",
             v.background_rate, v.p50_ms, v.p99_ms, v.max_ms, v.probes, v.missed
         );
+        println!(
+            "    of which the probe's own produce: p50 {} ms, p99 {} ms; most messages produced but not yet applied: {}",
+            v.produce_p50_ms, v.produce_p99_ms, v.lag_max
+        );
     }
     if state_accounts > 0 {
         let (rss_kb, restore_seconds) = state_memory(&env, state_accounts).await;
@@ -614,6 +618,13 @@ struct Visibility {
     p99_ms: u128,
     max_ms: u128,
     background_rate: f64,
+    /// Where the time goes: the probe's own produce (until the broker acknowledged it),
+    /// p50 and p99 in ms; and the most messages produced but not yet applied (committed in
+    /// Postgres) seen while producing, sampled every 100 ms: a lag that grows means the
+    /// instance does not keep up with the rate here, and latency is queueing.
+    produce_p50_ms: u128,
+    produce_p99_ms: u128,
+    lag_max: i64,
 }
 
 /// Phase 6: one instance on a live topic; simulated traffic produced at `rate` msg/s for
@@ -676,6 +687,7 @@ async fn visible_latency(env: &TestEnv, catalog: &Catalog, rate: f64, secs: u64)
             let started = Instant::now();
             let r = FutureRecord::to(&topic).key(&account).payload(&payload);
             producer.send(r, Duration::from_secs(30)).await.map_err(|(e, _)| e).expect("produce probe");
+            let produced = started.elapsed();
             while started.elapsed() < Duration::from_secs(30) {
                 let r = http
                     .get(format!("{base}/v1/accounts/{account}/balance"))
@@ -687,7 +699,7 @@ async fn visible_latency(env: &TestEnv, catalog: &Catalog, rate: f64, secs: u64)
                     && let Ok(v) = r.json::<serde_json::Value>().await
                     && v["balance_units"].as_i64().is_some_and(|b| b < 0)
                 {
-                    return Some(started.elapsed());
+                    return Some((started.elapsed(), produced));
                 }
                 tokio::time::sleep(Duration::from_millis(5)).await;
             }
@@ -700,7 +712,24 @@ async fn visible_latency(env: &TestEnv, catalog: &Catalog, rate: f64, secs: u64)
     let (mut probes, mut sent) = (Vec::new(), 0usize);
     let mut tick = tokio::time::interval(Duration::from_millis(10));
     let mut sends = Vec::new();
+    // Applied so far (every message before the timed part was applied: the warm-up probe
+    // became visible, and nothing else had been produced).
+    let applied = |pool: sqlx::PgPool| async move {
+        sqlx::query_scalar::<_, Option<i64>>("SELECT sum(next_offset)::bigint FROM consumer_offsets")
+            .fetch_one(&pool)
+            .await
+            .ok()
+            .flatten()
+            .unwrap_or(0)
+    };
+    let applied_before = applied(pool.clone()).await;
+    let (mut lag_max, mut lag_sampled) = (0i64, Instant::now());
     while started.elapsed() < Duration::from_secs(secs) {
+        if lag_sampled.elapsed() >= Duration::from_millis(100) {
+            lag_sampled = Instant::now();
+            let produced = applied_before + sent as i64 + probes.len() as i64;
+            lag_max = lag_max.max(produced - applied(pool.clone()).await);
+        }
         tick.tick().await;
         let due = (started.elapsed().as_secs_f64() * rate) as usize;
         let batch: Vec<_> = (sent..due).map(|_| generator.next_message()).collect();
@@ -723,14 +752,18 @@ async fn visible_latency(env: &TestEnv, catalog: &Catalog, rate: f64, secs: u64)
     for s in sends {
         s.await.expect("send task");
     }
-    let mut latencies = Vec::new();
+    let (mut latencies, mut produce) = (Vec::new(), Vec::new());
     let mut missed = 0;
     for p in probes {
         match p.await.expect("probe task") {
-            Some(d) => latencies.push(d.as_millis()),
+            Some((d, produced)) => {
+                latencies.push(d.as_millis());
+                produce.push(produced.as_millis());
+            }
             None => missed += 1,
         }
     }
+    produce.sort_unstable();
     terminate(&mut child);
     pool.close().await;
     latencies.sort_unstable();
@@ -744,6 +777,12 @@ async fn visible_latency(env: &TestEnv, catalog: &Catalog, rate: f64, secs: u64)
         p99_ms: pct(0.99).unwrap_or(0),
         max_ms: latencies.last().copied().unwrap_or(0),
         background_rate,
+        produce_p50_ms: produce.get(produce.len() / 2).copied().unwrap_or(0),
+        produce_p99_ms: produce
+            .get((produce.len() * 99 / 100).min(produce.len().saturating_sub(1)))
+            .copied()
+            .unwrap_or(0),
+        lag_max,
     }
 }
 

@@ -15,7 +15,7 @@
 //!   locked in account-id order, as every other writer does, so concurrent batches cannot
 //!   deadlock.
 
-use super::ops::{Amount, LedgerError, Posted, Posting, claim, finish, hash_payload, post};
+use super::ops::{Amount, LedgerError, Posted, Posting, claim, claim_many, finish, hash_payload, post};
 use super::{EntryRows, NewEntry, lock_balances, store_balances};
 use chrono::Utc;
 use serde::Serialize;
@@ -213,7 +213,7 @@ async fn claim_all(
     reqs: &[DeductionRequest],
     slots: &mut [Slot],
 ) -> Result<Vec<usize>, LedgerError> {
-    let mut claims: Vec<(&str, &[u8; 32])> = slots
+    let claims: Vec<(&str, &[u8; 32])> = slots
         .iter()
         .filter_map(|s| match s {
             Slot::Claim { key, hash } => Some((key.as_str(), hash)),
@@ -223,48 +223,22 @@ async fn claim_all(
     if claims.is_empty() {
         return Ok(Vec::new());
     }
-    claims.sort_unstable();
-    let keys: Vec<&str> = claims.iter().map(|c| c.0).collect();
-    let hashes: Vec<&[u8]> = claims.iter().map(|c| &c.1[..]).collect();
-    let inserted: Vec<(String,)> = sqlx::query_as(
-        "INSERT INTO idempotency_records (idempotency_key, operation, payload_hash, result)
-         SELECT k, $3, h, 'null'::jsonb FROM UNNEST($1::text[], $2::bytea[]) AS u(k, h)
-         ORDER BY k
-         ON CONFLICT DO NOTHING RETURNING idempotency_key",
-    )
-    .bind(&keys)
-    .bind(&hashes)
-    .bind(OPERATION)
-    .fetch_all(&mut **tx)
-    .await?;
-    let inserted: BTreeSet<String> = inserted.into_iter().map(|(k,)| k).collect();
-    let seen: Vec<&str> = keys.iter().copied().filter(|k| !inserted.contains(*k)).collect();
-    let stored: HashMap<String, (String, Vec<u8>, serde_json::Value)> = if seen.is_empty() {
-        HashMap::new()
-    } else {
-        let rows: Vec<(String, String, Vec<u8>, serde_json::Value)> = sqlx::query_as(
-            "SELECT idempotency_key, operation, payload_hash, result FROM idempotency_records
-             WHERE idempotency_key = ANY($1)",
-        )
-        .bind(&seen)
-        .fetch_all(&mut **tx)
-        .await?;
-        rows.into_iter().map(|(k, op, h, r)| (k, (op, h, r))).collect()
-    };
+    let mut found = claim_many::<Posted>(tx, OPERATION, &claims).await?;
     let mut fresh = Vec::new();
     for (i, slot) in slots.iter_mut().enumerate() {
-        let Slot::Claim { key, hash } = slot else { continue };
-        if inserted.contains(key.as_str()) {
-            fresh.push(i);
-            continue;
-        }
-        let outcome = match stored.get(key.as_str()) {
-            Some((op, h, result)) if op == OPERATION && h[..] == hash[..] => {
-                serde_json::from_value::<Posted>(result.clone())
-                    .map(|entry| Deducted { entry, replayed: true })
-                    .map_err(|e| LedgerError::InvalidState(format!("stored result of {key} unreadable: {e}")))
+        let Slot::Claim { key, .. } = slot else { continue };
+        let outcome = match found.remove(key.as_str()) {
+            Some(Ok(None)) => {
+                fresh.push(i);
+                continue;
             }
-            _ => Err(LedgerError::Conflict { key: reqs[i].idempotency_key.clone() }),
+            Some(Ok(Some(entry))) => Ok(Deducted { entry, replayed: true }),
+            // Name the caller's key, not the ledger's hash of it.
+            Some(Err(LedgerError::Conflict { .. })) => {
+                Err(LedgerError::Conflict { key: reqs[i].idempotency_key.clone() })
+            }
+            Some(Err(e)) => Err(e),
+            None => Err(LedgerError::InvalidState(format!("{key} neither claimed nor stored"))),
         };
         *slot = Slot::Done(outcome);
     }

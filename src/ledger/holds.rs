@@ -27,7 +27,7 @@
 //!   conflict; the batch is then decided again without it, so the others' decisions never
 //!   count a hold that was not inserted.
 
-use super::ops::{LedgerError, hash_payload};
+use super::ops::{LedgerError, claim_many, hash_payload};
 use super::reservations::{COLUMNS, Reservation, holds_out_of_range, write_projections};
 use chrono::{DateTime, Utc};
 use serde::Serialize;
@@ -353,61 +353,31 @@ async fn claim_all(
     reqs: &[HoldRequest],
     slots: &[Slot],
 ) -> Result<Vec<Slot>, LedgerError> {
-    let mut claims: Vec<(&str, &[u8; 32])> = slots
+    let claims: Vec<(&str, &[u8; 32])> = slots
         .iter()
         .filter_map(|s| match s {
             Slot::Claim { key, hash } => Some((key.as_str(), hash)),
             _ => None,
         })
         .collect();
-    claims.sort_unstable();
-    let keys: Vec<&str> = claims.iter().map(|c| c.0).collect();
-    let hashes: Vec<&[u8]> = claims.iter().map(|c| &c.1[..]).collect();
-    let inserted: Vec<(String,)> = if keys.is_empty() {
-        Vec::new()
-    } else {
-        sqlx::query_as(
-            "INSERT INTO idempotency_records (idempotency_key, operation, payload_hash, result)
-             SELECT k, $3, h, 'null'::jsonb FROM UNNEST($1::text[], $2::bytea[]) AS u(k, h)
-             ORDER BY k
-             ON CONFLICT DO NOTHING RETURNING idempotency_key",
-        )
-        .bind(&keys)
-        .bind(&hashes)
-        .bind(OPERATION)
-        .fetch_all(&mut **tx)
-        .await?
-    };
-    let inserted: BTreeSet<String> = inserted.into_iter().map(|(k,)| k).collect();
-    let seen: Vec<&str> = keys.iter().copied().filter(|k| !inserted.contains(*k)).collect();
-    let mut stored: HashMap<String, (String, Vec<u8>, serde_json::Value)> = if seen.is_empty() {
-        HashMap::new()
-    } else {
-        let rows: Vec<(String, String, Vec<u8>, serde_json::Value)> = sqlx::query_as(
-            "SELECT idempotency_key, operation, payload_hash, result FROM idempotency_records
-             WHERE idempotency_key = ANY($1)",
-        )
-        .bind(&seen)
-        .fetch_all(&mut **tx)
-        .await?;
-        rows.into_iter().map(|(k, op, h, r)| (k, (op, h, r))).collect()
-    };
+    let mut found = claim_many::<(Reservation, serde_json::Value)>(tx, OPERATION, &claims).await?;
     Ok(slots
         .iter()
         .zip(reqs)
         .map(|(s, req)| match s {
-            Slot::Claim { key, .. } if inserted.contains(key) => Slot::Decide { key: key.clone() },
-            Slot::Claim { key, hash } => Slot::Done(match stored.remove(key) {
-                Some((op, h, _)) if op != OPERATION || h[..] != hash[..] => {
-                    Err(LedgerError::Conflict { key: req.authorization_id.clone() })
+            Slot::Claim { key, .. } => match found.remove(key) {
+                Some(Ok(None)) => Slot::Decide { key: key.clone() },
+                Some(Ok(Some((reservation, decision)))) => {
+                    Slot::Done(Ok(HoldOutcome::Held { reservation, decision }))
                 }
-                Some((_, _, answer)) => serde_json::from_value::<(Reservation, serde_json::Value)>(answer)
-                    .map(|(reservation, decision)| HoldOutcome::Held { reservation, decision })
-                    .map_err(|e| {
-                        LedgerError::InvalidState(format!("stored answer of {key} unreadable: {e}"))
-                    }),
-                None => Err(LedgerError::InvalidState(format!("{key} neither claimed nor stored"))),
-            }),
+                Some(Err(LedgerError::Conflict { .. })) => {
+                    Slot::Done(Err(LedgerError::Conflict { key: req.authorization_id.clone() }))
+                }
+                Some(Err(e)) => Slot::Done(Err(e)),
+                None => {
+                    Slot::Done(Err(LedgerError::InvalidState(format!("{key} neither claimed nor stored"))))
+                }
+            },
             Slot::Done(Ok(o)) => Slot::Done(Ok(o.clone())),
             Slot::Done(Err(e)) => Slot::Done(Err(again(e))),
             Slot::SameAs(first) => Slot::SameAs(*first),

@@ -91,6 +91,61 @@ pub(crate) async fn finish<R: Serialize>(
     Ok(())
 }
 
+/// Claim many keys for `operation` in one statement, in key order (so concurrent batches
+/// wait on each other in one order). Per key: `Ok(None)` claimed now (do the work, then
+/// store its result), `Ok(Some(result))` done before with the same payload,
+/// `Err(Conflict)` (named by the ledger key) done before with another payload or operation.
+pub(crate) async fn claim_many<R: DeserializeOwned>(
+    tx: &mut Transaction<'_, Postgres>,
+    operation: &str,
+    claims: &[(&str, &[u8; 32])],
+) -> Result<HashMap<String, Result<Option<R>, LedgerError>>, LedgerError> {
+    let mut claims = claims.to_vec();
+    claims.sort_unstable();
+    let keys: Vec<&str> = claims.iter().map(|c| c.0).collect();
+    let hashes: Vec<&[u8]> = claims.iter().map(|c| &c.1[..]).collect();
+    if keys.is_empty() {
+        return Ok(HashMap::new());
+    }
+    let inserted: Vec<String> = sqlx::query_scalar(
+        "INSERT INTO idempotency_records (idempotency_key, operation, payload_hash, result)
+         SELECT k, $3, h, 'null'::jsonb FROM UNNEST($1::text[], $2::bytea[]) AS u(k, h)
+         ORDER BY k
+         ON CONFLICT DO NOTHING RETURNING idempotency_key",
+    )
+    .bind(&keys)
+    .bind(&hashes)
+    .bind(operation)
+    .fetch_all(&mut **tx)
+    .await?;
+    let mut found: HashMap<String, Result<Option<R>, LedgerError>> =
+        inserted.into_iter().map(|k| (k, Ok(None))).collect();
+    let seen: Vec<&str> = keys.iter().copied().filter(|k| !found.contains_key(*k)).collect();
+    if seen.is_empty() {
+        return Ok(found);
+    }
+    let hash_of: HashMap<&str, &[u8; 32]> = claims.iter().copied().collect();
+    let rows: Vec<(String, String, Vec<u8>, serde_json::Value)> = sqlx::query_as(
+        "SELECT idempotency_key, operation, payload_hash, result FROM idempotency_records
+         WHERE idempotency_key = ANY($1)",
+    )
+    .bind(&seen)
+    .fetch_all(&mut **tx)
+    .await?;
+    for (key, op, stored_hash, result) in rows {
+        let outcome = if op != operation || hash_of.get(key.as_str()).is_none_or(|h| stored_hash[..] != h[..])
+        {
+            Err(LedgerError::Conflict { key: key.clone() })
+        } else {
+            serde_json::from_value(result)
+                .map(Some)
+                .map_err(|e| LedgerError::InvalidState(format!("stored result of {key} unreadable: {e}")))
+        };
+        found.insert(key, outcome);
+    }
+    Ok(found)
+}
+
 /// A posted journal entry, as returned to callers.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Posted {

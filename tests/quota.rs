@@ -521,3 +521,45 @@ async fn plan_cycles_post_the_allocation_once_per_cycle_and_everything_reads_the
     assert_eq!(balance(&env).await, 50 * USD);
     ledger::verify(&env.pool).await.unwrap();
 }
+
+/// A restart restores `usage_hourly` (folded changes) and streams the unfolded changes on
+/// top: the same totals before a fold, after it, and with changes on both sides of it,
+/// including in the same bucket.
+#[tokio::test]
+async fn a_restore_adds_unfolded_changes_to_folded_buckets_exactly_once() {
+    let env = TestEnv::new(1).await;
+    let a = "acct-fold";
+    fund(&env, a).await;
+    let now = Utc::now();
+    let restored_count = || async {
+        let s = QuotaState::default();
+        s.refresh(&env.pool).await.unwrap();
+        let (from, to) = tally::quota::window::rolling_window(Utc::now());
+        s.with_account(a, |acct| {
+            acct.usage.get("feature", "ad_generations").map_or(0, |b| b.sum(from, to).events)
+        })
+    };
+    let calls = |prefix: &str, n: usize, at: DateTime<Utc>| -> Vec<UsageEvent> {
+        (0..n).map(|i| feature_call(&format!("{prefix}{i}"), a, "ad_generations", at)).collect()
+    };
+    apply_usage(&env, calls("first", 3, now), 0).await;
+    apply_usage(&env, calls("older", 2, now - Duration::hours(5)), 10).await;
+    assert_eq!(restored_count().await, 5, "unfolded only");
+    assert!(ledger::counting::fold_changes(&env.pool).await.unwrap() >= 2);
+    assert_eq!(restored_count().await, 5, "folded only");
+    // More in a folded bucket (now) and in a new one; the fold has nothing to redo.
+    apply_usage(&env, calls("second", 4, now), 20).await;
+    apply_usage(&env, calls("newer", 1, now - Duration::hours(2)), 30).await;
+    assert_eq!(restored_count().await, 10, "folded plus unfolded, each counted once");
+    assert!(ledger::counting::fold_changes(&env.pool).await.unwrap() >= 2);
+    assert_eq!(ledger::counting::fold_changes(&env.pool).await.unwrap(), 0, "nothing folds twice");
+    assert_eq!(restored_count().await, 10);
+    let folded: i64 = sqlx::query_scalar(
+        "SELECT sum(events)::bigint FROM usage_hourly WHERE account_id = $1 AND kind = 'feature'",
+    )
+    .bind(a)
+    .fetch_one(&env.pool)
+    .await
+    .unwrap();
+    assert_eq!(folded, 10);
+}

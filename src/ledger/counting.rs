@@ -102,15 +102,18 @@ async fn record(
     Ok(Some(ChangeRef { change_id, xid }))
 }
 
-/// Changes folded per transaction by [`fold_changes`]: at 5,000 events per change and
-/// ~3 buckets per event, 200 changes are at most ~3M increments.
-pub const FOLD_CHANGES_MAX: i64 = 200;
+/// Changes folded per transaction by [`fold_changes`]: a fold interval's worth for a few
+/// instances (one change per batch, 4 batches/s each at the least), so that one fold
+/// aggregates the whole interval and upserts each bucket once: folding it in slices would
+/// upsert the buckets every slice touches, again per slice. The aggregation streams the
+/// increments and keeps one entry per distinct bucket.
+pub const FOLD_CHANGES_MAX: i64 = 5_000;
 
 /// Fold unfolded `state_changes` into `usage_hourly`, aggregated (many increments of one
 /// bucket become one upsert), and mark them folded, in one transaction: any snapshot sees
 /// each change either unfolded or counted in `usage_hourly`, never both (the restore reads
 /// both). One instance folds at a time (a transaction-level advisory lock); the others
-/// skip. Off the hot path: `tally run`'s housekeeping calls it every 30 s. Returns
+/// skip. Off the hot path: `tally run`'s housekeeping calls it every 5 minutes. Returns
 /// how many changes were folded.
 pub async fn fold_changes(pool: &PgPool) -> Result<u64, sqlx::Error> {
     /// Advisory lock key of the fold ("tally fold" in ASCII).

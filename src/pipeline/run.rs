@@ -19,10 +19,14 @@ use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 
 const DRAIN_TIMEOUT: Duration = Duration::from_secs(30);
-/// How often `state_changes` are folded into `usage_hourly` (`fold_and_prune`). Longer folds
-/// aggregate more increments per bucket (cheaper in total); the unfolded rest is what a
-/// restarting instance reads on top of `usage_hourly` (about this long of changes).
-const FOLD_INTERVAL: Duration = Duration::from_secs(30);
+/// How often `state_changes` are folded into `usage_hourly` (`fold_and_prune`). A fold
+/// costs about one upsert per distinct bucket it touches, and with event times spread over
+/// days nearly every bucket is touched in any interval: measured with the bench's traffic
+/// (72 h spread, 2,000 accounts, 13,000 msg/s), a fold every 30 s took ~16 s of a Postgres
+/// core each time (635,000 buckets from 1.2M increments). Every 5 minutes that work is
+/// done a tenth as often. The unfolded rest is what a restarting instance streams on top
+/// of `usage_hourly` (about this long of changes, applied as they are read).
+const FOLD_INTERVAL: Duration = Duration::from_secs(300);
 /// How often `state_changes` rows past their retention are deleted.
 const CHANGES_PRUNE_INTERVAL: Duration = Duration::from_secs(300);
 

@@ -194,12 +194,26 @@ impl QuotaState {
         } else {
             Vec::new()
         };
-        let read = store::read_state(pool, since, &known, oldest, |b| {
-            let acct = fresh[shard_of(&b.account_id)].entry(b.account_id).or_default();
-            let t = Totals { events: b.events, cost_units: b.cost_units };
-            if let Some(buckets) = acct.usage.get_or_insert(&b.kind, &b.key) {
-                buckets.set(b.hour, t);
+        let read = store::read_state(pool, since, &known, oldest, |r| match r {
+            store::Restored::Bucket(b) => {
+                let acct = fresh[shard_of(&b.account_id)].entry(b.account_id).or_default();
+                let t = Totals { events: b.events, cost_units: b.cost_units };
+                if let Some(buckets) = acct.usage.get_or_insert(&b.kind, &b.key) {
+                    buckets.set(b.hour, t);
+                }
             }
+            // Changes not folded into usage_hourly yet, on top of its totals (all of them
+            // are in `applied` too when their xid is at or above the snapshot's xmin).
+            store::Restored::Change(c) => for_change_rows(&c, |i| {
+                apply_increment(
+                    &mut fresh[shard_of(&c.accounts[i])],
+                    &c.accounts[i],
+                    &c.kinds[i],
+                    &c.keys[i],
+                    c.hours[i],
+                    Totals { events: c.events[i], cost_units: c.costs[i] },
+                );
+            }),
         })
         .await?;
         let xmin = read.xmin;
@@ -213,24 +227,11 @@ impl QuotaState {
         Ok(())
     }
 
-    /// Replace everything with a full read, its buckets already in `fresh` (keeping the
-    /// writer's in-flight changes).
+    /// Replace everything with a full read, its buckets and unfolded changes already in
+    /// `fresh` (keeping the writer's in-flight changes).
     fn restore(&self, read: StateRead, mut fresh: Vec<Accounts>) {
         assert_eq!(fresh.len(), SHARDS, "a restore fills every shard");
-        // Changes not folded into usage_hourly yet (all of them are in `applied` too when
-        // their xid is at or above the snapshot's xmin).
-        for c in &read.changes {
-            for_change_rows(c, |i| {
-                apply_increment(
-                    &mut fresh[shard_of(&c.accounts[i])],
-                    &c.accounts[i],
-                    &c.kinds[i],
-                    &c.keys[i],
-                    c.hours[i],
-                    Totals { events: c.events[i], cost_units: c.costs[i] },
-                );
-            });
-        }
+        debug_assert!(read.changes.is_empty(), "a full read streams its changes (applied above)");
         for (shard, rows) in fresh.iter_mut().zip(rows_by_shard(&read)) {
             apply_rows(shard, &read, &rows);
         }

@@ -91,11 +91,19 @@ pub struct StateRead {
     pub limits: Vec<LimitRow>,
 }
 
+/// What a full read streams: a `usage_hourly` row (a bucket's total), then each change not
+/// folded into it yet (increments on top).
+pub enum Restored {
+    Bucket(BucketRow),
+    Change(ChangeRow),
+}
+
 /// Read the state (or its changes) in one REPEATABLE READ snapshot, so the xmin and the
 /// rows agree.
 ///
-/// A full read streams `usage_hourly` into `on_bucket` (millions of rows for a million
-/// accounts: never collected into one vector); `StateRead::buckets` stays empty.
+/// A full read streams `usage_hourly`, then the changes not folded into it yet, into
+/// `on_restore` (millions of rows for a million accounts, and up to a fold interval of
+/// changes: never collected into one vector); `StateRead::changes` stays empty.
 ///
 /// An incremental read leaves out the changes in `known` (already counted here, or this
 /// process's own, which its writer counts): their arrays are a batch's worth of
@@ -105,7 +113,7 @@ pub async fn read_state(
     since_xid: Option<i64>,
     known: &[i64],
     oldest_hour: DateTime<Utc>,
-    mut on_bucket: impl FnMut(BucketRow),
+    mut on_restore: impl FnMut(Restored),
 ) -> Result<StateRead, sqlx::Error> {
     let mut tx = pool.begin().await?;
     sqlx::query("SET TRANSACTION ISOLATION LEVEL REPEATABLE READ, READ ONLY").execute(&mut *tx).await?;
@@ -133,16 +141,19 @@ pub async fn read_state(
         .bind(oldest_hour)
         .fetch(&mut *tx);
         while let Some(row) = futures::TryStreamExt::try_next(&mut rows).await? {
-            on_bucket(row);
+            on_restore(Restored::Bucket(row));
         }
         drop(rows);
         // Increments not yet folded into usage_hourly count on top of it.
-        read.changes = sqlx::query_as(
+        let mut changes = sqlx::query_as::<_, ChangeRow>(
             "SELECT change_id, xid::text::bigint AS xid, accounts, kinds, keys, hours, events, costs
              FROM state_changes WHERE NOT folded ORDER BY change_id",
         )
-        .fetch_all(&mut *tx)
-        .await?;
+        .fetch(&mut *tx);
+        while let Some(change) = futures::TryStreamExt::try_next(&mut changes).await? {
+            on_restore(Restored::Change(change));
+        }
+        drop(changes);
         read.changes_included = sqlx::query_as(
             "SELECT change_id, xid::text::bigint FROM state_changes WHERE xid >= $1::text::xid8",
         )

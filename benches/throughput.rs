@@ -128,6 +128,14 @@ async fn main() {
             Load::Authorize(authorize_rps),
         ));
     }
+    if authorize_rps > 0 && env_usize("BENCH_FLOOR", 1) == 1 {
+        runs.push((
+            "tally + no-work requests",
+            PathBuf::from(env!("CARGO_BIN_EXE_tally")),
+            1,
+            Load::Floor(authorize_rps),
+        ));
+    }
     if hold_rps > 0 {
         runs.push((
             "tally + holding authorize",
@@ -150,12 +158,33 @@ async fn main() {
             r.rss_peak_kb / 1024
         );
         println!("    ratio to Postgres 1-conn upsert rate    {:>10.3}", r.rate / pg1);
-        if let (Some(a), Load::Authorize(rps) | Load::Hold(rps)) = (&r.authorize, load) {
-            let what = if matches!(load, Load::Hold(_)) { "holding authorize" } else { "authorize" };
+        if let (Some(a), Load::Authorize(rps) | Load::Hold(rps) | Load::Floor(rps)) = (&r.authorize, load) {
+            let what = match load {
+                Load::Hold(_) => "holding authorize",
+                Load::Floor(_) => "no-work request (404)",
+                _ => "authorize",
+            };
             println!(
                 "    {what} while draining: {:.0} req/s (target {rps}), p50 {} us, p99 {} us, max {} us, statuses {:?}",
                 a.rps, a.p50_us, a.p99_us, a.max_us, a.statuses
             );
+            if let Some(shares) = &a.server_side {
+                let shares: Vec<String> =
+                    shares.iter().map(|(le, f)| format!("{:.2}% within {le} s", f * 100.0)).collect();
+                println!("    as the server timed them while draining: {}", shares.join(", "));
+            }
+            if let Some(i) = &r.authorize_idle {
+                println!(
+                    "    the same load once drained (baseline): {:.0} req/s, p50 {} us, p99 {} us, max {} us",
+                    i.rps, i.p50_us, i.p99_us, i.max_us
+                );
+            }
+            if let Some(c) = &r.commit_floor {
+                println!(
+                    "    one-row durable Postgres commit meanwhile ({:.0}/s, own connection): p50 {} us, p99 {} us, max {} us",
+                    c.rps, c.p50_us, c.p99_us, c.max_us
+                );
+            }
             if let Some((count, calls, ms)) = a.hold_batches {
                 println!(
                     "    holds group-committed: {count:.0} transactions, {calls:.1} calls and {ms:.1} ms per transaction"
@@ -171,9 +200,15 @@ async fn main() {
     let latency_secs = env_usize("BENCH_LATENCY_SECS", if measuring { 30 } else { 3 }) as u64;
     if let (Some(one), true) = (one_instance, latency_secs > 0) {
         let catalog = Catalog::load(&repo().join(CATALOG)).expect("catalog");
-        let v = visible_latency(&env, &catalog, one / 2.0, latency_secs).await;
+        // Half the short drain's rate unless `BENCH_LATENCY_RATE` names another (the drain
+        // meets no fold, vacuum or merge: over minutes this box sustains less, see README).
+        let (rate, what) = match env_usize("BENCH_LATENCY_RATE", 0) {
+            0 => (one / 2.0, "half the x1 rate"),
+            r => (r as f64, "BENCH_LATENCY_RATE"),
+        };
+        let v = visible_latency(&env, &catalog, rate, latency_secs).await;
         println!(
-            "  event -> visible balance at half the x1 rate ({:.0} msg/s produced for {latency_secs} s): \
+            "  event -> visible balance at {what} ({:.0} msg/s produced for {latency_secs} s): \
              p50 {} ms, p99 {} ms, max {} ms over {} probes ({} not visible within 30 s)",
             v.background_rate, v.p50_ms, v.p99_ms, v.max_ms, v.probes, v.missed
         );
@@ -343,7 +378,24 @@ enum Load {
     /// key calls without a feature, so every hold is allowed and inserted (a refused one
     /// writes nothing and would flatter the figure); 30-second holds, so expiry runs too.
     Hold(u64),
+    /// The floors under both: the same generator at the same rate against a route that does
+    /// no work (the router's JSON 404), and a one-row durable Postgres commit 100 times a
+    /// second on a connection of its own. What this box gives any request and any durable
+    /// write while it ingests; authorize and holds cannot be faster.
+    Floor(u64),
 }
+
+/// What the load generator calls.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Call {
+    Authorize,
+    Hold,
+    /// An unrouted path with authorize's body: routing, the middleware, a JSON 404.
+    NoWork,
+}
+
+/// How long the idle authorize baseline runs after a drain.
+const IDLE_AUTHORIZE: Duration = Duration::from_secs(5);
 
 struct DrainResult {
     rate: f64,
@@ -351,6 +403,11 @@ struct DrainResult {
     cpu_seconds: f64,
     rss_peak_kb: u64,
     authorize: Option<Latency>,
+    /// The same load against the same instance once the drain is done: the generator's and
+    /// the server's own latency, the baseline of the figure while draining.
+    authorize_idle: Option<Latency>,
+    /// [`Load::Floor`]: one-row durable commits during the drain.
+    commit_floor: Option<Latency>,
 }
 
 struct Latency {
@@ -362,6 +419,9 @@ struct Latency {
     /// Holding authorize's group commit, from the instance's `/metrics`: transactions,
     /// mean calls per transaction, mean transaction time in ms.
     hold_batches: Option<(f64, f64, f64)>,
+    /// Plain authorize: (bucket upper bound in seconds, share of requests within it), as the
+    /// server timed them.
+    server_side: Option<Vec<(String, f64)>>,
 }
 
 /// (transactions, mean calls per transaction, mean ms per transaction) of holding
@@ -377,6 +437,82 @@ async fn hold_batches(base: &str) -> Option<(f64, f64, f64)> {
     (count > 0.0).then(|| (count, calls / count, seconds * 1000.0 / count))
 }
 
+/// The share of `POST /v1/authorize` requests the server itself answered within 1 ms, 2.5 ms
+/// and 5 ms (its own histogram, from routing to the response), read from an instance's
+/// Prometheus text: what the client sees beyond that is scheduling and the generator.
+async fn authorize_server_side(base: &str) -> Option<Vec<(String, f64)>> {
+    let text = reqwest::get(format!("{base}/metrics")).await.ok()?.text().await.ok()?;
+    let prefix = "tally_http_request_duration_seconds_bucket{route=\"/v1/authorize\",le=\"";
+    let buckets: Vec<(String, f64)> = text
+        .lines()
+        .filter_map(|l| {
+            let (le, count) = l.strip_prefix(prefix)?.split_once("\"} ")?;
+            Some((le.to_string(), count.trim().parse().ok()?))
+        })
+        .collect();
+    let total = buckets.iter().find(|(le, _)| le == "+Inf")?.1;
+    (total > 0.0).then(|| {
+        buckets
+            .into_iter()
+            .filter(|(le, _)| ["0.001", "0.0025", "0.005"].contains(&le.as_str()))
+            .map(|(le, n)| (le, n / total))
+            .collect()
+    })
+}
+
+/// One-row durable commits (autocommit `INSERT`, so one round trip and a WAL flush) 100
+/// times a second on a connection of its own until `stop`, each timed from when it was due:
+/// the floor of any write that must be durable before its caller hears back.
+async fn commit_latency(url: String, stop: tokio_util::sync::CancellationToken) -> Latency {
+    use sqlx::Connection;
+    let mut conn = sqlx::PgConnection::connect(&url).await.expect("probe connection");
+    sqlx::query("CREATE TABLE IF NOT EXISTS bench_commit_probe (id BIGSERIAL PRIMARY KEY, at TIMESTAMPTZ NOT NULL DEFAULT now())")
+        .execute(&mut conn)
+        .await
+        .expect("probe table");
+    let started = Instant::now();
+    let mut tick = tokio::time::interval(Duration::from_millis(10));
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Burst);
+    let mut all = Vec::new();
+    let mut idle_since = Instant::now();
+    loop {
+        let due = tokio::select! {
+            _ = stop.cancelled() => break,
+            t = tick.tick() => t.into_std(),
+        };
+        // As in `authorize_at_rate`: the timer's own lateness is not the database's.
+        let due = if idle_since <= due { Instant::now() } else { due };
+        sqlx::query("INSERT INTO bench_commit_probe DEFAULT VALUES")
+            .execute(&mut conn)
+            .await
+            .expect("probe commit");
+        all.push(due.elapsed().as_micros());
+        idle_since = Instant::now();
+    }
+    latency_of(all, started, Default::default())
+}
+
+/// Percentiles of latencies in microseconds gathered since `started`.
+fn latency_of(
+    mut all: Vec<u128>,
+    started: Instant,
+    statuses: std::collections::BTreeMap<u16, usize>,
+) -> Latency {
+    all.sort_unstable();
+    let pct = |p: f64| {
+        all.get(((all.len() as f64 * p) as usize).min(all.len().saturating_sub(1))).copied().unwrap_or(0)
+    };
+    Latency {
+        rps: all.len() as f64 / started.elapsed().as_secs_f64(),
+        p50_us: pct(0.50),
+        p99_us: pct(0.99),
+        max_us: all.last().copied().unwrap_or(0),
+        statuses,
+        hold_batches: None,
+        server_side: None,
+    }
+}
+
 /// Open-loop load: `rps` requests per second over `connections` keep-alive connections
 /// until `stop`; each request's latency counts from the moment it was due. Each connection
 /// has one request in flight, so `connections` bounds the concurrency a gateway would offer.
@@ -384,9 +520,11 @@ async fn authorize_at_rate(
     base: String,
     token: String,
     rps: u64,
-    hold: bool,
+    call: Call,
     stop: tokio_util::sync::CancellationToken,
 ) -> Latency {
+    let hold = call == Call::Hold;
+    let path = if call == Call::NoWork { "/v1/no-such-route" } else { "/v1/authorize" };
     // Plain authorize answers from memory in well under a millisecond: 16 connections carry
     // 10,000 req/s. A hold waits for a Postgres commit (milliseconds while ingesting), so a
     // gateway at 5,000 holds/s has dozens in flight: 64 by default.
@@ -403,11 +541,17 @@ async fn authorize_at_rate(
                 let mut tick = tokio::time::interval(period);
                 tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Burst);
                 let (mut lat, mut statuses) = (Vec::new(), std::collections::BTreeMap::new());
+                let mut idle_since = Instant::now();
                 for i in 0u64.. {
                     let due = tokio::select! {
                         _ = stop.cancelled() => break,
                         t = tick.tick() => t,
                     };
+                    // tokio's timer fires up to a millisecond after the tick is due. When the
+                    // connection was idle by then, that lateness is the generator's: count from
+                    // the firing. When the previous answer came after the due time, the server
+                    // delayed this request: count from the due time (no coordinated omission).
+                    let due = if idle_since <= due.into_std() { Instant::now() } else { due.into_std() };
                     let account = format!("acct-{:04}", (c * 131 + i) % 2000);
                     let body = if hold {
                         serde_json::json!({"account_id": account, "hold": true, "billing_mode": "byok",
@@ -416,12 +560,8 @@ async fn authorize_at_rate(
                         serde_json::json!({"account_id": account, "feature": "ad_generations",
                             "estimated_cost_usd": "0.01"})
                     };
-                    let Ok(r) = http
-                        .post(format!("{base}/v1/authorize"))
-                        .bearer_auth(&token)
-                        .json(&body)
-                        .send()
-                        .await
+                    let Ok(r) =
+                        http.post(format!("{base}{path}")).bearer_auth(&token).json(&body).send().await
                     else {
                         *statuses.entry(0).or_insert(0) += 1;
                         continue;
@@ -429,6 +569,7 @@ async fn authorize_at_rate(
                     *statuses.entry(r.status().as_u16()).or_insert(0) += 1;
                     let _ = r.bytes().await;
                     lat.push(due.elapsed().as_micros());
+                    idle_since = Instant::now();
                 }
                 (lat, statuses)
             })
@@ -442,18 +583,7 @@ async fn authorize_at_rate(
             *statuses.entry(k).or_insert(0) += v;
         }
     }
-    all.sort_unstable();
-    let pct = |p: f64| {
-        all.get(((all.len() as f64 * p) as usize).min(all.len().saturating_sub(1))).copied().unwrap_or(0)
-    };
-    Latency {
-        rps: all.len() as f64 / started.elapsed().as_secs_f64(),
-        p50_us: pct(0.50),
-        p99_us: pct(0.99),
-        max_us: all.last().copied().unwrap_or(0),
-        statuses,
-        hold_batches: None,
-    }
+    latency_of(all, started, statuses)
 }
 
 impl Drain<'_> {
@@ -488,15 +618,18 @@ impl Drain<'_> {
         let load_stop = tokio_util::sync::CancellationToken::new();
         let rate = match load {
             Load::None | Load::Grants => None,
-            Load::Authorize(rps) => Some((rps, false)),
-            Load::Hold(rps) => Some((rps, true)),
+            Load::Authorize(rps) => Some((rps, Call::Authorize)),
+            Load::Hold(rps) => Some((rps, Call::Hold)),
+            Load::Floor(rps) => Some((rps, Call::NoWork)),
         };
-        let load = rate.map(|(rps, hold)| {
+        let commits = matches!(load, Load::Floor(_))
+            .then(|| tokio::spawn(commit_latency(url.clone(), load_stop.clone())));
+        let load = rate.map(|(rps, call)| {
             let (pool, stop, base) =
                 (pool.clone(), load_stop.clone(), format!("http://127.0.0.1:{}", ports[0]));
             tokio::spawn(async move {
                 let token = platform_token(&pool, tally::api::auth::Role::Service).await;
-                authorize_at_rate(base, token, rps, hold, stop).await
+                authorize_at_rate(base, token, rps, call, stop).await
             })
         });
         let mut rss_peak_kb = 0;
@@ -513,9 +646,28 @@ impl Drain<'_> {
             Some(l) => Some(l.await.expect("authorize load")),
             None => None,
         };
-        if let (Some(a), Some((_, true))) = (&mut authorize, rate) {
+        let commit_floor = match commits {
+            Some(c) => Some(c.await.expect("commit probe")),
+            None => None,
+        };
+        if let (Some(a), Some((_, Call::Hold))) = (&mut authorize, rate) {
             a.hold_batches = hold_batches(&format!("http://127.0.0.1:{}", ports[0])).await;
         }
+        if let (Some(a), Some((_, Call::Authorize))) = (&mut authorize, rate) {
+            a.server_side = authorize_server_side(&format!("http://127.0.0.1:{}", ports[0])).await;
+        }
+        let authorize_idle = match rate {
+            Some((rps, Call::Authorize)) => {
+                let (stop, base) =
+                    (tokio_util::sync::CancellationToken::new(), format!("http://127.0.0.1:{}", ports[0]));
+                let token = platform_token(&pool, tally::api::auth::Role::Service).await;
+                let load = tokio::spawn(authorize_at_rate(base, token, rps, Call::Authorize, stop.clone()));
+                tokio::time::sleep(IDLE_AUTHORIZE).await;
+                stop.cancel();
+                Some(load.await.expect("idle authorize load"))
+            }
+            _ => None,
+        };
         let cpu_seconds: f64 = children.iter().map(|c| cpu_seconds(c.id())).sum();
         let rss_peak_kb = rss_peak_kb.max(children.iter().map(|c| hwm_kb(c.id())).max().unwrap_or(0));
         let processed: (i64,) =
@@ -533,6 +685,8 @@ impl Drain<'_> {
             cpu_seconds,
             rss_peak_kb,
             authorize,
+            authorize_idle,
+            commit_floor,
         }
     }
 }

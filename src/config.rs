@@ -115,6 +115,12 @@ pub struct RunSettings {
     /// request never waits for a pipeline task to yield (see ARCHITECTURE, "Memory").
     #[arg(long, env = "TALLY_HTTP_THREADS", default_value_t = 2)]
     pub http_threads: usize,
+    /// Nice value added to the pipeline's threads (decoding, pricing, row building, the
+    /// writer), 0-19; the HTTP API's threads keep the process's own. A higher value lets
+    /// the OS scheduler run an authorize request before the next chunk of ingest work
+    /// (see ARCHITECTURE, "Capacity model").
+    #[arg(long, env = "TALLY_PIPELINE_NICE", default_value_t = 10, value_parser = clap::value_parser!(i32).range(0..=19))]
+    pub pipeline_nice: i32,
     /// Stripe secret key: `POST /v1/accounts/{id}/checkout` creates Stripe Checkout
     /// sessions with it. Never logged.
     #[arg(long, env = "TALLY_STRIPE_SECRET_KEY", hide_env_values = true)]

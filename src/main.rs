@@ -15,7 +15,13 @@ fn main() -> std::process::ExitCode {
     // task each: on one thread, a socket read wakes the task that waits for it directly
     // (a streaming `tally rerate` spent ~40% of its CPU in cross-thread wakeups).
     let runtime = match cli.command {
-        tally::cli::Command::Run(_) => tokio::runtime::Builder::new_multi_thread().enable_all().build(),
+        tally::cli::Command::Run(ref settings) => {
+            let nice = settings.pipeline_nice;
+            tokio::runtime::Builder::new_multi_thread()
+                .on_thread_start(move || tally::pipeline::lower_thread_priority(nice))
+                .enable_all()
+                .build()
+        }
         _ => tokio::runtime::Builder::new_current_thread().enable_all().build(),
     };
     match runtime {

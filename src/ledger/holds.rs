@@ -28,7 +28,7 @@
 //!   count a hold that was not inserted.
 
 use super::ops::{LedgerError, claim_many, hash_payload};
-use super::reservations::{COLUMNS, Reservation, holds_out_of_range, write_projections};
+use super::reservations::{COLUMNS, Reservation, holds_out_of_range, projection_update_sql};
 use chrono::{DateTime, Utc};
 use serde::Serialize;
 use sqlx::{PgPool, Postgres, Transaction};
@@ -296,10 +296,7 @@ pub async fn hold_batch(
             continue;
         }
         let held: BTreeSet<&str> = allowed.iter().map(|(i, _)| reqs[*i].account_id.as_str()).collect();
-        // The projection (balance endpoint, every instance's memory) follows in this
-        // transaction for accounts no batch holds (never waiting), else at the next
-        // housekeeping reconcile or when a batch settles the account's holds.
-        write_projections(&mut tx, &held.into_iter().collect::<Vec<_>>(), true).await?;
+        let held: Vec<&str> = held.into_iter().collect();
         let mut keys = Vec::with_capacity(allowed.len());
         let mut answers = Vec::with_capacity(allowed.len());
         for (i, decision) in allowed {
@@ -310,7 +307,7 @@ pub async fn hold_batch(
             answers.push(serde_json::to_value((&reservation, &decision)).expect("a hold serializes"));
             round[i] = Slot::Done(Ok(HoldOutcome::Held { reservation, decision }));
         }
-        store_answers(&mut tx, &keys, &answers, &refused_keys).await?;
+        finish(&mut tx, &held, &keys, &answers, &refused_keys).await?;
         tx.commit().await?;
         return Ok(resolve(round));
     }
@@ -543,29 +540,45 @@ async fn insert_holds(
     Ok(inserted.into_iter().map(|r| (r.reservation_id.clone(), r)).collect())
 }
 
-/// Store each held call's answer under its key, and drop the claims of refused calls (a
-/// refusal is not stored: the same call may pass later).
-async fn store_answers(
+/// The batch's last statement, one round trip: bring the projection of the accounts that
+/// got holds up to date, store each held call's answer under its key, and drop the claims
+/// of refused calls (a refusal is not stored: the same call may pass later).
+///
+/// The projection (balance endpoint, every instance's memory) follows in this transaction
+/// for accounts no ingest batch holds (never waiting: `SKIP LOCKED`), else at the next
+/// housekeeping reconcile or when a batch settles the account's holds. It reads the holds
+/// this transaction inserted: an earlier statement's rows are in this statement's snapshot.
+async fn finish(
     tx: &mut Transaction<'_, Postgres>,
+    held_accounts: &[&str],
     keys: &[String],
     answers: &[serde_json::Value],
     refused_keys: &[String],
 ) -> Result<(), LedgerError> {
-    if !keys.is_empty() {
-        sqlx::query(
-            "UPDATE idempotency_records r SET result = u.res
-             FROM UNNEST($1::text[], $2::jsonb[]) AS u(k, res) WHERE r.idempotency_key = u.k",
-        )
-        .bind(keys)
-        .bind(answers)
-        .execute(&mut **tx)
-        .await?;
-    }
-    if !refused_keys.is_empty() {
-        sqlx::query("DELETE FROM idempotency_records WHERE idempotency_key = ANY($1)")
-            .bind(refused_keys)
-            .execute(&mut **tx)
-            .await?;
+    debug_assert_eq!(keys.len(), answers.len());
+    let (stored, dropped): (i64, i64) = sqlx::query_as(&format!(
+        "WITH projection AS ({}),
+              answers AS (
+                  UPDATE idempotency_records r SET result = u.res
+                  FROM UNNEST($2::text[], $3::jsonb[]) AS u(k, res) WHERE r.idempotency_key = u.k
+                  RETURNING 1),
+              refused AS (DELETE FROM idempotency_records WHERE idempotency_key = ANY($4) RETURNING 1)
+         SELECT (SELECT count(*) FROM answers), (SELECT count(*) FROM refused)",
+        projection_update_sql(true)
+    ))
+    .bind(held_accounts)
+    .bind(keys)
+    .bind(answers)
+    .bind(refused_keys)
+    .fetch_one(&mut **tx)
+    .await?;
+    // Every key was claimed by this transaction: each must be found exactly once.
+    if (stored, dropped) != (keys.len() as i64, refused_keys.len() as i64) {
+        return Err(LedgerError::InvalidState(format!(
+            "a holds batch stored {stored} of {} answers and dropped {dropped} of {} refused claims",
+            keys.len(),
+            refused_keys.len()
+        )));
     }
     Ok(())
 }

@@ -180,13 +180,23 @@ pub(crate) async fn write_projections(
     accounts: &[&str],
     skip_locked: bool,
 ) -> Result<u64, sqlx::Error> {
+    Ok(sqlx::query(&projection_update_sql(skip_locked))
+        .bind(accounts)
+        .execute(&mut **tx)
+        .await?
+        .rows_affected())
+}
+
+/// The statement of [`write_projections`], accounts in `$1` (a holding batch runs it
+/// inside a larger statement).
+pub(crate) fn projection_update_sql(skip_locked: bool) -> String {
     let free = if skip_locked {
         " AND b.account_id IN (SELECT account_id FROM account_balances WHERE account_id = ANY($1)
                                FOR UPDATE SKIP LOCKED)"
     } else {
         ""
     };
-    Ok(sqlx::query(&format!(
+    format!(
         "UPDATE account_balances b
          SET reserved_units = COALESCE(h.reserved, 0), pending_units = COALESCE(h.pending, 0),
              updated_at = clock_timestamp(), changed_xid = pg_current_xact_id()
@@ -194,11 +204,7 @@ pub(crate) async fn write_projections(
          WHERE b.account_id = l.account_id
            AND (b.reserved_units, b.pending_units) IS DISTINCT FROM (COALESCE(h.reserved, 0), COALESCE(h.pending, 0)){free}",
         open_holds_sql(Some("$1"))
-    ))
-    .bind(accounts)
-    .execute(&mut **tx)
-    .await?
-    .rows_affected())
+    )
 }
 
 /// Bring the projection up to date with the open holds for every account whose

@@ -979,11 +979,14 @@ async fn state_memory(env: &TestEnv, accounts: usize) -> (u64, f64) {
     let pool = tally::ledger::connect(&url, 2).await.expect("state database");
     tally::ledger::migrate(&pool).await.expect("migrations");
     let n = accounts as i64;
+    // Ids of their own ('state-'), so the topic this instance also consumes never meets them;
+    // zero balances, because a ledger balance is what its grants hold (a balance written
+    // here without grants is a state the writer refuses to build on, and retries).
     for sql in [
-        "INSERT INTO accounts (account_id) SELECT 'acct-' || i FROM generate_series(1, $1) i",
-        "INSERT INTO account_balances (account_id, balance_units) SELECT 'acct-' || i, i FROM generate_series(1, $1) i",
+        "INSERT INTO accounts (account_id) SELECT 'state-' || i FROM generate_series(1, $1) i",
+        "INSERT INTO account_balances (account_id, balance_units) SELECT 'state-' || i, 0 FROM generate_series(1, $1) i",
         "INSERT INTO usage_hourly (account_id, kind, key, hour, events, cost_units)
-         SELECT 'acct-' || i, k.kind, k.key, date_trunc('hour', now()) - h * interval '1 hour', 3, 300
+         SELECT 'state-' || i, k.kind, k.key, date_trunc('hour', now()) - h * interval '1 hour', 3, 300
          FROM generate_series(1, $1) i,
               (VALUES ('account', ''), ('api_key', 'key-1'), ('feature', 'ad_generations')) AS k(kind, key),
               generate_series(0, 3) h",

@@ -77,6 +77,16 @@ async fn every_entry_type_stamps_balance_after_and_verifies() {
     assert!(b.last_purchase_at.is_some() && b.last_deduction_at.is_some());
     let report = ledger::verify(&env.pool).await.unwrap();
     assert_eq!((report.entries, report.total_units), (9, 49 * USD));
+    // The balance endpoint's entry count is the projection's, kept by every writer above,
+    // and `verify` proves it against the journal.
+    assert_eq!(b.entries, 9, "every entry type's entry is counted");
+    sqlx::query("UPDATE account_balances SET entry_count = entry_count - 1 WHERE account_id = $1")
+        .bind(a)
+        .execute(&env.pool)
+        .await
+        .unwrap();
+    let err = ledger::verify(&env.pool).await.unwrap_err().to_string();
+    assert!(err.contains(a) && err.contains("counts 8 entries, the journal has 9"), "{err}");
 }
 
 #[tokio::test]

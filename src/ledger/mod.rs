@@ -122,11 +122,12 @@ impl<'a> EntryRows<'a> {
         self.rows.push(e);
     }
 
-    /// Insert all rows; returns the highest entry id per account.
+    /// Insert all rows; returns, per account, its highest new entry id and how many entries
+    /// it got.
     pub async fn insert(
         self,
         tx: &mut Transaction<'_, Postgres>,
-    ) -> Result<HashMap<String, i64>, sqlx::Error> {
+    ) -> Result<HashMap<String, Appended>, sqlx::Error> {
         let r = &self.rows;
         let accounts: Vec<&str> = r.iter().map(|e| e.account_id).collect();
         let kinds: Vec<&str> = r.iter().map(|e| e.kind).collect();
@@ -172,13 +173,21 @@ impl<'a> EntryRows<'a> {
         .fetch_all(&mut **tx)
         .await?;
         assert_eq!(rows.len(), self.rows.len(), "every entry row was inserted");
-        let mut last: HashMap<String, i64> = HashMap::new();
+        let mut last: HashMap<String, Appended> = HashMap::new();
         for (account, id) in rows {
-            let slot = last.entry(account).or_insert(id);
-            *slot = (*slot).max(id);
+            let slot = last.entry(account).or_insert(Appended { last_entry_id: id, entries: 0 });
+            slot.last_entry_id = slot.last_entry_id.max(id);
+            slot.entries += 1;
         }
         Ok(last)
     }
+}
+
+/// What one statement appended to an account's journal.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) struct Appended {
+    pub last_entry_id: i64,
+    pub entries: i64,
 }
 
 /// Write the projection for the given accounts.
@@ -190,13 +199,19 @@ impl<'a> EntryRows<'a> {
 pub(crate) async fn store_balances(
     tx: &mut Transaction<'_, Postgres>,
     balances: &HashMap<&str, i64>,
-    last_ids: &HashMap<String, i64>,
+    appended: &HashMap<String, Appended>,
     purchase_at: Option<DateTime<Utc>>,
     usage_at: &HashMap<&str, DateTime<Utc>>,
 ) -> Result<(), sqlx::Error> {
     let accounts: Vec<&str> = balances.keys().copied().collect();
     let values: Vec<i64> = accounts.iter().map(|a| balances[a]).collect();
-    let lasts: Vec<Option<i64>> = accounts.iter().map(|a| last_ids.get(*a).copied()).collect();
+    let lasts: Vec<Option<i64>> =
+        accounts.iter().map(|a| appended.get(*a).map(|x| x.last_entry_id)).collect();
+    let counts: Vec<i64> = accounts.iter().map(|a| appended.get(*a).map_or(0, |x| x.entries)).collect();
+    debug_assert!(
+        appended.keys().all(|a| balances.contains_key(a.as_str())),
+        "every account that got entries has its projection written"
+    );
     let usage: Vec<Option<DateTime<Utc>>> = accounts.iter().map(|a| usage_at.get(*a).copied()).collect();
     sqlx::query(
         "UPDATE account_balances b
@@ -205,8 +220,9 @@ pub(crate) async fn store_balances(
              last_purchase_at = CASE WHEN u.l IS NULL THEN b.last_purchase_at
                                      ELSE COALESCE($4, b.last_purchase_at) END,
              last_deduction_at = GREATEST(b.last_deduction_at, u.d),
+             entry_count = b.entry_count + u.c,
              updated_at = clock_timestamp(), changed_xid = pg_current_xact_id()
-         FROM UNNEST($1::text[], $2::bigint[], $3::bigint[], $5::timestamptz[]) AS u(a, v, l, d)
+         FROM UNNEST($1::text[], $2::bigint[], $3::bigint[], $5::timestamptz[], $6::bigint[]) AS u(a, v, l, d, c)
          WHERE b.account_id = u.a",
     )
     .bind(&accounts)
@@ -214,6 +230,7 @@ pub(crate) async fn store_balances(
     .bind(&lasts)
     .bind(purchase_at)
     .bind(&usage)
+    .bind(&counts)
     .execute(&mut **tx)
     .await?;
     Ok(())
@@ -250,7 +267,7 @@ pub async fn balance(pool: &PgPool, account_id: &str) -> Result<Option<BalanceVi
         "SELECT a.account_id, a.currency, COALESCE(b.balance_units, 0), a.display_unit,
                 a.display_units_per, b.last_purchase_at, b.last_deduction_at,
                 COALESCE(h.reserved, 0), COALESCE(h.pending, 0),
-                (SELECT count(*) FROM ledger_entries e WHERE e.account_id = a.account_id)
+                COALESCE(b.entry_count, 0)
          FROM accounts a LEFT JOIN account_balances b USING (account_id)
          -- From the hold rows (the projection may lag a holding authorize by a moment).
          LEFT JOIN ({}) h USING (account_id)

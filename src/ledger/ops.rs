@@ -297,7 +297,7 @@ pub(crate) async fn post_at(
         grant_changes,
     });
     let last = rows.insert(tx).await?;
-    let entry_id = last[p.account_id];
+    let entry_id = last[p.account_id].last_entry_id;
     grants::link_entry(tx, &grant_ids, entry_id).await?;
     grants::store_wallets(tx, &wallets).await?;
     let purchase_at = (p.kind == "topup").then(Utc::now);

@@ -4,7 +4,8 @@
 //! 1. `balance_after_units` of each entry = previous balance_after + amount
 //!    (the first entry starts from 0);
 //! 2. the projection `account_balances.balance_units` = sum of amounts = last balance_after;
-//! 3. no projection exists without entries unless it is 0;
+//! 3. no projection exists without entries unless it is 0, and each projection's
+//!    `entry_count` is the number of the account's entries (the balance endpoint shows it);
 //! 4. every credit grant's `remaining_units` = the sum of its journal `grant_changes`
 //!    (plus a legacy grant's opening amount), and no account's grants hold less than its
 //!    balance (the overdraft is never negative): see `ledger::grants`;
@@ -35,6 +36,8 @@ pub enum VerifyError {
     BrokenChain { account_id: String, entry_id: i64, expected: i64, found: i64 },
     #[error("account {account_id}: projection balance {projection}, journal says {journal}")]
     ProjectionMismatch { account_id: String, projection: i64, journal: i64 },
+    #[error("account {account_id}: projection counts {projection} entries, the journal has {journal}")]
+    EntryCountMismatch { account_id: String, projection: i64, journal: i64 },
     #[error("event {event_id}: {problem}")]
     UsageEntry { event_id: String, problem: &'static str },
     #[error("credit grants: {0}")]
@@ -45,6 +48,7 @@ pub enum VerifyError {
 
 pub async fn verify(pool: &PgPool) -> Result<VerifyReport, VerifyError> {
     let mut running: HashMap<String, i64> = HashMap::new();
+    let mut counts: HashMap<String, i64> = HashMap::new();
     let mut entries: u64 = 0;
     let mut rows = sqlx::query_as::<_, (i64, String, i64, i64)>(
         "SELECT entry_id, account_id, amount_units, balance_after_units
@@ -57,19 +61,30 @@ pub async fn verify(pool: &PgPool) -> Result<VerifyReport, VerifyError> {
         if after != expected {
             return Err(VerifyError::BrokenChain { account_id, entry_id, expected, found: after });
         }
+        *counts.entry(account_id.clone()).or_insert(0) += 1;
         running.insert(account_id, after);
         entries += 1;
     }
     drop(rows);
-    let projections: Vec<(String, i64)> =
-        sqlx::query_as("SELECT account_id, balance_units FROM account_balances ORDER BY account_id")
-            .fetch_all(pool)
-            .await?;
+    let projections: Vec<(String, i64, i64)> = sqlx::query_as(
+        "SELECT account_id, balance_units, entry_count FROM account_balances ORDER BY account_id",
+    )
+    .fetch_all(pool)
+    .await?;
     let mut accounts = 0u64;
-    for (account_id, projection) in projections {
+    let mut count_mismatch = None;
+    for (account_id, projection, entry_count) in projections {
         let journal = running.get(&account_id).copied().unwrap_or(0);
         if journal != projection {
             return Err(VerifyError::ProjectionMismatch { account_id, projection, journal });
+        }
+        let journal_count = counts.get(&account_id).copied().unwrap_or(0);
+        if journal_count != entry_count && count_mismatch.is_none() {
+            count_mismatch = Some(VerifyError::EntryCountMismatch {
+                account_id,
+                projection: entry_count,
+                journal: journal_count,
+            });
         }
         accounts += 1;
     }
@@ -89,6 +104,11 @@ pub async fn verify(pool: &PgPool) -> Result<VerifyReport, VerifyError> {
         }
     }
     verify_usage_entries(pool).await?;
+    // After the usage check: an entry planted by hand is reported as what it is (a second
+    // usage entry for one event) rather than as the count it also breaks.
+    if let Some(e) = count_mismatch {
+        return Err(e);
+    }
     // Saturating: a sum of many extreme balances must not panic the check itself.
     let total_units = running.values().fold(0i64, |acc, b| acc.saturating_add(*b));
     let g = super::grants::verify_grants(pool).await.map_err(VerifyError::Grants)?;

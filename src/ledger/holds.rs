@@ -9,9 +9,10 @@
 //!
 //! ```text
 //!  handler ─► lane (by account) ─► [queue ≤ QUEUE_HOLDS_MAX] ─► batch ≤ BATCH_HOLDS_MAX
-//!    claim keys (sorted) ─► lock accounts (sorted) ─► read balances + holds (2 statements)
+//!    claim keys (sorted) ─► lock accounts (sorted) ─► read balances + holds (1 statement)
 //!    ─► decide each call in arrival order, each seeing the holds allowed before it
-//!    ─► insert the allowed holds ─► projections ─► store answers ─► COMMIT ─► reply each
+//!    ─► insert the allowed holds ─► projections + answers + refused claims (1 statement)
+//!    ─► COMMIT ─► reply each
 //! ```
 //!
 //! - **Same guarantee as one call per transaction.** Every call is decided under its
@@ -28,7 +29,7 @@
 //!   count a hold that was not inserted.
 
 use super::ops::{LedgerError, claim_many, hash_payload};
-use super::reservations::{COLUMNS, Reservation, holds_out_of_range, projection_update_sql};
+use super::reservations::{COLUMNS, Reservation, holds_out_of_range, lock_holds, projection_update_sql};
 use chrono::{DateTime, Utc};
 use serde::Serialize;
 use sqlx::{PgPool, Postgres, Transaction};
@@ -258,7 +259,7 @@ pub async fn hold_batch(
         }
         let accounts: BTreeSet<&str> = to_decide.iter().map(|i| reqs[*i].account_id.as_str()).collect();
         let accounts: Vec<&str> = accounts.into_iter().collect();
-        lock_accounts(&mut tx, &accounts).await?;
+        lock_holds(&mut tx, &accounts).await?;
         let mut locked = read_locked(&mut tx, &accounts, counted_from_xid).await?;
         // Decide in arrival order; each allowed hold counts for the calls after it.
         let mut allowed: Vec<(usize, serde_json::Value)> = Vec::new();
@@ -381,32 +382,6 @@ async fn claim_all(
             Slot::Decide { .. } => unreachable!("slots between rounds are never Decide"),
         })
         .collect())
-}
-
-/// Take the holds lock of every account (its `accounts` row), in account-id order. An
-/// account seen for the first time is created, then locked: one more round trip, once per
-/// account. (Locking the existing rows first and the new ones after cannot deadlock: a
-/// new row's inserter holds it from its insert on, and takes no other lock after.)
-async fn lock_accounts(tx: &mut Transaction<'_, Postgres>, accounts: &[&str]) -> Result<(), LedgerError> {
-    debug_assert!(accounts.is_sorted(), "accounts are locked in id order");
-    let lock =
-        "SELECT account_id FROM accounts WHERE account_id = ANY($1) ORDER BY account_id FOR NO KEY UPDATE";
-    let found: Vec<String> = sqlx::query_scalar(lock).bind(accounts).fetch_all(&mut **tx).await?;
-    if found.len() == accounts.len() {
-        return Ok(());
-    }
-    let found: BTreeSet<&str> = found.iter().map(String::as_str).collect();
-    let new: Vec<&str> = accounts.iter().copied().filter(|a| !found.contains(a)).collect();
-    sqlx::query(
-        "INSERT INTO accounts (account_id) SELECT a FROM UNNEST($1::text[]) AS u(a) ORDER BY a
-         ON CONFLICT DO NOTHING",
-    )
-    .bind(&new)
-    .execute(&mut **tx)
-    .await?;
-    // Created by another transaction meanwhile (ON CONFLICT waited for it): lock it too.
-    sqlx::query(lock).bind(&new).fetch_all(&mut **tx).await?;
-    Ok(())
 }
 
 /// One row of [`read_locked`]: an account's balance, with one of its holds (none: `None`).

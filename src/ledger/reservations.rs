@@ -83,7 +83,7 @@ pub async fn reserve(pool: &PgPool, req: &ReserveRequest) -> Result<Reservation,
     }
     // Holds are added under the account's holds lock (shared with holding authorize), then
     // the balance lock (expiry may bill a settled hold).
-    lock_holds(&mut tx, &req.account_id).await?;
+    lock_holds(&mut tx, &[&req.account_id]).await?;
     let balance = lock_projection(&mut tx, &req.account_id).await?;
     let expired = expire_for_account(&mut tx, &req.account_id).await?;
     let (reserved, pending) = open_sums(&mut tx, &req.account_id).await?;
@@ -115,19 +115,36 @@ pub async fn reserve(pool: &PgPool, req: &ReserveRequest) -> Result<Reservation,
     Ok(r)
 }
 
-/// Take the account's *holds lock*: its `accounts` row `FOR NO KEY UPDATE`. Every
-/// operation that adds a hold (reserve, holding authorize) takes it first, so two of them
-/// never both see the same free room. Ingest never takes it (it locks balance rows), so a
-/// holding authorize does not wait behind a batch (see ARCHITECTURE.md).
-async fn lock_holds(tx: &mut Transaction<'_, Postgres>, account: &str) -> Result<(), LedgerError> {
-    sqlx::query("INSERT INTO accounts (account_id) VALUES ($1) ON CONFLICT DO NOTHING")
-        .bind(account)
-        .execute(&mut **tx)
-        .await?;
-    sqlx::query("SELECT 1 FROM accounts WHERE account_id = $1 FOR NO KEY UPDATE")
-        .bind(account)
-        .execute(&mut **tx)
-        .await?;
+/// Take the *holds lock* of each account: its `accounts` row `FOR NO KEY UPDATE`, in
+/// account-id order. Every operation that adds a hold (reserve, holding authorize) takes
+/// it first, so two of them never both see the same free room. Ingest never takes it (it
+/// locks balance rows), so a holding authorize does not wait behind a batch (see
+/// ARCHITECTURE.md). An account seen for the first time is created, then locked: one more
+/// round trip, once per account. (Locking the existing rows first and the new ones after
+/// cannot deadlock: a new row's inserter holds it from its insert on, and takes no other
+/// lock after.)
+pub(super) async fn lock_holds(
+    tx: &mut Transaction<'_, Postgres>,
+    accounts: &[&str],
+) -> Result<(), LedgerError> {
+    debug_assert!(accounts.is_sorted(), "accounts are locked in id order");
+    let lock =
+        "SELECT account_id FROM accounts WHERE account_id = ANY($1) ORDER BY account_id FOR NO KEY UPDATE";
+    let found: Vec<String> = sqlx::query_scalar(lock).bind(accounts).fetch_all(&mut **tx).await?;
+    if found.len() == accounts.len() {
+        return Ok(());
+    }
+    let found: std::collections::BTreeSet<&str> = found.iter().map(String::as_str).collect();
+    let new: Vec<&str> = accounts.iter().copied().filter(|a| !found.contains(a)).collect();
+    sqlx::query(
+        "INSERT INTO accounts (account_id) SELECT a FROM UNNEST($1::text[]) AS u(a) ORDER BY a
+         ON CONFLICT DO NOTHING",
+    )
+    .bind(&new)
+    .execute(&mut **tx)
+    .await?;
+    // Created by another transaction meanwhile (ON CONFLICT waited for it): lock it too.
+    sqlx::query(lock).bind(&new).fetch_all(&mut **tx).await?;
     Ok(())
 }
 
